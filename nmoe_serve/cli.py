@@ -1,0 +1,153 @@
+"""The `nmoe-serve` command: generate (offline API), make-tiny-checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_PROMPTS = [
+    "The quick brown fox",
+    "Expert parallelism splits the experts of a mixture-of-experts model",
+    "Once upon a time",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nmoe-serve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete prompts with the offline engine and print the results")
+    gen.add_argument("--config", default="configs/dev.toml", help="TOML config (default: %(default)s)")
+    gen.add_argument("--model", help="checkpoint directory, replacing the config's model")
+    gen.add_argument(
+        "--prompt", action="append", help="a prompt (repeat for several); default: three examples"
+    )
+    gen.add_argument(
+        "--chat", action="store_true", help="send each prompt as a user message through the chat template"
+    )
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--n", type=int, default=1)
+    gen.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="engine option override, e.g. --option num_pages=256 (value parsed as JSON when it can be)",
+    )
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    gen.add_argument("-v", "--verbose", action="store_true", help="log engine start-up and loading")
+
+    tiny = sub.add_parser(
+        "make-tiny-checkpoint", help="write a tiny random DeepSeek-V3 checkpoint (HF layout)"
+    )
+    tiny.add_argument("--out", required=True, type=Path, help="output directory")
+    tiny.add_argument("--fp8", action="store_true", help="FP8 e4m3 weights with 128x128 block scales")
+    tiny.add_argument("--seed", type=int, default=0)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", True) else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        return _make_tiny(args)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        print(f"nmoe-serve {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from nmoe_serve.llm import LLM
+    from nmoe_serve.sampling.params import SamplingParams
+
+    options = dict(_parse_option(o) for o in args.option)
+    llm = LLM(args.model, config=args.config, **options)
+    sampling = SamplingParams(
+        n=args.n,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+    )
+    prompts: list = list(args.prompt or DEFAULT_PROMPTS)
+    if args.chat:
+        if llm.tokenizer is None:
+            raise ValueError("--chat needs a tokenizer with a chat template; the model has no tokenizer.json")
+        prompts = [
+            {
+                "prompt_token_ids": llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]),
+                "prompt": p,
+            }
+            for p in prompts
+        ]
+    started = time.perf_counter()
+    outputs = llm.generate(prompts, sampling)
+    elapsed = time.perf_counter() - started
+    generated = 0
+    for out in outputs:
+        for completion in out.outputs:
+            generated += len(completion.token_ids)
+            if args.json:
+                print(
+                    json.dumps(
+                        {
+                            "prompt": out.prompt,
+                            "prompt_token_ids": out.prompt_token_ids,
+                            "index": completion.index,
+                            "text": completion.text,
+                            "token_ids": completion.token_ids,
+                            "finish_reason": completion.finish_reason,
+                        }
+                    )
+                )
+            else:
+                print(f"prompt: {out.prompt if out.prompt is not None else out.prompt_token_ids!r}")
+                print(
+                    f"  [{completion.index}] {completion.text!r}  ({len(completion.token_ids)} tokens, "
+                    f"{completion.finish_reason})"
+                )
+    if not args.json:
+        print(
+            f"{len(outputs)} prompt(s), {generated} tokens in {elapsed:.2f} s on {llm.settings.device} "
+            f"({llm.settings.model_name})"
+        )
+    llm.shutdown()
+    return 0
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from nmoe_serve.model.tiny import make_tiny_checkpoint
+
+    out = make_tiny_checkpoint(args.out, seed=args.seed, fp8=args.fp8)
+    print(f"wrote a tiny DeepSeek-V3 checkpoint ({'fp8' if args.fp8 else 'bf16'}, seed {args.seed}) to {out}")
+    return 0
+
+
+def _parse_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--option {text!r}: write it as KEY=VALUE, e.g. --option num_pages=256")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""Step plans and step results: the only things that cross from the scheduler to a worker and back.
+
+Plain data (numpy arrays, ints, strings, frozen dataclasses), so they serialize cheaply between
+processes and carry no code. Every rank gets a plan every step; a rank with nothing to do gets one
+with zero sequences (T = 0) and still runs the step, so collectives stay aligned across ranks.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nmoe_serve.sampling.params import SamplingParams
+
+
+class StepKind(enum.IntEnum):
+    PREFILL = 0
+    DECODE = 1
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    """A request starting (or restarting after preemption) on a rank: the state its sampler keeps."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    output_token_ids: tuple[int, ...]  # non-empty when a preempted request is recomputed
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one rank computes in one step. Legend: B sequences, T = sum(query_lens) new tokens."""
+
+    step_id: int
+    kind: StepKind
+    rank: int
+    released: tuple[str, ...]  # requests that ended or were preempted: drop their sampler state first
+    new_requests: tuple[NewRequest, ...]  # then add these
+    request_ids: tuple[str, ...]  # [B] sequences in this step, in batch order
+    query_lens: np.ndarray  # [B] int32, new tokens per sequence (1 in decode)
+    context_lens: np.ndarray  # [B] int32, tokens in the cache after this step
+    token_ids: np.ndarray  # [T] int64, the new tokens, sequence after sequence
+    page_table: np.ndarray  # [B, max_pages] int32, -1 past each sequence's pages
+    sample: np.ndarray  # [B] bool, sample a token after this step (complete prefills, all decodes)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.request_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @classmethod
+    def idle(
+        cls,
+        step_id: int,
+        kind: StepKind,
+        rank: int,
+        released: tuple[str, ...] = (),
+        new_requests: tuple[NewRequest, ...] = (),
+    ) -> StepPlan:
+        """The T = 0 plan of a rank with no sequences this step."""
+        return cls(
+            step_id=step_id,
+            kind=kind,
+            rank=rank,
+            released=released,
+            new_requests=new_requests,
+            request_ids=(),
+            query_lens=np.zeros(0, np.int32),
+            context_lens=np.zeros(0, np.int32),
+            token_ids=np.zeros(0, np.int64),
+            page_table=np.zeros((0, 1), np.int32),
+            sample=np.zeros(0, bool),
+        )
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The tokens a rank sampled in one step, for the sequences whose plan row had sample=True."""
+
+    step_id: int
+    rank: int
+    request_ids: tuple[str, ...]  # [S]
+    token_ids: np.ndarray  # [S] int64
+    logprobs: np.ndarray | None = None  # [S] float32, sampled token's logprob (rows that asked)
+    top_token_ids: np.ndarray | None = None  # [S, k] int64
+    top_logprobs: np.ndarray | None = None  # [S, k] float32
+    num_top: np.ndarray | None = None  # [S] int32, alternatives each row asked for (-1: no logprobs)
+    timings: dict[str, float] = field(default_factory=dict)

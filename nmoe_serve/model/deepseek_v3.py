@@ -1,0 +1,301 @@
+"""DeepSeek-V3: MLA attention and DeepSeekMoE, over a flat batch and a paged latent KV cache.
+
+One forward runs a whole step: every sequence's new tokens concatenated ([T] tokens), with a
+StepBatch saying where each token sits. Prefill expands K/V from the cached latent and runs causal
+attention (so chunked prefill continues from pages written by earlier steps); decode runs absorbed
+MLA over the latent cache. Module and parameter names follow the HF checkpoint, so a checkpoint
+tensor maps to the parameter of the same name (routed experts are stacked, see Experts).
+
+Legend: T tokens, H hidden, N heads, D qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim,
+L kv_lora_rank, C = L + R (cache width), E routed experts, E_loc experts on this rank, K top-k,
+G expert groups, I intermediate, S cached tokens read by a prefill step, P page size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nmoe_serve.model.args import ModelArgs
+from nmoe_serve.model.attention import AttentionBackend, TorchAttention
+from nmoe_serve.model.batch import StepBatch
+from nmoe_serve.model.rope import apply_rope
+from nmoe_serve.model.transport import ExpertTransport, SingleRankTransport
+
+
+def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x W^T, no bias (DeepSeek-V3 has none)."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.weight = _param((out_features, in_features), dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = _param((dim,), dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention. The cache holds, per token, the normalised latent [L] and the
+    roped shared key [R]; prefill expands them through kv_b_proj, decode absorbs kv_b_proj into the
+    query (W_UK) and the output (W_UV) instead."""
+
+    def __init__(self, args: ModelArgs, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.n_heads, self.nope, self.rope_dim = args.n_heads, args.qk_nope_head_dim, args.qk_rope_head_dim
+        self.latent, self.v_dim = args.kv_lora_rank, args.v_head_dim
+        self.scale = args.softmax_scale
+        qk = args.n_heads * args.qk_head_dim
+        if args.q_lora_rank:
+            self.q_a_proj = Linear(args.dim, args.q_lora_rank, dtype, device)
+            self.q_a_layernorm = RMSNorm(args.q_lora_rank, args.rms_norm_eps, dtype, device)
+            self.q_b_proj = Linear(args.q_lora_rank, qk, dtype, device)
+            self.query = self._query_lora
+        else:
+            self.q_proj = Linear(args.dim, qk, dtype, device)
+            self.query = self._query_direct
+        self.kv_a_proj_with_mqa = Linear(args.dim, args.kv_cache_dim, dtype, device)
+        self.kv_a_layernorm = RMSNorm(args.kv_lora_rank, args.rms_norm_eps, dtype, device)
+        self.kv_b_proj = Linear(
+            args.kv_lora_rank, args.n_heads * (args.qk_nope_head_dim + args.v_head_dim), dtype, device
+        )
+        self.o_proj = Linear(args.n_heads * args.v_head_dim, args.dim, dtype, device)
+
+    def _query_lora(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def _query_direct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q_proj(x)
+
+    def forward(
+        self, x: torch.Tensor, batch: StepBatch, kv_cache: torch.Tensor, attention: AttentionBackend
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.query(x).view(t, self.n_heads, self.nope + self.rope_dim)  # [T, N, D+R]
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)  # [T, N, D], [T, N, R]
+        q_pe = apply_rope(q_pe, batch.rope_cos, batch.rope_sin)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split(
+            [self.latent, self.rope_dim], dim=-1
+        )  # [T, L], [T, R]
+        latent = self.kv_a_layernorm(latent)
+        k_pe = apply_rope(k_pe, batch.rope_cos, batch.rope_sin)
+        kv_cache.view(-1, kv_cache.shape[-1])[batch.slot_mapping] = torch.cat([latent, k_pe], dim=-1)
+        if batch.is_prefill:
+            out = self._prefill(q_nope, q_pe, kv_cache, batch, attention)
+        else:
+            out = self._decode(q_nope, q_pe, kv_cache, batch, attention)
+        return self.o_proj(out.flatten(1))  # [T, N*V] -> [T, H]
+
+    def _prefill(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        kv_cache: torch.Tensor,
+        batch: StepBatch,
+        attention: AttentionBackend,
+    ) -> torch.Tensor:
+        cached = kv_cache.view(-1, kv_cache.shape[-1])[batch.context_slots]  # [S, C]
+        s = cached.shape[0]
+        kv = self.kv_b_proj(cached[:, : self.latent]).view(s, self.n_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [S, N, D], [S, N, V]
+        k_pe = cached[:, None, self.latent :].expand(s, self.n_heads, self.rope_dim)  # [S, N, R]
+        q = torch.cat([q_nope, q_pe], dim=-1)  # [T, N, D+R]
+        k = torch.cat([k_nope, k_pe], dim=-1)  # [S, N, D+R]
+        return attention.prefill(q, k, v, batch, self.scale)  # [T, N, V]
+
+    def _decode(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        kv_cache: torch.Tensor,
+        batch: StepBatch,
+        attention: AttentionBackend,
+    ) -> torch.Tensor:
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.latent)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [N, D, L], [N, V, L]
+        q_latent = torch.einsum("tnd,ndl->tnl", q_nope, w_uk)  # [T, N, L]
+        out_latent = attention.decode(q_latent, q_pe, kv_cache, batch, self.scale)  # [T, N, L]
+        return torch.einsum("tnl,nvl->tnv", out_latent, w_uv)  # [T, N, V]
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: the dense layers and the shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.gate_proj = Linear(dim, inter_dim, dtype, device)
+        self.up_proj = Linear(dim, inter_dim, dtype, device)
+        self.down_proj = Linear(inter_dim, dim, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """noaux_tc router in float32: sigmoid scores; the correction bias picks the top `G_lim` groups
+    (each scored by its two best experts) and the top-k experts inside them; the weights are the
+    unbiased scores of the chosen experts, normalised and multiplied by route_scale."""
+
+    def __init__(self, args: ModelArgs, device: torch.device) -> None:
+        super().__init__()
+        self.top_k = args.n_activated_experts
+        self.groups, self.limited = args.n_expert_groups, args.n_limited_groups
+        self.group_size = args.n_routed_experts // args.n_expert_groups
+        self.normalize, self.route_scale = args.norm_topk_prob, args.route_scale
+        self.weight = _param((args.n_routed_experts, args.dim), torch.float32, device)
+        self.e_score_correction_bias = _param((args.n_routed_experts,), torch.float32, device)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = x.shape[0]
+        scores = F.linear(x.float(), self.weight).sigmoid()  # [T, E]
+        biased = scores + self.e_score_correction_bias  # [T, E]
+        grouped = biased.view(t, self.groups, self.group_size)  # [T, G, E/G]
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+        chosen_groups = group_scores.topk(self.limited, dim=-1).indices  # [T, G_lim]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, chosen_groups, True)  # [T, G]
+        biased = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)  # [T, E]
+        topk_ids = biased.topk(self.top_k, dim=-1).indices  # [T, K]
+        weights = scores.gather(1, topk_ids)  # [T, K]
+        if self.normalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, topk_ids
+
+
+class Experts(nn.Module):
+    """The routed experts this rank owns, stacked: w13 holds gate rows then up rows.
+
+    Checkpoint tensors `experts.E.{gate,up,down}_proj.weight` load into slot E - first_expert."""
+
+    def __init__(self, args: ModelArgs, owned: range, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.owned = owned
+        self.inter = args.moe_inter_dim
+        self.w13 = _param((len(owned), 2 * args.moe_inter_dim, args.dim), dtype, device)  # [E_loc, 2I, H]
+        self.w2 = _param((len(owned), args.dim, args.moe_inter_dim), dtype, device)  # [E_loc, H, I]
+
+    def expert_weight(self, expert: int, proj: str) -> torch.Tensor:
+        """The slice of the stacked weights that checkpoint tensor `experts.<expert>.<proj>.weight` fills."""
+        slot = self.owned.index(expert)
+        if proj == "gate_proj":
+            return self.w13[slot, : self.inter]
+        if proj == "up_proj":
+            return self.w13[slot, self.inter :]
+        if proj == "down_proj":
+            return self.w2[slot]
+        raise KeyError(f"expert projection {proj!r} is not one of gate_proj, up_proj, down_proj")
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)  # [T, H]
+        local = topk_ids - self.owned.start  # [T, K]
+        tokens, slots = ((local >= 0) & (local < len(self.owned))).nonzero(as_tuple=True)  # [R], [R]
+        experts = local[tokens, slots]  # [R]
+        order = torch.argsort(experts, stable=True)
+        tokens, slots, experts = tokens[order], slots[order], experts[order]
+        counts = torch.bincount(experts, minlength=len(self.owned)).tolist()
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows, ks = tokens[start : start + count], slots[start : start + count]
+            gate, up = F.linear(x[rows], self.w13[e]).chunk(2, dim=-1)  # [n, I] each
+            y = F.linear(F.silu(gate) * up, self.w2[e])  # [n, H]
+            out.index_add_(0, rows, (y.float() * topk_weights[rows, ks, None]).to(x.dtype))
+            start += count
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs, owned: range, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.gate = Gate(args, device)
+        self.experts = Experts(args, owned, dtype, device)
+        self.shared_experts = MLP(args.dim, args.moe_inter_dim * args.n_shared_experts, dtype, device)
+        self.transport: ExpertTransport = SingleRankTransport()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, topk_ids = self.gate(x)  # [T, K], [T, K]
+        routed = self.transport.exchange(x, topk_ids, weights, self.experts)  # [T, H]
+        return routed + self.shared_experts(x)
+
+
+class Block(nn.Module):
+    def __init__(
+        self, args: ModelArgs, layer: int, owned: range, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.rms_norm_eps, dtype, device)
+        self.self_attn = MLA(args, dtype, device)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.rms_norm_eps, dtype, device)
+        self.mlp: nn.Module
+        if args.is_moe_layer(layer):
+            self.mlp = MoE(args, owned, dtype, device)
+        else:
+            self.mlp = MLP(args.dim, args.inter_dim, dtype, device)
+
+    def forward(
+        self, x: torch.Tensor, batch: StepBatch, kv_cache: torch.Tensor, attention: AttentionBackend
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch, kv_cache, attention)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, args: ModelArgs, owned: range, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim, dtype=dtype, device=device)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(Block(args, i, owned, dtype, device) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.rms_norm_eps, dtype, device)
+
+
+class DeepseekV3(nn.Module):
+    """The causal LM. `owned` is the range of routed experts this rank holds (all of them with one rank)."""
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        dtype: torch.dtype,
+        device: torch.device,
+        owned: range | None = None,
+        attention: AttentionBackend | None = None,
+    ) -> None:
+        super().__init__()
+        self.args = args
+        self.owned = owned if owned is not None else range(args.n_routed_experts)
+        self.attention: AttentionBackend = attention or TorchAttention()
+        self.model = Decoder(args, self.owned, dtype, device)
+        self.lm_head = Linear(args.dim, args.vocab_size, dtype, device)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight  # type: ignore[assignment]
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+
+    def forward(
+        self, input_ids: torch.Tensor, batch: StepBatch, kv_caches: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """input_ids [T] → final normalised hidden states [T, H]; writes the step's latents to the cache."""
+        x = self.model.embed_tokens(input_ids)  # [T, H]
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            x = layer(x, batch, kv_cache, self.attention)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [S, H] → float32 logits [S, vocab]."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,98 @@
+"""The tensors of an HF-layout DeepSeek-V3 checkpoint: names, shapes, which ones are FP8.
+
+One place lists them, so the loader's checks, the tiny-checkpoint writer and the dummy loader
+agree. Routed experts are listed per expert (`mlp.experts.E.gate_proj.weight`), as real
+checkpoints store them; a rank keeps only the experts it owns.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from nmoe_serve.model.args import ModelArgs
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    quantizable: bool  # an FP8 checkpoint stores it as float8 + weight_scale_inv
+    float32: bool = False  # kept in float32 whatever the checkpoint dtype (router correction bias)
+    expert: int | None = None  # routed expert index, for expert-parallel sharding
+
+
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def checkpoint_tensors(args: ModelArgs) -> list[TensorSpec]:
+    """Every tensor the model reads from a checkpoint, in file order (MTP layers excluded)."""
+    specs = [TensorSpec("model.embed_tokens.weight", (args.vocab_size, args.dim), False)]
+    for layer in range(args.n_layers):
+        specs += layer_tensors(args, layer)
+    specs.append(TensorSpec("model.norm.weight", (args.dim,), False))
+    if not args.tie_word_embeddings:
+        specs.append(TensorSpec("lm_head.weight", (args.vocab_size, args.dim), False))
+    return specs
+
+
+def layer_tensors(args: ModelArgs, layer: int) -> list[TensorSpec]:
+    p = f"model.layers.{layer}."
+    h, n = args.dim, args.n_heads
+    specs = [
+        TensorSpec(p + "input_layernorm.weight", (h,), False),
+        TensorSpec(p + "post_attention_layernorm.weight", (h,), False),
+    ]
+    a = p + "self_attn."
+    if args.q_lora_rank:
+        specs += [
+            TensorSpec(a + "q_a_proj.weight", (args.q_lora_rank, h), True),
+            TensorSpec(a + "q_a_layernorm.weight", (args.q_lora_rank,), False),
+            TensorSpec(a + "q_b_proj.weight", (n * args.qk_head_dim, args.q_lora_rank), True),
+        ]
+    else:
+        specs.append(TensorSpec(a + "q_proj.weight", (n * args.qk_head_dim, h), True))
+    specs += [
+        TensorSpec(a + "kv_a_proj_with_mqa.weight", (args.kv_cache_dim, h), True),
+        TensorSpec(a + "kv_a_layernorm.weight", (args.kv_lora_rank,), False),
+        TensorSpec(
+            a + "kv_b_proj.weight", (n * (args.qk_nope_head_dim + args.v_head_dim), args.kv_lora_rank), True
+        ),
+        TensorSpec(a + "o_proj.weight", (h, n * args.v_head_dim), True),
+    ]
+    m = p + "mlp."
+    if not args.is_moe_layer(layer):
+        return specs + _mlp(m, h, args.inter_dim)
+    specs += [
+        TensorSpec(m + "gate.weight", (args.n_routed_experts, h), False),
+        TensorSpec(m + "gate.e_score_correction_bias", (args.n_routed_experts,), False, float32=True),
+    ]
+    for e in range(args.n_routed_experts):
+        specs += _mlp(f"{m}experts.{e}.", h, args.moe_inter_dim, expert=e)
+    if args.n_shared_experts:
+        specs += _mlp(m + "shared_experts.", h, args.moe_inter_dim * args.n_shared_experts)
+    return specs
+
+
+def _mlp(prefix: str, dim: int, inter: int, expert: int | None = None) -> list[TensorSpec]:
+    return [
+        TensorSpec(prefix + "gate_proj.weight", (inter, dim), True, expert=expert),
+        TensorSpec(prefix + "up_proj.weight", (inter, dim), True, expert=expert),
+        TensorSpec(prefix + "down_proj.weight", (dim, inter), True, expert=expert),
+    ]
+
+
+def scale_name(weight_name: str) -> str:
+    return weight_name.removesuffix(".weight") + ".weight_scale_inv"
+
+
+def expert_of(name: str) -> int | None:
+    m = _EXPERT.match(name)
+    return int(m.group(2)) if m else None
+
+
+def is_mtp_tensor(name: str, args: ModelArgs) -> bool:
+    """Tensors of the multi-token-prediction layers stored after the last decoder layer."""
+    m = _LAYER.match(name)
+    return m is not None and int(m.group(1)) >= args.n_layers

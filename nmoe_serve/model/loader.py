@@ -1,0 +1,208 @@
+"""Load HF safetensors checkpoints (bf16 or FP8 block-scaled) into a DeepseekV3 rank.
+
+A rank reads only the tensors it holds: everything except routed experts, plus the routed experts
+it owns. Multi-token-prediction layers are skipped. Every tensor is checked before it is copied:
+a missing, unexpected or misshaped tensor raises CheckpointError naming the tensor, its file and
+the expected shape. Pickle checkpoints (.bin, .pt) are refused and never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from nmoe_serve.model.args import ModelArgs
+from nmoe_serve.model.deepseek_v3 import DeepseekV3
+from nmoe_serve.model.fp8 import FP8_DTYPE, dequantize_blocks, scale_grid
+from nmoe_serve.model.layout import TensorSpec, checkpoint_tensors, is_mtp_tensor, scale_name
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class CheckpointError(ValueError):
+    """The checkpoint's files do not match what its config.json describes."""
+
+
+def checkpoint_files(path: str | Path) -> dict[str, Path]:
+    """Tensor name → safetensors file, from model.safetensors.index.json or the files' own headers."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index with a weight_map: {e}") from None
+        files = {name: path / file for name, file in weight_map.items()}
+        for file in sorted(set(files.values())):
+            if not file.is_file():
+                raise CheckpointError(
+                    f"{index} lists {file.name}, which is not in {path}: the download is incomplete"
+                )
+        return files
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(
+                f"{path} holds only pickle checkpoints ({', '.join(pickles[:3])}); nmoe_serve never unpickles "
+                "weights (unpickling runs arbitrary code). Convert them to safetensors first, e.g. with "
+                "transformers: model.save_pretrained(dir, safe_serialization=True)"
+            )
+        raise CheckpointError(f"no *.safetensors files in {path}")
+    files = {}
+    for shard in shards:
+        with safe_open(shard, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                files[name] = shard
+    return files
+
+
+def load_checkpoint(model: DeepseekV3, path: str | Path) -> None:
+    """Fill `model`'s parameters from the checkpoint at `path`, showing progress in the log."""
+    args = model.args
+    files = checkpoint_files(path)
+    wanted = _wanted_tensors(args, model.owned)
+    _check_names(args, files, wanted, Path(path))
+    by_file: dict[Path, list[TensorSpec]] = defaultdict(list)
+    for spec in wanted:
+        by_file[files[spec.name]].append(spec)
+    total = sum(_nbytes(spec, args) for spec in wanted)
+    done, next_report, started = 0, 0.1, time.monotonic()
+    log.info("loading %d tensors (%.1f MB) from %s", len(wanted), total / 1e6, path)
+    for file, specs in sorted(by_file.items()):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for spec in specs:
+                _load_one(model, f, file, spec, args, files)
+                done += _nbytes(spec, args)
+                if done >= next_report * total:
+                    log.info(
+                        "loading weights: %3.0f%% (%.1f of %.1f MB) in %.1f s",
+                        100 * done / total,
+                        done / 1e6,
+                        total / 1e6,
+                        time.monotonic() - started,
+                    )
+                    next_report = min(1.0, done / total + 0.1)
+    log.info("loaded weights in %.1f s", time.monotonic() - started)
+
+
+def _wanted_tensors(args: ModelArgs, owned: range) -> list[TensorSpec]:
+    return [s for s in checkpoint_tensors(args) if s.expert is None or s.expert in owned]
+
+
+def _check_names(args: ModelArgs, files: dict[str, Path], wanted: list[TensorSpec], path: Path) -> None:
+    known = set()
+    for spec in checkpoint_tensors(args):
+        known.add(spec.name)
+        if spec.quantizable:
+            known.add(scale_name(spec.name))
+    missing = [s for s in wanted if s.name not in files]
+    if args.fp8_block:
+        missing += [
+            TensorSpec(scale_name(s.name), scale_grid((s.shape[0], s.shape[1]), args.fp8_block), False)
+            for s in wanted
+            if s.quantizable and scale_name(s.name) not in files
+        ]
+    if missing:
+        shown = "; ".join(f"{s.name} {list(s.shape)}" for s in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(
+            f"checkpoint {path} is missing {len(missing)} tensor(s) that its config.json implies: {shown}{more}. "
+            "The files do not match config.json (wrong or incomplete download?)"
+        )
+    unexpected = sorted(n for n in files if n not in known and not is_mtp_tensor(n, args))
+    if unexpected:
+        shown = ", ".join(unexpected[:5]) + (
+            f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        )
+        raise CheckpointError(
+            f"checkpoint {path} has {len(unexpected)} tensor(s) that a DeepSeek-V3 model with this config.json "
+            f"does not have: {shown}. Check that config.json belongs to these weights"
+        )
+
+
+def _load_one(  # type: ignore[no-untyped-def]
+    model: DeepseekV3, f, file: Path, spec: TensorSpec, args: ModelArgs, files: dict[str, Path]
+) -> None:
+    tensor = f.get_tensor(spec.name)
+    where = f"tensor {spec.name} in {file.name}"
+    if tuple(tensor.shape) != spec.shape:
+        raise CheckpointError(
+            f"{where} has shape {list(tensor.shape)} but config.json implies {list(spec.shape)}"
+        )
+    target = _target(model, spec)
+    if tensor.dtype == FP8_DTYPE:
+        if not (spec.quantizable and args.fp8_block):
+            raise CheckpointError(
+                f"{where} is float8 but config.json has no FP8 quantization_config for it; "
+                "FP8 checkpoints need quantization_config {quant_method: fp8, weight_block_size: [128, 128]}"
+            )
+        scale = _read(f, file, scale_name(spec.name), files)
+        grid = scale_grid((spec.shape[0], spec.shape[1]), args.fp8_block)
+        if tuple(scale.shape) != grid:
+            raise CheckpointError(
+                f"tensor {scale_name(spec.name)} has shape {list(scale.shape)} but a {list(spec.shape)} weight "
+                f"with {args.fp8_block[0]}x{args.fp8_block[1]} blocks needs {list(grid)} (ceil-divided)"
+            )
+        target.copy_(dequantize_blocks(tensor, scale, args.fp8_block, target.dtype))
+        return
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise CheckpointError(
+            f"{where} has dtype {tensor.dtype}; expected bfloat16, float16, float32 or float8_e4m3fn"
+        )
+    if args.fp8_block and spec.quantizable:
+        raise CheckpointError(
+            f"{where} is {tensor.dtype} but config.json declares an FP8 checkpoint, where it must be float8_e4m3fn"
+        )
+    target.copy_(tensor.to(target.dtype))
+
+
+def _read(f, file: Path, name: str, files: dict[str, Path]) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    if files[name] == file:
+        return f.get_tensor(name)
+    with safe_open(files[name], framework="pt", device="cpu") as other:  # a scale in another shard
+        return other.get_tensor(name)
+
+
+def _target(model: DeepseekV3, spec: TensorSpec) -> torch.Tensor:
+    if spec.expert is None:
+        return model.get_parameter(spec.name).data
+    layer = spec.name.split(".")[2]
+    experts = model.get_submodule(f"model.layers.{layer}.mlp.experts")
+    proj = spec.name.split(".")[-2]
+    return experts.expert_weight(spec.expert, proj)  # type: ignore[operator]
+
+
+def _nbytes(spec: TensorSpec, args: ModelArgs) -> int:
+    numel = 1
+    for d in spec.shape:
+        numel *= d
+    return numel * (1 if (args.fp8_block and spec.quantizable) else 2)
+
+
+def fill_dummy(model: DeepseekV3, seed: int = 0) -> None:
+    """load_format "dummy": random weights of the right shapes, no files read.
+
+    Linear weights ~ N(0, 1/fan_in), norms ~ 1, embeddings ~ N(0, 1): activations stay finite
+    and of order one through all layers, so timings and numerics are representative."""
+    for i, (name, param) in enumerate(model.named_parameters()):
+        generator = torch.Generator(device=param.device).manual_seed(seed * 1_000_003 + i)
+        value = torch.randn(param.shape, generator=generator, device=param.device)
+        if name.endswith("e_score_correction_bias"):
+            value *= 0.05
+        elif param.dim() == 1:
+            value = value * 0.1 + 1.0
+        elif not name.endswith("embed_tokens.weight"):
+            value *= param.shape[-1] ** -0.5
+        param.data.copy_(value)

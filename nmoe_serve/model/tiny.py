@@ -1,0 +1,223 @@
+"""Tiny random DeepSeek-V3 checkpoints in the real HF layout, for CPU development and tests.
+
+`make_tiny_checkpoint` writes config.json, sharded safetensors with an index, the tokenizer files
+and a multi-token-prediction layer (which loaders must skip), in bf16/float32 or FP8 e4m3 with
+128×128 block scales. Weights are drawn with variances that keep activations and logits of order
+one, so greedy decoding is not decided by rounding noise. `cached_tiny_checkpoint` builds one on
+first use into the user's cache directory, atomically, so concurrent workers can all ask for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from nmoe_serve.model.args import FP8_BLOCK, ModelArgs
+from nmoe_serve.model.fp8 import quantize_blocks
+from nmoe_serve.model.layout import TensorSpec, checkpoint_tensors, layer_tensors, scale_name
+from nmoe_serve.tokenizer.tiny import TINY_BOS_ID, TINY_EOS_ID, TINY_VOCAB_SIZE, write_tiny_tokenizer
+
+# Bump when the files written for the same (seed, fp8) change, so caches rebuild.
+TINY_FORMAT_VERSION = 1
+
+TINY_HF_CONFIG: dict[str, Any] = {
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "vocab_size": TINY_VOCAB_SIZE,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 4,
+    "first_k_dense_replace": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "q_lora_rank": 32,
+    "kv_lora_rank": 32,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
+    "n_routed_experts": 16,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 4,
+    "n_group": 4,
+    "topk_group": 2,
+    "routed_scaling_factor": 2.5,
+    "norm_topk_prob": True,
+    "scoring_func": "sigmoid",
+    "topk_method": "noaux_tc",
+    "moe_layer_freq": 1,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 4096,
+    "rope_theta": 10000.0,
+    "rope_scaling": {
+        "type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 1024,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    },
+    "num_nextn_predict_layers": 1,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "initializer_range": 0.02,
+    "use_cache": True,
+    "bos_token_id": TINY_BOS_ID,
+    "eos_token_id": TINY_EOS_ID,
+    "torch_dtype": "bfloat16",
+}
+
+FP8_QUANTIZATION_CONFIG = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+}
+
+
+def tiny_hf_config(overrides: dict[str, Any] | None = None, fp8: bool = False) -> dict[str, Any]:
+    config = json.loads(json.dumps(TINY_HF_CONFIG))
+    config.update(overrides or {})
+    if fp8:
+        config["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
+    return config
+
+
+def make_tiny_checkpoint(
+    out: str | Path,
+    seed: int = 0,
+    fp8: bool = False,
+    overrides: dict[str, Any] | None = None,
+    shard_bytes: int = 512 * 1024,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
+    """Write a complete random DeepSeek-V3 checkpoint to `out` (created if needed) and return it.
+
+    `overrides` replace fields of the tiny config.json (e.g. `{"q_lora_rank": None}`); vocab_size
+    must stay that of the tiny tokenizer. `dtype` is the dtype of the unquantized tensors.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = tiny_hf_config(overrides, fp8)
+    config["torch_dtype"] = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[
+        dtype
+    ]
+    if config["vocab_size"] != TINY_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size must stay {TINY_VOCAB_SIZE}, the tiny tokenizer's; got {config['vocab_size']}"
+        )
+    args = ModelArgs.from_hf_config(config, source="tiny config")
+    generator = torch.Generator().manual_seed(seed)
+    tensors = dict(_random_tensors(args, config, generator, dtype, fp8))
+    _write_shards(out, tensors, shard_bytes)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": TINY_BOS_ID, "eos_token_id": TINY_EOS_ID, "do_sample": False}, indent=2)
+        + "\n"
+    )
+    write_tiny_tokenizer(out)
+    return out
+
+
+def cached_tiny_checkpoint(seed: int = 0, fp8: bool = False) -> Path:
+    """The tiny checkpoint for (seed, fp8) in the cache directory, built the first time it is asked for."""
+    target = cache_root() / f"tiny-v{TINY_FORMAT_VERSION}-seed{seed}-{'fp8' if fp8 else 'bf16'}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".building-", dir=target.parent))
+    try:
+        make_tiny_checkpoint(staging, seed=seed, fp8=fp8)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def cache_root() -> Path:
+    """$NMOE_SERVE_CACHE, else $XDG_CACHE_HOME/nmoe_serve, else ~/.cache/nmoe_serve."""
+    if os.environ.get("NMOE_SERVE_CACHE"):
+        return Path(os.environ["NMOE_SERVE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "nmoe_serve"
+
+
+def _random_tensors(
+    args: ModelArgs, config: dict[str, Any], generator: torch.Generator, dtype: torch.dtype, fp8: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
+    specs = checkpoint_tensors(args)
+    for mtp in range(int(config.get("num_nextn_predict_layers") or 0)):
+        specs += _mtp_tensors(args, args.n_layers + mtp)
+    for spec in specs:
+        value = _random_value(spec, generator)
+        if fp8 and spec.quantizable:
+            weight, scale_inv = quantize_blocks(value, (FP8_BLOCK, FP8_BLOCK))
+            yield spec.name, weight
+            yield scale_name(spec.name), scale_inv
+        else:
+            yield spec.name, value.to(torch.float32 if spec.float32 else dtype)
+
+
+def _mtp_tensors(args: ModelArgs, layer: int) -> list[TensorSpec]:
+    """A multi-token-prediction layer as DeepSeek-V3 stores it after the last decoder layer."""
+    p = f"model.layers.{layer}."
+    h = args.dim
+    return [
+        TensorSpec(p + "embed_tokens.weight", (args.vocab_size, h), False),
+        TensorSpec(p + "enorm.weight", (h,), False),
+        TensorSpec(p + "hnorm.weight", (h,), False),
+        TensorSpec(p + "eh_proj.weight", (h, 2 * h), True),
+        *layer_tensors(args, layer),
+        TensorSpec(p + "shared_head.norm.weight", (h,), False),
+        TensorSpec(p + "shared_head.head.weight", (args.vocab_size, h), False),
+    ]
+
+
+def _random_value(spec: TensorSpec, generator: torch.Generator) -> torch.Tensor:
+    name = spec.name
+    if name.endswith("e_score_correction_bias"):
+        return 0.05 * torch.randn(spec.shape, generator=generator)
+    if len(spec.shape) == 1:  # norms
+        return 1.0 + 0.1 * torch.randn(spec.shape, generator=generator)
+    if name.endswith("embed_tokens.weight"):
+        return torch.randn(spec.shape, generator=generator)
+    fan_in = spec.shape[1]
+    return torch.randn(spec.shape, generator=generator) * fan_in**-0.5
+
+
+def _write_shards(out: Path, tensors: dict[str, torch.Tensor], shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,31 @@
+"""The paged latent KV cache of one rank: per layer, pages of page_size tokens × (L + R).
+
+Zero-filled at allocation so that never-written slots hold finite values (masked attention
+multiplies them by zero probabilities, and 0 × NaN would be NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nmoe_serve.model.args import ModelArgs
+
+
+def page_bytes(args: ModelArgs, page_size: int, dtype: torch.dtype) -> int:
+    """Bytes one page takes across all layers."""
+    return args.n_layers * page_size * args.kv_cache_dim * torch.finfo(dtype).bits // 8
+
+
+class KVCache:
+    def __init__(
+        self, args: ModelArgs, num_pages: int, page_size: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.num_pages, self.page_size = num_pages, page_size
+        self.storage = torch.zeros(
+            args.n_layers, num_pages, page_size, args.kv_cache_dim, dtype=dtype, device=device
+        )  # [layers, pages, P, L+R]
+        self.layers = list(self.storage.unbind(0))  # per-layer views [pages, P, L+R]
+
+    @property
+    def nbytes(self) -> int:
+        return self.storage.numel() * self.storage.element_size()

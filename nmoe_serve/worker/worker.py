@@ -1,0 +1,121 @@
+"""Worker: one rank's model shard, KV cache and sampler; executes one StepPlan per call.
+
+A plain class with no Ray or HTTP in it: the single-rank engine calls it in-process, and the Ray
+actor of the expert-parallel engine wraps it. Everything device-related is chosen here, once, at
+construction, and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from nmoe_serve.engine.plan import StepPlan, StepResult
+from nmoe_serve.engine.settings import EngineSettings
+from nmoe_serve.model.attention import TorchAttention
+from nmoe_serve.model.deepseek_v3 import DeepseekV3
+from nmoe_serve.model.loader import fill_dummy, load_checkpoint
+from nmoe_serve.model.rope import RotaryEmbedding
+from nmoe_serve.sampling.sampler import Sampler
+from nmoe_serve.topology import Topology
+from nmoe_serve.worker.kv_cache import KVCache, page_bytes
+from nmoe_serve.worker.step_batch import build_step_batch
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, settings: EngineSettings, topology: Topology) -> None:
+        self.settings, self.topology = settings, topology
+        self.device = torch.device(settings.device)
+        args = settings.args
+        started = time.monotonic()
+        self.model = DeepseekV3(
+            args,
+            dtype=settings.torch_dtype,
+            device=self.device,
+            owned=topology.owned_experts(args.n_routed_experts),
+            attention=TorchAttention(),
+        )
+        if settings.load_format == "dummy":
+            fill_dummy(self.model, seed=settings.config.device.seed)
+        else:
+            load_checkpoint(self.model, settings.model_path)
+        self.model.eval()
+        self.rope = RotaryEmbedding(args.rope, self.device)
+        self.num_pages = self._kv_pages()
+        self.kv_cache = KVCache(args, self.num_pages, settings.page_size, settings.torch_dtype, self.device)
+        self.sampler = Sampler(args.vocab_size, self.device, seed=settings.config.device.seed + topology.rank)
+        self.eos_token_id = args.eos_token_ids[0] if args.eos_token_ids else None
+        log.info(
+            "rank %d/%d: experts %s, attention %s, transport %s, %d KV pages of %d tokens (%.1f MB), ready in %.1f s",
+            topology.rank,
+            topology.world_size,
+            self.model.owned,
+            self.model.attention.name,
+            self.model.moe_layers()[0].transport.name if self.model.moe_layers() else "-",
+            self.num_pages,
+            settings.page_size,
+            self.kv_cache.nbytes / 1e6,
+            time.monotonic() - started,
+        )
+
+    def _kv_pages(self) -> int:
+        cache = self.settings.config.cache
+        if cache.num_pages is not None:
+            return cache.num_pages
+        per_page = page_bytes(self.settings.args, cache.page_size, self.settings.torch_dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            budget = free - (1 - cache.memory_utilization) * total
+        else:
+            budget = cache.cpu_kv_cache_gib * 2**30
+        pages = int(budget // per_page)
+        need = -(-self.settings.max_seq_len // cache.page_size)
+        if pages < need:
+            raise RuntimeError(
+                f"rank {self.topology.rank}: memory left for the KV cache holds {max(pages, 0)} pages but one "
+                f"sequence of max_seq_len={self.settings.max_seq_len} needs {need}: raise "
+                "cache.memory_utilization (GPU) or cache.cpu_kv_cache_gib (CPU), or lower model.max_seq_len"
+            )
+        return pages
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        started = time.perf_counter()
+        for request_id in plan.released:
+            self.sampler.remove_request(request_id)
+        for new in plan.new_requests:
+            self.sampler.add_request(new.request_id, new.sampling, new.prompt_token_ids, new.output_token_ids)
+        input_ids, batch = build_step_batch(plan, self.settings.page_size, self.rope, self.device)
+        hidden = self.model(input_ids, batch, self.kv_cache.layers)
+        logits = self.model.compute_logits(hidden[batch.logits_rows])
+        sampled_ids = tuple(rid for rid, s in zip(plan.request_ids, plan.sample, strict=True) if s)
+        out = self.sampler.sample(sampled_ids, logits, self.eos_token_id)
+        return StepResult(
+            step_id=plan.step_id,
+            rank=self.topology.rank,
+            request_ids=sampled_ids,
+            token_ids=out.token_ids,
+            logprobs=out.logprobs,
+            top_token_ids=out.top_token_ids,
+            top_logprobs=out.top_logprobs,
+            num_top=out.num_top,
+            timings={"execute_s": time.perf_counter() - started},
+        )
+
+    def logits_for(self, plan: StepPlan, all_positions: bool = False) -> torch.Tensor:
+        """Run `plan` and return float32 logits without sampling (tests and diagnostics).
+
+        all_positions=True gives a row for every new token instead of one per sampled sequence."""
+        with torch.inference_mode():
+            input_ids, batch = build_step_batch(plan, self.settings.page_size, self.rope, self.device)
+            hidden = self.model(input_ids, batch, self.kv_cache.layers)
+            rows = hidden if all_positions else hidden[batch.logits_rows]
+            return self.model.compute_logits(rows)
+
+    def stats(self) -> dict[str, float]:
+        return {"num_pages": float(self.num_pages), "requests": float(len(self.sampler))}

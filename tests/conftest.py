@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny checkpoints written once per session, a private model cache directory."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Keep tests from writing into the user's cache; set before anything resolves the cache root.
+os.environ.setdefault("NMOE_SERVE_CACHE", tempfile.mkdtemp(prefix="nmoe-serve-test-cache-"))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default tiny checkpoint with float32 weights (exact comparisons against references)."""
+    import torch
+
+    from nmoe_serve.model.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-fp32"), seed=0, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def dev_config_path() -> Path:
+    return REPO / "configs" / "dev.toml"

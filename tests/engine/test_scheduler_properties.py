@@ -1,0 +1,379 @@
+"""Scheduler and page-allocator invariants under hypothesis, with a fake executor.
+
+The fake executor keeps a "KV cache" of token ids per page slot: it writes each step's tokens into
+the slots the plan names and derives the next token from the tokens it reads back from the
+sequence's pages. A page handed to two requests, a stale page table or a wrong context length
+corrupts what it reads, so outputs then differ from the reference computed from the tokens alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nmoe_serve.engine.plan import StepKind, StepPlan, StepResult
+from nmoe_serve.engine.request import FinishReason, RequestStatus
+from nmoe_serve.engine.scheduler import RequestRejected, Scheduler, SchedulerLimits
+from nmoe_serve.sampling.params import SamplingParams
+
+VOCAB = 40
+EOS = 0
+
+
+def next_token(tokens: list[int]) -> int:
+    digest = hashlib.blake2b(np.asarray(tokens, np.int64).tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % VOCAB
+
+
+class FakeRanks:
+    """Executes plans on N ranks by storing token ids in page slots."""
+
+    def __init__(self, limits: SchedulerLimits) -> None:
+        self.limits = limits
+        self.slots = [
+            np.full(limits.pages_per_rank * limits.page_size, -1, np.int64) for _ in range(limits.num_ranks)
+        ]
+        self.state: list[set[str]] = [set() for _ in range(limits.num_ranks)]  # sampler state per rank
+        self.steps: list[tuple[int, StepKind]] = []
+
+    def execute(self, plans: list[StepPlan]) -> list[StepResult]:
+        assert len(plans) == self.limits.num_ranks
+        assert len({(p.step_id, p.kind) for p in plans}) == 1, "every rank runs the same step"
+        self.steps.append((plans[0].step_id, plans[0].kind))
+        results = []
+        for rank, plan in enumerate(plans):
+            assert plan.rank == rank
+            for rid in plan.released:
+                self.state[rank].remove(rid)  # KeyError: released something the rank never had
+            for new in plan.new_requests:
+                assert new.request_id not in self.state[rank], "added twice"
+                self.state[rank].add(new.request_id)
+            assert plan.num_tokens == int(plan.query_lens.sum())
+            if plan.kind == StepKind.DECODE:
+                assert (plan.query_lens == 1).all()
+            results.append(self._run(rank, plan))
+        return results
+
+    def _run(self, rank: int, plan: StepPlan) -> StepResult:
+        p, cache = self.limits.page_size, self.slots[rank]
+        start = 0
+        sampled_ids, sampled = [], []
+        for i, rid in enumerate(plan.request_ids):
+            assert rid in self.state[rank], "a scheduled request has no sampler state"
+            n, ctx = int(plan.query_lens[i]), int(plan.context_lens[i])
+            pages = plan.page_table[i]
+            assert (pages[: math.ceil(ctx / p)] >= 0).all(), "page table misses a page of the context"
+            for j, pos in enumerate(range(ctx - n, ctx)):
+                cache[pages[pos // p] * p + pos % p] = plan.token_ids[start + j]
+            start += n
+            if plan.sample[i]:
+                history = [int(cache[pages[pos // p] * p + pos % p]) for pos in range(ctx)]
+                sampled_ids.append(rid)
+                sampled.append(next_token(history))
+        return StepResult(plan.step_id, rank, tuple(sampled_ids), np.array(sampled, np.int64))
+
+
+def expected_output(
+    prompt: list[int], sampling: SamplingParams, max_tokens: int, max_seq_len: int
+) -> tuple[list[int], str]:
+    tokens, out = list(prompt), []
+    while True:
+        t = next_token(tokens)
+        tokens.append(t)
+        out.append(t)
+        if len(out) >= sampling.min_tokens and (
+            (t == EOS and not sampling.ignore_eos) or t in sampling.stop_token_ids
+        ):
+            return out, "stop"
+        if len(out) >= max_tokens or len(tokens) >= max_seq_len:
+            return out, "length"
+
+
+def check_pages(scheduler: Scheduler) -> None:
+    for rank, pool in enumerate(scheduler.pools):
+        owned: dict[int, str] = {}
+        for r in scheduler.running[rank]:
+            assert r.status is RequestStatus.RUNNING and r.rank == rank
+            assert len(r.pages) * scheduler.limits.page_size >= r.num_computed_tokens
+            for page in r.pages:
+                assert page not in owned, f"page {page} owned by {owned.get(page)} and {r.request_id}"
+                assert not pool.is_free(page)
+                owned[page] = r.request_id
+        assert len(owned) == pool.num_used, "a page is neither free nor owned (leak)"
+        assert len(scheduler.running[rank]) <= scheduler.limits.max_num_seqs
+    for r in scheduler.waiting:
+        assert not r.pages and r.status is RequestStatus.WAITING
+
+
+request_strategy = st.fixed_dictionaries(
+    {
+        "prompt_len": st.integers(1, 40),
+        "max_tokens": st.integers(1, 24),
+        "ignore_eos": st.booleans(),
+        "min_tokens": st.integers(0, 3),
+        "stop_token_ids": st.lists(st.integers(1, VOCAB - 1), max_size=2),
+        "arrive_at": st.integers(0, 30),
+        "abort_at": st.one_of(st.none(), st.integers(0, 60)),
+    }
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    num_ranks=st.integers(1, 3),
+    page_size=st.sampled_from([1, 2, 4, 8]),
+    extra_pages=st.integers(0, 40),
+    max_num_seqs=st.integers(1, 6),
+    max_prefill_tokens=st.integers(1, 48),
+    max_prefill_steps_in_a_row=st.integers(1, 3),
+    watermark=st.integers(0, 3),
+    requests=st.lists(request_strategy, min_size=1, max_size=14),
+    seed=st.integers(0, 2**16),
+)
+def test_scheduler_invariants_and_exact_outputs(
+    num_ranks,
+    page_size,
+    extra_pages,
+    max_num_seqs,
+    max_prefill_tokens,
+    max_prefill_steps_in_a_row,
+    watermark,
+    requests,
+    seed,
+) -> None:
+    max_seq_len = 48
+    limits = SchedulerLimits(
+        num_ranks=num_ranks,
+        pages_per_rank=math.ceil(max_seq_len / page_size) + extra_pages,
+        page_size=page_size,
+        max_seq_len=max_seq_len,
+        max_num_seqs=max_num_seqs,
+        max_prefill_tokens=max_prefill_tokens,
+        max_prefill_steps_in_a_row=max_prefill_steps_in_a_row,
+        watermark_pages=watermark,
+    )
+    scheduler = Scheduler(limits)
+    ranks = FakeRanks(limits)
+    rng = np.random.default_rng(seed)
+    expected: dict[str, tuple[list[int], str]] = {}
+    finished: dict[str, tuple[list[int], str]] = {}
+    outputs: dict[str, list[int]] = {}
+    aborted: set[str] = set()
+    pending = sorted(enumerate(requests), key=lambda kv: kv[1]["arrive_at"])
+    step = 0
+    while pending or scheduler.has_work():
+        while pending and pending[0][1]["arrive_at"] <= step:
+            i, spec = pending.pop(0)
+            rid = f"r{i}"
+            prompt = rng.integers(0, VOCAB, spec["prompt_len"]).tolist()
+            sampling = SamplingParams(
+                max_tokens=spec["max_tokens"],
+                ignore_eos=spec["ignore_eos"],
+                min_tokens=min(spec["min_tokens"], spec["max_tokens"]),
+                stop_token_ids=spec["stop_token_ids"],
+            )
+            too_long = spec["prompt_len"] + spec["max_tokens"] > max_seq_len
+            try:
+                scheduler.add(rid, prompt, sampling, frozenset({EOS}))
+            except RequestRejected as e:
+                assert too_long, f"rejected a request that fits: {e}"
+                assert "max_seq_len" in str(e)
+                continue
+            assert not too_long
+            expected[rid] = expected_output(prompt, sampling, spec["max_tokens"], max_seq_len)
+            outputs[rid] = []
+        for i, spec in enumerate(requests):
+            rid = f"r{i}"
+            if spec["abort_at"] == step and rid in outputs and rid not in finished and scheduler.abort(rid):
+                aborted.add(rid)
+        plans = scheduler.schedule()
+        if plans is not None:
+            for update in scheduler.update(ranks.execute(plans)):
+                outputs[update.request_id].append(update.token_id)
+                if update.finish_reason is not None:
+                    finished[update.request_id] = (outputs[update.request_id], update.finish_reason.value)
+        else:
+            assert not scheduler.has_work() or pending, "work is left but nothing was scheduled (deadlock)"
+        check_pages(scheduler)
+        step += 1
+        assert step < 3000, "no progress"
+    for rid, want in expected.items():
+        if rid in aborted:
+            assert rid not in finished or finished[rid] == want
+            got = outputs[rid]
+            assert got == want[0][: len(got)], "an aborted request's tokens so far are still exact"
+        else:
+            assert finished[rid] == want, f"{rid}: wrong tokens or finish reason"
+    assert all(pool.num_free == limits.pages_per_rank for pool in scheduler.pools), "pages leaked"
+    assert all(not s for s in ranks.state), "sampler state leaked on a rank"
+    assert not scheduler.requests
+
+
+def test_preemption_happens_and_recomputes_exactly() -> None:
+    """A pool that holds one growing sequence at a time forces preemption; outputs stay exact."""
+    limits = SchedulerLimits(
+        num_ranks=1,
+        pages_per_rank=6,
+        page_size=4,
+        max_seq_len=24,
+        max_num_seqs=4,
+        max_prefill_tokens=64,
+        max_prefill_steps_in_a_row=2,
+        watermark_pages=0,
+    )
+    scheduler, ranks = Scheduler(limits), FakeRanks(limits)
+    prompts = {f"r{i}": [i + 1] * 5 for i in range(4)}
+    sampling = SamplingParams(max_tokens=15, ignore_eos=True)
+    for rid, prompt in prompts.items():
+        scheduler.add(rid, prompt, sampling, frozenset({EOS}))
+    outputs: dict[str, list[int]] = {rid: [] for rid in prompts}
+    while scheduler.has_work():
+        plans = scheduler.schedule()
+        assert plans is not None
+        for update in scheduler.update(ranks.execute(plans)):
+            outputs[update.request_id].append(update.token_id)
+        check_pages(scheduler)
+    assert scheduler.num_preemptions > 0
+    for rid, prompt in prompts.items():
+        assert outputs[rid] == expected_output(prompt, sampling, 15, 24)[0]
+
+
+def test_decode_gets_a_step_between_prefill_streaks() -> None:
+    limits = SchedulerLimits(
+        num_ranks=1,
+        pages_per_rank=100,
+        page_size=4,
+        max_seq_len=64,
+        max_num_seqs=64,
+        max_prefill_tokens=4,
+        max_prefill_steps_in_a_row=2,
+        watermark_pages=0,
+    )
+    scheduler, ranks = Scheduler(limits), FakeRanks(limits)
+    scheduler.add("first", [1, 2, 3], SamplingParams(max_tokens=10, ignore_eos=True), frozenset())
+    for i in range(6):
+        scheduler.add(f"late{i}", [5] * 8, SamplingParams(max_tokens=2, ignore_eos=True), frozenset())
+    kinds = []
+    for _ in range(8):
+        plans = scheduler.schedule()
+        assert plans is not None
+        kinds.append(plans[0].kind)
+        scheduler.update(ranks.execute(plans))
+    # first prefill completes in step 0; afterwards at most 2 prefill steps in a row before a decode
+    run = 0
+    for kind in kinds[1:]:
+        run = run + 1 if kind == StepKind.PREFILL else 0
+        assert run <= 2
+
+
+def test_idle_ranks_get_t0_plans_and_requests_spread_by_free_pages() -> None:
+    limits = SchedulerLimits(
+        num_ranks=4,
+        pages_per_rank=10,
+        page_size=4,
+        max_seq_len=32,
+        max_num_seqs=4,
+        max_prefill_tokens=64,
+        max_prefill_steps_in_a_row=4,
+        watermark_pages=0,
+    )
+    scheduler = Scheduler(limits)
+    scheduler.add("only", [1, 2, 3, 4, 5], SamplingParams(max_tokens=3, ignore_eos=True), frozenset())
+    plans = scheduler.schedule()
+    assert plans is not None and len(plans) == 4
+    assert sum(p.num_seqs for p in plans) == 1
+    idle = [p for p in plans if p.num_seqs == 0]
+    assert len(idle) == 3 and all(p.num_tokens == 0 and p.kind == StepKind.PREFILL for p in idle)
+    scheduler.update(FakeRanks(limits).execute(plans))
+    for i in range(3):
+        scheduler.add(f"more{i}", [1] * 5, SamplingParams(max_tokens=3, ignore_eos=True), frozenset())
+    plans = scheduler.schedule()
+    assert plans is not None
+    # the three new requests go to the three ranks with the most free pages: one each
+    assert sorted(p.num_seqs for p in plans if p.kind == StepKind.PREFILL) == [0, 1, 1, 1]
+
+
+def test_abort_frees_pages_and_releases_worker_state() -> None:
+    limits = SchedulerLimits(
+        num_ranks=1,
+        pages_per_rank=20,
+        page_size=4,
+        max_seq_len=32,
+        max_num_seqs=8,
+        max_prefill_tokens=64,
+        max_prefill_steps_in_a_row=4,
+        watermark_pages=0,
+    )
+    scheduler, ranks = Scheduler(limits), FakeRanks(limits)
+    for i in range(4):
+        scheduler.add(f"r{i}", [1] * 9, SamplingParams(max_tokens=10, ignore_eos=True), frozenset())
+    scheduler.update(ranks.execute(scheduler.schedule()))
+    used = scheduler.pools[0].num_used
+    assert scheduler.abort("r1") and scheduler.abort("r2")
+    assert not scheduler.abort("r1"), "aborting twice reports False"
+    assert not scheduler.abort("nope")
+    assert scheduler.pools[0].num_used < used
+    plans = scheduler.schedule()
+    assert set(plans[0].released) == {"r1", "r2"}
+    scheduler.update(ranks.execute(plans))
+    assert ranks.state[0] == {"r0", "r3"}
+
+
+def test_abort_during_a_step_takes_effect_after_it() -> None:
+    limits = SchedulerLimits(
+        num_ranks=1,
+        pages_per_rank=20,
+        page_size=4,
+        max_seq_len=32,
+        max_num_seqs=8,
+        max_prefill_tokens=64,
+        max_prefill_steps_in_a_row=4,
+        watermark_pages=0,
+    )
+    scheduler, ranks = Scheduler(limits), FakeRanks(limits)
+    scheduler.add("r", [1] * 9, SamplingParams(max_tokens=10, ignore_eos=True), frozenset())
+    plans = scheduler.schedule()
+    assert scheduler.abort("r")
+    assert scheduler.pools[0].num_used > 0, "pages stay while the step that uses them runs"
+    scheduler.update(ranks.execute(plans))
+    assert scheduler.pools[0].num_used == 0
+    assert scheduler.has_work(), "the release still has to reach the rank"
+    plans = scheduler.schedule()
+    assert plans is not None and plans[0].num_tokens == 0 and plans[0].released == ("r",)
+    scheduler.update(ranks.execute(plans))
+    assert not scheduler.has_work() and not ranks.state[0]
+    assert scheduler.schedule() is None
+
+
+def test_refusals_name_the_limit() -> None:
+    limits = SchedulerLimits(
+        num_ranks=1,
+        pages_per_rank=8,
+        page_size=4,
+        max_seq_len=32,
+        max_num_seqs=8,
+        max_prefill_tokens=64,
+        max_prefill_steps_in_a_row=4,
+        watermark_pages=0,
+    )
+    scheduler = Scheduler(limits)
+    import pytest
+
+    with pytest.raises(RequestRejected, match="empty"):
+        scheduler.add("a", [], SamplingParams(), frozenset())
+    with pytest.raises(RequestRejected, match=r"32 tokens.*leaves no room.*shorten the prompt"):
+        scheduler.add("b", [1] * 32, SamplingParams(), frozenset())
+    with pytest.raises(RequestRejected, match=r"lower max_tokens to at most 2"):
+        scheduler.add("c", [1] * 30, SamplingParams(max_tokens=5), frozenset())
+    scheduler.add("d", [1] * 30, SamplingParams(max_tokens=None), frozenset())
+    assert scheduler.requests["d"].max_tokens == 2
+    with pytest.raises(RequestRejected, match="already in use"):
+        scheduler.add("d", [1], SamplingParams(), frozenset())
+    small = Scheduler(SchedulerLimits(1, 4, 4, 32, 8, 64, 4, 0))
+    with pytest.raises(RequestRejected, match=r"needs up to 5 KV pages but a rank has 4"):
+        small.add("e", [1] * 10, SamplingParams(max_tokens=10), frozenset())
+    assert FinishReason.ABORT.value == "abort"
