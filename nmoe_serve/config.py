@@ -217,8 +217,8 @@ def _explain(error: ValidationError, source: str) -> str:
         if item["type"] == "missing":
             sub = _section_model(loc)
             if sub is not None:
-                keys = ", ".join(sorted(sub.model_fields))
-                lines.append(f"  [{key}] is required and missing: add a [{key}] table (keys: {keys})")
+                keys = ", ".join(f"{key}.{k}" for k in sorted(sub.model_fields))
+                lines.append(f"  [{key}] is required and missing: add a [{key}] table; its keys: {keys}")
             else:
                 lines.append(f"  {key}: required and missing ({_description(loc) or 'see configs/'})")
             continue

@@ -49,6 +49,13 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
                 raise CheckpointError(
                     f"{index} lists {file.name}, which is not in {path}: the download is incomplete"
                 )
+            with safe_open(file, framework="pt") as f:  # reads the header only
+                stored = set(f.keys())
+            for name in sorted(n for n, shard in files.items() if shard == file and n not in stored):
+                raise CheckpointError(
+                    f"{index} maps {name} to {file.name}, which does not contain it: the index is stale or "
+                    "the download incomplete; download the checkpoint again"
+                )
         return files
     shards = sorted(path.glob("*.safetensors"))
     if not shards:

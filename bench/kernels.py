@@ -1,0 +1,298 @@
+"""Kernel benchmarks at DeepSeek-V3 shapes, against the roofline and the torch reference.
+
+    python bench/kernels.py [--out results.json] [--quick]
+
+Measures the device's own ceilings first (device-to-device copy bandwidth, bf16 matmul and FP8
+`torch._scaled_mm` rates at 8192^3), then times each kernel with CUDA events (median of repeats
+after warm-up) and reports bytes and FLOPs counted, the roofline time (bytes / copy bandwidth or
+FLOPs / matmul rate, whichever is larger), the ratio roofline / measured, and the speed-up over
+the torch reference. Expert-parallel shapes are those of one rank of 8 (32 of 256 experts), fed
+the tokens that real group-limited routing of all 8 ranks' tokens sends to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
+from kernels.fp8_quant import fp8_quant, fp8_quant_ref, quantize_weight_blocks
+from kernels.fused_moe import fused_moe, fused_moe_ref
+from kernels.mla_decode import mla_decode, mla_decode_ref
+
+H, INTER, E, K, GROUPS, TOPK_GROUPS = 7168, 2048, 256, 8, 8, 4
+EP, HEADS, LATENT, ROPE, PAGE = 8, 128, 512, 64, 64
+E_LOCAL = E // EP
+
+
+def cuda_time(fn, reps: int, warmup: int = 3) -> float:
+    """Median seconds of fn() over reps, after warmup calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def ceilings(reps: int) -> dict[str, float]:
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_s = cuda_time(lambda: dst.copy_(src), reps)
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    mm_s = cuda_time(lambda: a @ b, reps)
+    out = {"copy_bytes_per_s": 2 * n / copy_s, "bf16_flops_per_s": 2 * 8192**3 / mm_s}
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()
+    one = torch.tensor(1.0, device="cuda")
+    try:
+        s8 = cuda_time(
+            lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16), reps
+        )
+        out["fp8_flops_per_s"] = 2 * 8192**3 / s8
+    except (RuntimeError, TypeError) as e:  # no FP8 tensor cores
+        print(f"fp8 _scaled_mm unavailable: {e}")
+    return out
+
+
+def route(tokens: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 routing of random tokens: sigmoid scores, 4 of 8 groups, top-8, normalised × 2.5."""
+    scores = torch.rand(tokens, E, generator=generator, device="cuda")
+    grouped = scores.view(tokens, GROUPS, -1)
+    chosen = grouped.topk(2, dim=-1).values.sum(-1).topk(TOPK_GROUPS, dim=-1).indices
+    keep = torch.zeros(tokens, GROUPS, dtype=torch.bool, device="cuda").scatter_(1, chosen, True)
+    ids = grouped.masked_fill(~keep[..., None], -1.0).flatten(1).topk(K, dim=-1).indices
+    weights = scores.gather(1, ids)
+    return ids, (weights / weights.sum(-1, keepdim=True) * 2.5).float()
+
+
+def rank0_tokens(per_rank: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The routed tokens rank 0 (experts 0..31) receives when each of 8 ranks has `per_rank` tokens."""
+    ids, weights = route(EP * per_rank, generator)
+    mine = (ids < E_LOCAL).any(dim=1)
+    ids, weights = ids[mine].contiguous(), weights[mine].contiguous()
+    return ids, weights, int((ids < E_LOCAL).sum())
+
+
+def moe_weights(fp8: bool, generator: torch.Generator):
+    w13 = (
+        torch.randn(E_LOCAL, 2 * INTER, H, generator=generator, device="cuda", dtype=torch.bfloat16) * H**-0.5
+    )
+    w2 = (
+        torch.randn(E_LOCAL, H, INTER, generator=generator, device="cuda", dtype=torch.bfloat16) * INTER**-0.5
+    )
+    if not fp8:
+        return w13, w2, None, None
+    q13 = [quantize_weight_blocks(w) for w in w13]
+    q2 = [quantize_weight_blocks(w) for w in w2]
+    return (
+        torch.stack([q for q, _ in q13]),
+        torch.stack([q for q, _ in q2]),
+        torch.stack([s for _, s in q13]),
+        torch.stack([s for _, s in q2]),
+    )
+
+
+def bench_moe(ceil: dict, per_rank: int, fp8: bool, reps: int, prefill: bool) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(per_rank)
+    ids, weights, pairs = rank0_tokens(per_rank, g)
+    t = ids.shape[0]
+    x = torch.randn(t, H, generator=g, device="cuda", dtype=torch.bfloat16)
+    w13, w2, s13, s2 = moe_weights(fp8, g)
+    run = lambda: fused_moe(x, ids, weights, w13, w2, 0, s13, s2)  # noqa: E731
+    seconds = cuda_time(run, reps)
+    ref_reps = 1 if prefill else 3
+    ref_seconds = cuda_time(lambda: fused_moe_ref(x, ids, weights, w13, w2, 0, s13, s2), ref_reps, warmup=1)
+    wbytes = w13.numel() * w13.element_size() + w2.numel() * w2.element_size()
+    abytes = x.numel() * 2 * 2 + ids.numel() * 8 + weights.numel() * 4
+    flops = 2 * pairs * 3 * INTER * H
+    rate = ceil["fp8_flops_per_s"] if fp8 and "fp8_flops_per_s" in ceil else ceil["bf16_flops_per_s"]
+    roof = max((wbytes + abytes) / ceil["copy_bytes_per_s"], flops / rate)
+    return {
+        "kernel": "fused_moe",
+        "phase": "prefill" if prefill else "decode",
+        "weights": "fp8" if fp8 else "bf16",
+        "seqs_or_tokens_per_rank": per_rank,
+        "tokens_received": t,
+        "local_pairs": pairs,
+        "seconds": seconds,
+        "bytes": wbytes + abytes,
+        "flops": flops,
+        "roofline_seconds": roof,
+        "roofline_ratio": roof / seconds,
+        "weight_bw_ratio": (wbytes / ceil["copy_bytes_per_s"]) / seconds,
+        "flop_rate_ratio": (flops / rate) / seconds,
+        "ref_seconds": ref_seconds,
+        "speedup": ref_seconds / seconds,
+    }
+
+
+def bench_mla(ceil: dict, batch: int, context: int, reps: int) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(batch * 7 + context)
+    pages_per_seq = math.ceil(context / PAGE)
+    num_pages = batch * pages_per_seq
+    kv = torch.randn(num_pages, PAGE, LATENT + ROPE, generator=g, device="cuda", dtype=torch.bfloat16)
+    table = torch.randperm(num_pages, generator=g, device="cuda").view(batch, pages_per_seq).int()
+    lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, HEADS, LATENT, generator=g, device="cuda", dtype=torch.bfloat16)
+    q_pe = torch.randn(batch, HEADS, ROPE, generator=g, device="cuda", dtype=torch.bfloat16)
+    scale = 192**-0.5
+    seconds = cuda_time(lambda: mla_decode(q, q_pe, kv, table, lens, scale), reps)
+    ref_seconds = cuda_time(lambda: mla_decode_ref(q, q_pe, kv, table, lens, scale), 3, warmup=1)
+    nbytes = batch * context * (LATENT + ROPE) * 2 + batch * HEADS * (2 * LATENT + ROPE) * 2
+    flops = 2 * batch * HEADS * context * (LATENT + ROPE + LATENT)
+    roof = max(nbytes / ceil["copy_bytes_per_s"], flops / ceil["bf16_flops_per_s"])
+    return {
+        "kernel": "mla_decode",
+        "batch": batch,
+        "context": context,
+        "seconds": seconds,
+        "bytes": nbytes,
+        "flops": flops,
+        "roofline_seconds": roof,
+        "roofline_ratio": roof / seconds,
+        "ref_seconds": ref_seconds,
+        "speedup": ref_seconds / seconds,
+    }
+
+
+def bench_fp8_gemm(ceil: dict, name: str, n: int, k: int, t: int, reps: int) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(n + k + t)
+    w, s = quantize_weight_blocks(torch.randn(n, k, generator=g, device="cuda") * k**-0.5)
+    x8, xs = fp8_quant(torch.randn(t, k, generator=g, device="cuda", dtype=torch.bfloat16))
+    seconds = cuda_time(lambda: fp8_gemm(x8, xs, w, s), reps)
+    ref_seconds = cuda_time(lambda: fp8_gemm_ref(x8, xs, w, s), 3, warmup=1)
+    nbytes = n * k + t * k + t * n * 2
+    flops = 2 * t * n * k
+    roof = max(
+        nbytes / ceil["copy_bytes_per_s"], flops / ceil.get("fp8_flops_per_s", ceil["bf16_flops_per_s"])
+    )
+    return {
+        "kernel": "fp8_gemm",
+        "weight": name,
+        "n": n,
+        "k": k,
+        "tokens": t,
+        "seconds": seconds,
+        "bytes": nbytes,
+        "flops": flops,
+        "roofline_seconds": roof,
+        "roofline_ratio": roof / seconds,
+        "ref_seconds": ref_seconds,
+        "speedup": ref_seconds / seconds,
+    }
+
+
+def bench_fp8_quant(ceil: dict, t: int, reps: int) -> dict:
+    x = torch.randn(t, H, device="cuda", dtype=torch.bfloat16)
+    seconds = cuda_time(lambda: fp8_quant(x), reps)
+    ref_seconds = cuda_time(lambda: fp8_quant_ref(x), 3, warmup=1)
+    nbytes = t * H * 3 + t * (H // 128) * 4
+    roof = nbytes / ceil["copy_bytes_per_s"]
+    return {
+        "kernel": "fp8_quant",
+        "tokens": t,
+        "seconds": seconds,
+        "bytes": nbytes,
+        "roofline_seconds": roof,
+        "roofline_ratio": roof / seconds,
+        "ref_seconds": ref_seconds,
+        "speedup": ref_seconds / seconds,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench-kernels.json"))
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and shapes")
+    parser.add_argument("--only", choices=["moe", "mla", "gemm", "quant"], action="append")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    reps = 5 if args.quick else 20
+    only = set(args.only or ["moe", "mla", "gemm", "quant"])
+    started = time.time()
+    ceil = ceilings(reps)
+    device = torch.cuda.get_device_name()
+    print(
+        f"{device}: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 {ceil['bf16_flops_per_s'] / 1e12:.0f} "
+        f"TFLOP/s, fp8 {ceil.get('fp8_flops_per_s', 0) / 1e12:.0f} TFLOP/s",
+        flush=True,
+    )
+    rows: list[dict] = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        shape = {
+            k: v
+            for k, v in row.items()
+            if k
+            in (
+                "phase",
+                "weights",
+                "seqs_or_tokens_per_rank",
+                "tokens_received",
+                "batch",
+                "context",
+                "weight",
+                "tokens",
+            )
+        }
+        print(
+            f"{row['kernel']:>10} {shape}: {row['seconds'] * 1e6:9.1f} us, roofline {row['roofline_ratio']:6.1%}, "
+            f"x{row['speedup']:.1f} vs torch  [{time.time() - started:.0f} s]",
+            flush=True,
+        )
+
+    if "quant" in only:
+        for t in (1, 256, 16384):
+            add(bench_fp8_quant(ceil, t, reps))
+    if "gemm" in only:
+        for name, n, k in (
+            ("q_a_proj", 1536, 7168),
+            ("kv_a_proj_with_mqa", 576, 7168),
+            ("o_proj", 7168, 16384),
+        ):
+            for t in (1, 32, 256, 4096):
+                add(bench_fp8_gemm(ceil, name, n, k, t, reps))
+    if "mla" in only:
+        for batch, context in ((32, 2000), (64, 2000), (128, 2000), (256, 2000), (32, 16000)):
+            add(bench_mla(ceil, batch, context, reps))
+    if "moe" in only:
+        for per_rank in (32, 128, 256):
+            add(bench_moe(ceil, per_rank, fp8=True, reps=reps, prefill=False))
+        add(bench_moe(ceil, 128, fp8=False, reps=reps, prefill=False))
+        add(bench_moe(ceil, 16384, fp8=True, reps=max(3, reps // 4), prefill=True))
+    result = {
+        "device": device,
+        "date": time.strftime("%Y-%m-%d"),
+        "ceilings": ceil,
+        "rows": rows,
+        "torch": torch.__version__,
+    }
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,12 @@
+"""Triton kernels for nmoe_serve, each beside a pure-torch reference of the same semantics.
+
+One module per op: `<op>_kernel` (Triton), `<op>` (wrapper: checks shapes, dtypes and
+layout, picks a fixed block config from the shapes, launches) and `<op>_ref` (torch; the CPU
+engine calls these). Modules: `fp8_quant`, `fp8_gemm`, `fused_moe`, `mla_decode`.
+"""
+
+import os
+
+# Read once, at import, as @triton.jit reads it when the kernel modules are imported. Wrapper
+# paths that must avoid the interpreter's traps (PITFALLS.md) branch on this flag.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

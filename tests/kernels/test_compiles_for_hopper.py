@@ -1,0 +1,224 @@
+"""Every kernel, at the tiles its wrapper picks for DeepSeek-V3 shapes, compiles for sm_90.
+
+The interpreter runs the kernels' Python, not Triton's GPU compiler, so this test compiles them
+ahead of time for Hopper (Triton's bundled ptxas; no GPU needed). It runs in a subprocess,
+because the interpreter flag set by conftest.py replaces @triton.jit for the whole process.
+
+Run by hand to see the register use and spills per kernel (tuning input for the GPU session):
+
+    python tests/kernels/test_compiles_for_hopper.py
+"""
+
+import inspect
+import os
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Int arguments whose DeepSeek-V3 values are multiples of 16, as Triton specializes them at launch
+# (scale-row strides such as 56 = 7168 / 128 are not).
+DIV16 = {"H", "inter", "N", "K", "L", "R", "P", "T", "num_pairs"}
+NOT_DIV16_STRIDES = {
+    "stride_s",
+    "stride_xs",
+    "stride_ws",
+    "stride_hs",
+    "stride_wse",
+    "stride_wsn",
+    "stride_pt",
+}
+
+
+def _cases():
+    """(label, kernel, pointer and float argument types, constexprs, num_warps, num_stages)."""
+    from kernels import fp8_gemm, fp8_quant, fused_moe, mla_decode
+
+    f32, bf16, fp8, i32 = "*fp32", "*bf16", "*fp8e4nv", "*i32"
+    cases = [
+        (
+            "fp8_quant",
+            fp8_quant.fp8_quant_kernel,
+            dict(x_ptr=bf16, q_ptr=fp8, s_ptr=f32),
+            dict(GROUP=128, BLOCK_G=8, FP8_MAX=448.0, AMAX_EPS=1e-10),
+            4,
+            1,
+        )
+    ]
+    for T in (1, 4096):
+        cfg = fp8_gemm._config(T)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        cases.append(
+            (
+                f"fp8_gemm T={T}",
+                fp8_gemm.fp8_gemm_kernel,
+                dict(x_ptr=fp8, xs_ptr=f32, w_ptr=fp8, ws_ptr=f32, y_ptr=bf16),
+                dict(BLOCK_K=128, SCALE_BLOCK_N=128, GROUP_M=8, DOT_FP32=False, **cfg),
+                warps,
+                stages,
+            )
+        )
+    for is_fp8 in (False, True):
+        w = fp8 if is_fp8 else bf16
+        for T in (1, 4096):
+            cfg = fused_moe._config(T * 8, 32, is_fp8)
+            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+            common = dict(DOT_FP32=False, SCALE_BLOCK_N=128, FP8=is_fp8, **cfg)
+            ids = dict(sorted_pair_ids_ptr=i32, block_expert_ptr=i32)
+            cases += [
+                (
+                    f"fused_moe_gemm1 {w[1:]} T={T}",
+                    fused_moe.fused_moe_gemm1_kernel,
+                    dict(x_ptr=w, xs_ptr=f32, w_ptr=w, ws_ptr=f32, h_ptr=w, hs_ptr=f32, **ids),
+                    dict(FP8_MAX=448.0, AMAX_EPS=1e-10, **common),
+                    warps,
+                    stages,
+                ),
+                (
+                    f"fused_moe_gemm2 {w[1:]} T={T}",
+                    fused_moe.fused_moe_gemm2_kernel,
+                    dict(h_ptr=w, hs_ptr=f32, w_ptr=w, ws_ptr=f32, y_ptr=bf16, **ids),
+                    common,
+                    warps,
+                    stages,
+                ),
+            ]
+    cases.append(
+        (
+            "moe_combine",
+            fused_moe.moe_combine_kernel,
+            dict(y_ptr=bf16, ids_ptr=i32, weights_ptr=f32, out_ptr=bf16),
+            dict(TOP_K=8, BLOCK_H=1024),
+            4,
+            1,
+        )
+    )
+    for B in (1, 128):
+        cfg = mla_decode._config(B, 128, 16384, num_sms=132)  # H100 SXM
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        cases.append(
+            (
+                f"mla_decode B={B} splits={cfg['NUM_SPLITS']}",
+                mla_decode.mla_decode_kernel,
+                dict(
+                    q_nope_ptr=bf16,
+                    q_pe_ptr=bf16,
+                    kv_ptr=bf16,
+                    page_table_ptr=i32,
+                    context_lens_ptr=i32,
+                    o_ptr=f32 if cfg["NUM_SPLITS"] > 1 else bf16,
+                    lse_ptr=f32,
+                    scale_log2="fp32",
+                ),
+                dict(BLOCK_L=512, BLOCK_R=64, DOT_FP32=False, **cfg),
+                warps,
+                stages,
+            )
+        )
+    cases.append(
+        (
+            "mla_decode_merge",
+            mla_decode.mla_decode_merge_kernel,
+            dict(o_part_ptr=f32, lse_ptr=f32, out_ptr=bf16),
+            dict(NUM_SPLITS=64, BLOCK_S=64, BLOCK_L=512),
+            4,
+            1,
+        )
+    )
+    return cases
+
+
+def _compile(kernel, types, constexprs, num_warps, num_stages):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, attrs = {}, {}
+    for i, name in enumerate(inspect.signature(kernel.fn).parameters):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = types.get(name, "i32")
+        if (
+            signature[name].startswith("*")
+            or name in DIV16
+            or (name.startswith("stride") and name not in NOT_DIV16_STRIDES)
+        ):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def _resource_usage(compiled) -> str:
+    import re
+    import tempfile
+
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run(
+            [cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True
+        ).stdout
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:\d+ STACK:\d+", usage)
+    mma = sorted(set(re.findall(r"\b([HQ]GMMA|HMMA)\b", sass)))
+    return f"{found.group(0) if found else '?'} spill-loads:{sass.count('LDL')} mma:{','.join(mma) or '-'}"
+
+
+def _compile_case(index: int, verbose: bool) -> str | None:
+    """Compile case `index`; return its report line (verbose) or None, or a line starting FAILED."""
+    label, kernel, types, constexprs, num_warps, num_stages = _cases()[index]
+    try:
+        compiled = _compile(kernel, types, constexprs, num_warps, num_stages)
+    except Exception as e:
+        return f"FAILED {label}: {type(e).__name__}: {str(e)[:1500]}"
+    if verbose:
+        return f"{label:40s} shared {compiled.metadata.shared:>6} B  {_resource_usage(compiled)}"
+    return None
+
+
+def main(verbose: bool) -> int:
+    sys.path.insert(0, str(REPO))
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        lines = list(pool.map(_compile_case, range(len(_cases())), [verbose] * len(_cases())))
+    for line in lines:
+        if line:
+            print(line)
+    return 1 if any(line and line.startswith("FAILED") for line in lines) else 0
+
+
+def _has_ptxas() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return Path(get_ptxas(90).path).exists()
+    except Exception:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_ptxas(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); import {Path(__file__).stem} as m; sys.exit(m.main(False))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+if __name__ == "__main__":
+    sys.exit(main(verbose=True))

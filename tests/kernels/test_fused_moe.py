@@ -1,0 +1,175 @@
+"""fused_moe (local-expert MoE, bf16/fp16/fp32 and FP8 weights) and moe_align against references.
+
+Legend: T tokens, H hidden, I expert intermediate (`inter` in code), E local experts, K top-k, A = T*K pairs.
+"""
+
+import pytest
+import torch
+
+from kernels import INTERPRET
+from kernels.fp8_quant import quantize_weight_blocks
+from kernels.fused_moe import fused_moe, fused_moe_ref, max_aligned_blocks, moe_align
+
+
+def _routing(T: int, K: int, total_experts: int, device, avoid: tuple[int, ...] = ()):
+    """Distinct random global expert ids per token (never those in `avoid`) and positive weights."""
+    allowed = torch.tensor([e for e in range(total_experts) if e not in avoid], device=device)
+    scores = torch.rand(T, allowed.numel(), device=device)
+    ids = allowed[scores.topk(K, dim=1).indices]  # [T, K]
+    weights = torch.rand(T, K, device=device) + 0.1  # [T, K]
+    return ids, weights
+
+
+def _weights(E: int, H: int, inter: int, dtype, fp8: bool, device):
+    w13 = torch.randn(E, 2 * inter, H, device=device) / H**0.5  # [E, 2I, H]
+    w2 = torch.randn(E, H, inter, device=device) / inter**0.5  # [E, H, I]
+    if fp8:
+        (w13, w13_scale), (w2, w2_scale) = quantize_weight_blocks(w13), quantize_weight_blocks(w2)
+        return dict(w13=w13, w2=w2, w13_scale=w13_scale, w2_scale=w2_scale)
+    return dict(w13=w13.to(dtype), w2=w2.to(dtype))
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("T, K, E, total", [(7, 3, 4, 10), (40, 2, 3, 6), (1, 8, 32, 256)])
+def test_moe_align_groups_every_local_pair_once(T, K, E, total, device):
+    expert_start = 2
+    ids, _ = _routing(T, K, total, device, avoid=(expert_start + 1,))  # local expert 1 gets nothing
+    block_m = 16
+    sorted_pair_ids, block_expert = moe_align(ids, E, expert_start, block_m)
+    num_pairs = T * K
+    num_blocks = max_aligned_blocks(num_pairs, E, block_m)
+    assert sorted_pair_ids.shape == (num_blocks * block_m,) and block_expert.shape == (num_blocks,)
+
+    slots = sorted_pair_ids.view(num_blocks, block_m).long().cpu()  # [blocks, BM]
+    experts = block_expert.long().cpu()
+    local = (ids.flatten() - expert_start).cpu()  # [A]
+    used = experts >= 0
+    assert torch.all(used[: int(used.sum())]), "unused blocks must all come after the used ones"
+    assert torch.all(experts[used].diff() >= 0), "blocks are ordered by expert"
+    assert 1 not in experts.tolist(), "an expert with no pairs gets no block"
+    seen = []
+    for b in range(num_blocks):
+        real = slots[b][slots[b] < num_pairs]
+        if experts[b] < 0:
+            assert real.numel() == 0
+            continue
+        assert real.numel() > 0, "a used block holds at least one pair"
+        assert torch.all(local[real] == experts[b])
+        assert torch.all(slots[b][real.numel() :] == num_pairs), "padding sits at the end of a run"
+        seen += real.tolist()
+    want = sorted(torch.nonzero((local >= 0) & (local < E)).flatten().tolist())
+    assert sorted(seen) == want
+
+
+CASES = [
+    # T, H, I, E, K, total experts, expert_start: partial 128 blocks in H (160) and I (96), odd T
+    pytest.param(7, 160, 96, 4, 3, 10, 2, id="decode-tiles"),
+    pytest.param(40, 64, 48, 3, 2, 6, 0, id="block-m-32"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T, H, inter, E, K, total, expert_start", CASES)
+def test_fused_moe_matches_reference(T, H, inter, E, K, total, expert_start, dtype, device):
+    x = torch.randn(T, H, device=device).to(dtype)  # [T, H]
+    # Local expert 1 gets no tokens; some tokens have no local expert at all.
+    ids, weights = _routing(T, K, total, device, avoid=(expert_start + 1,))
+    w = _weights(E, H, inter, dtype, fp8=False, device=device)
+    out = fused_moe(x, ids, weights, expert_start=expert_start, **w)  # [T, H]
+    want = fused_moe_ref(x, ids, weights, expert_start=expert_start, **w)
+    assert out.shape == (T, H) and out.dtype == dtype
+    # fp32 on a GPU runs its dots in TF32 (10-bit mantissa).
+    tol = {torch.float32: 1e-5 if INTERPRET else 5e-3, torch.float16: 5e-3}[dtype]
+    assert _rel_err(out, want) <= tol
+
+
+@pytest.mark.parametrize("T, H, inter, E, K, total, expert_start", CASES)
+def test_fused_moe_fp8_matches_reference(T, H, inter, E, K, total, expert_start, device):
+    """FP8 weights with 128x128 block scales (partial edge blocks), activations quantized per 1x128
+    group before each GEMM (in the interpreter the fp8 casts run in torch, see fp8_quant)."""
+    x = torch.randn(T, H, device=device)  # [T, H]
+    ids, weights = _routing(T, K, total, device, avoid=(expert_start + 1,))
+    w = _weights(E, H, inter, None, fp8=True, device=device)
+    out = fused_moe(x, ids, weights, expert_start=expert_start, **w)
+    want = fused_moe_ref(x, ids, weights, expert_start=expert_start, **w)
+    # Exact products; a different summation order can flip an fp8 rounding of h now and then.
+    assert _rel_err(out, want) <= (1e-4 if INTERPRET else 2e-2)
+
+
+def test_fused_moe_token_without_local_expert_gets_zeros(device):
+    x = torch.randn(3, 64, device=device)
+    ids = torch.tensor([[0, 1], [5, 6], [1, 7]], dtype=torch.int32, device=device)  # local experts: 0..3
+    weights = torch.rand(3, 2, device=device)
+    out = fused_moe(x, ids, weights, expert_start=0, **_weights(4, 64, 32, torch.float32, False, device))
+    assert torch.all(out[1] == 0) and torch.all(out[0] != 0)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_fused_moe_empty_batch(fp8, device):
+    ids = torch.empty(0, 2, dtype=torch.int64, device=device)
+    out = fused_moe(
+        torch.randn(0, 160, device=device),
+        ids,
+        torch.empty(0, 2, device=device),
+        **_weights(3, 160, 96, torch.float32, fp8, device),
+    )
+    assert out.shape == (0, 160) and out.dtype == torch.float32
+
+
+def test_fused_moe_rejects_bad_input():
+    T, H, inter, E, K = 3, 64, 32, 4, 2
+    x = torch.randn(T, H)
+    ids, weights = _routing(T, K, 8, "cpu")
+    w = _weights(E, H, inter, torch.float32, False, "cpu")
+    w8 = _weights(E, H, inter, None, True, "cpu")
+    cases = [
+        (
+            dict(x=x.half(), **w),
+            r"fused_moe: w13 has dtype torch.float32, expected one of: torch.float16, torch.float8_e4m3fn",
+        ),
+        (dict(x=x, topk_ids=ids[:2]), r"topk_ids has shape \(2, 2\), expected \[T, K\] with T = 3"),
+        (dict(x=x, topk_ids=ids.float()), r"topk_ids has dtype torch.float32"),
+        (dict(x=x, topk_weights=weights.half()), r"topk_weights has dtype torch.float16"),
+        (
+            dict(x=x, w13=w["w13"][:, :, :32].contiguous()),
+            r"w13 has shape \(4, 64, 32\), expected \[E, 2I, H\]",
+        ),
+        (dict(x=x, w13=w["w13"][:, :63].contiguous()), r"an even 2I"),
+        (dict(x=x, w2=w["w2"][:3].contiguous()), r"w2 has shape \(3, 64, 32\), expected \(4, 64, 32\)"),
+        (dict(x=x, w2=w8["w2"]), r"w2 has dtype torch.float8_e4m3fn, expected one of: torch.float32$"),
+        (dict(x=x, expert_start=-1), r"expert_start is -1, expected an int >= 0"),
+        (dict(x=x, w13_scale=w8["w13_scale"]), r"w13_scale / w2_scale are only for float8_e4m3fn weights"),
+        (dict(x=x, **{**w8, "w13_scale": None}), r"w13_scale must be a torch.Tensor"),
+        (dict(x=x, **{**w8, "w2_scale": w8["w2_scale"][:, :, :0]}), r"w2_scale has shape \(4, 1, 0\)"),
+    ]
+    for overrides, message in cases:
+        args = dict(x=x, topk_ids=ids, topk_weights=weights, **w) | overrides
+        with pytest.raises(ValueError, match=message):
+            fused_moe(**args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("T", [1, 32, 256, 4096])
+def test_fused_moe_gpu_deepseek_shapes(T, fp8):
+    """DeepSeek-V3 on one of 8 EP ranks: H 7168, I 2048, 32 of 256 experts (rank 2), top-8.
+
+    Tolerance 2e-2 of the output's range: the reference rounds where the kernels round (x, h and
+    each expert's output to bf16, or x and h to fp8 per 1x128 group), so what is left is rounding
+    of values that the two summation orders put on either side of a bf16 (2^-9) or fp8 (2^-4)
+    rounding boundary, plus the FP8 tensor cores' shorter accumulator; each touches few elements.
+    """
+    H, inter, E, K, total, expert_start = 7168, 2048, 32, 8, 256, 64
+    x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
+    scores = torch.rand(T, total, device="cuda")
+    local = expert_start + torch.randint(0, E, (T,), device="cuda")
+    scores[torch.arange(T, device="cuda"), local] = 2.0  # every token has local work
+    ids = scores.topk(K, dim=1).indices.to(torch.int32)  # [T, K]
+    weights = torch.rand(T, K, device="cuda") + 0.1
+    w = _weights(E, H, inter, torch.bfloat16, fp8, "cuda")
+    out = fused_moe(x, ids, weights, expert_start=expert_start, **w)
+    assert _rel_err(out, fused_moe_ref(x, ids, weights, expert_start=expert_start, **w)) <= 2e-2
+    assert torch.equal(out, fused_moe(x, ids, weights, expert_start=expert_start, **w)), "not deterministic"
