@@ -8,13 +8,17 @@ x is quantized per token and per group of 128 along K (`fp8_quant`), w per 128 x
 kernel meets exactly one activation scale per row and one weight scale per column; the partial
 product of a step is scaled before it joins the fp32 accumulator (DeepSeek-V3 §3.3.2 keeps its
 accumulation in fp32 per 128-wide K group for the same reason).
+
+Decode (T <= 64) reads the weights once and computes little: the weight tile is the dot's M
+(`scaled_dot`, SWAP_AB) and K is split over several programs (split-K) so that enough of them
+stream the weights; a second kernel sums the fp32 partials in a fixed order (deterministic).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels import INTERPRET
+from kernels import INTERPRET, num_sms
 from kernels._validate import check_tensor
 from kernels.fp8_quant import (
     FP8_DTYPE,
@@ -28,72 +32,139 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
+def scaled_dot(acc, w, x, w_scale, x_scale, SWAP_AB: tl.constexpr):
+    """acc + (w [BW, BK] @ x [BK, BT]) * w_scale [BW] * x_scale [BT]: one 128-wide K block of a
+    block-scaled GEMM, the partial product scaled before it joins the fp32 accumulator.
+
+    SWAP_AB: acc is [BW, BT] (weights as the dot's M: wgmma needs 64 rows a warpgroup, decode
+    has a handful of tokens). Otherwise acc is [BT, BW], the transposed product, which large
+    token tiles want: the per-token scales then vary along M, where each thread holds few rows,
+    instead of along N, where it holds many. Both operands are K-major either way (FP8 wgmma
+    requires it), so the transposes are views of shared memory.
+    """
+    if SWAP_AB:
+        acc += tl.dot(w, x) * w_scale[:, None] * x_scale[None, :]
+    else:
+        acc += tl.dot(tl.trans(x), tl.trans(w)) * x_scale[:, None] * w_scale[None, :]
+    return acc
+
+
+@triton.jit
 def fp8_gemm_kernel(
     x_ptr,  # [T, K] fp8
     xs_ptr,  # [T, GK] float32
     w_ptr,  # [N, K] fp8
     ws_ptr,  # [GN, GK] float32
-    y_ptr,  # [T, N]
+    y_ptr,  # [T, N] out, or [SPLIT_K, T, N] float32 partial sums when SPLIT_K > 1
     T,
     N,
     K,
+    k_blocks_per_split,
     stride_x,
     stride_xs,
     stride_w,
     stride_ws,
     stride_y,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    stride_split,
+    BLOCK_T: tl.constexpr,
+    BLOCK_W: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SCALE_BLOCK_N: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_T: tl.constexpr,
+    SWAP_AB: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    # Grouped launch order: GROUP_M row blocks share each weight column block while it is in L2.
+    # Grouped launch order: GROUP_T token blocks share each weight block while it is in L2.
     pid = tl.program_id(0)
-    num_m = tl.cdiv(T, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    split = tl.program_id(1)
+    num_t = tl.cdiv(T, BLOCK_T)
+    num_w = tl.cdiv(N, BLOCK_W)
+    per_group = GROUP_T * num_w
+    first_t = (pid // per_group) * GROUP_T
+    group_rows = tl.minimum(num_t - first_t, GROUP_T)
+    pid_t = first_t + (pid % per_group) % group_rows
+    pid_w = (pid % per_group) // group_rows
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)  # [BW]
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
-    m_mask = offs_m < T
-    n_mask = offs_n < N
-    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_x + offs_k[None, :]  # [BM, BK]
-    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_w + offs_k[:, None]  # [BK, BN]
-    xs_ptrs = xs_ptr + offs_m.to(tl.int64) * stride_xs  # [BM]
-    ws_ptrs = ws_ptr + (offs_n // SCALE_BLOCK_N) * stride_ws  # [BN]
+    t_mask = offs_t < T
+    w_mask = offs_w < N
+    kb_start = split * k_blocks_per_split
+    kb_end = tl.minimum(kb_start + k_blocks_per_split, tl.cdiv(K, BLOCK_K))
+    x_ptrs = (
+        x_ptr + offs_t[None, :].to(tl.int64) * stride_x + kb_start * BLOCK_K + offs_k[:, None]
+    )  # [BK, BT]
+    w_ptrs = (
+        w_ptr + offs_w[:, None].to(tl.int64) * stride_w + kb_start * BLOCK_K + offs_k[None, :]
+    )  # [BW, BK]
+    xs_ptrs = xs_ptr + offs_t.to(tl.int64) * stride_xs  # [BT]
+    ws_ptrs = ws_ptr + (offs_w // SCALE_BLOCK_N) * stride_ws  # [BW]
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+    acc = tl.zeros((BLOCK_W, BLOCK_T) if SWAP_AB else (BLOCK_T, BLOCK_W), dtype=tl.float32)
+    for kb in range(kb_start, kb_end):
         k_mask = offs_k < K - kb * BLOCK_K
-        a = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        a_s = tl.load(xs_ptrs + kb, mask=m_mask, other=0.0)
-        b_s = tl.load(ws_ptrs + kb, mask=n_mask, other=0.0)
+        a = tl.load(x_ptrs, mask=k_mask[:, None] & t_mask[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=w_mask[:, None] & k_mask[None, :], other=0.0)
+        a_s = tl.load(xs_ptrs + kb, mask=t_mask, other=0.0)
+        b_s = tl.load(ws_ptrs + kb, mask=w_mask, other=0.0)
         if DOT_FP32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        acc = scaled_dot(acc, b, a, b_s, a_s, SWAP_AB)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_y + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    y_base = y_ptr + split * stride_split
+    if SWAP_AB:
+        y_ptrs = y_base + offs_t[None, :].to(tl.int64) * stride_y + offs_w[:, None]  # [BW, BT]
+        mask = w_mask[:, None] & t_mask[None, :]
+    else:
+        y_ptrs = y_base + offs_t[:, None].to(tl.int64) * stride_y + offs_w[None, :]  # [BT, BW]
+        mask = t_mask[:, None] & w_mask[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _config(T: int) -> dict:
-    """Fixed tiles by the number of rows. Small T is weight-bandwidth bound: narrow N tiles make more
-    programs to fill 132 SMs (N=7168 gives 112 at BLOCK_N=64). Large T is compute bound: 128 x 128."""
+@triton.jit
+def fp8_gemm_reduce_kernel(
+    partial_ptr,  # [SPLIT_K, T * N] float32
+    y_ptr,  # [T * N]
+    numel,
+    SPLIT_K: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in tl.static_range(SPLIT_K):  # fixed order: deterministic
+        acc += tl.load(partial_ptr + split * numel + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+MIN_K_BLOCKS_PER_SPLIT = 8
+
+
+def _config(T: int, N: int, K: int, num_sms: int) -> dict:
+    """Fixed tiles from the shapes (tuned on an H100, docs/PERF.md).
+
+    T <= 64 is weight-bandwidth bound: 64-row weight tiles as the dot's M (SWAP_AB), and split-K
+    until about two programs per SM stream the weights; the fp32 partial sums are small next to
+    the weights. Larger T: 128 x 128 tiles with the tokens as M, split-K up to one program per
+    SM (T = 256 still streams more than it computes). Each split takes at least
+    MIN_K_BLOCKS_PER_SPLIT blocks of 128 (shorter ones lost to their pipeline's fill).
+    """
     if T <= 64:
-        block_m = max(16, triton.next_power_of_2(T))
-        return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+        cfg = dict(
+            BLOCK_T=max(16, triton.next_power_of_2(T)), BLOCK_W=64, SWAP_AB=True, num_warps=4, num_stages=4
+        )
+    else:
+        cfg = dict(BLOCK_T=128, BLOCK_W=128, SWAP_AB=False, num_warps=8, num_stages=3)
+    tiles = triton.cdiv(T, cfg["BLOCK_T"]) * triton.cdiv(N, cfg["BLOCK_W"])
+    k_blocks = triton.cdiv(K, GROUP_SIZE)
+    target = 2 * num_sms if cfg["SWAP_AB"] else num_sms
+    split = max(1, min(target // tiles, k_blocks // MIN_K_BLOCKS_PER_SPLIT))
+    cfg["SPLIT_K"] = triton.cdiv(k_blocks, triton.cdiv(k_blocks, split))  # no empty splits
+    return cfg
 
 
 def fp8_gemm(
@@ -147,28 +218,45 @@ def fp8_gemm(
     y = torch.empty(T, N, dtype=out_dtype, device=device)  # [T, N]
     if T == 0 or N == 0:
         return y
-    cfg = _config(T)
-    grid = (triton.cdiv(T, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    return _fp8_gemm(x_fp8, x_scales, w_fp8, w_scale_inv, y, _config(T, N, K, num_sms(device)))
+
+
+def _fp8_gemm(x_fp8, x_scales, w_fp8, w_scale_inv, y, cfg) -> torch.Tensor:
+    """`fp8_gemm` on checked, non-empty arguments into y [T, N], with the tiles `cfg`."""
+    T, K = x_fp8.shape
+    N = w_fp8.shape[0]
+    cfg = dict(cfg)
+    split = cfg.pop("SPLIT_K")
+    k_blocks = triton.cdiv(K, GROUP_SIZE)
+    out = y if split == 1 else torch.empty(split, T, N, dtype=torch.float32, device=y.device)
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]) * triton.cdiv(N, cfg["BLOCK_W"]), split)
     fp8_gemm_kernel[grid](
         x_fp8,
         x_scales,
         w_fp8,
         w_scale_inv,
-        y,
+        out,
         T,
         N,
         K,
+        triton.cdiv(k_blocks, split),
         x_fp8.stride(0),
         x_scales.stride(0),
         w_fp8.stride(0),
         w_scale_inv.stride(0),
-        y.stride(0),
+        N,
+        T * N,
         BLOCK_K=GROUP_SIZE,
         SCALE_BLOCK_N=WEIGHT_BLOCK,
-        GROUP_M=8,
+        GROUP_T=8,
         DOT_FP32=INTERPRET,
         **cfg,
     )
+    if split > 1:
+        block = 1024
+        fp8_gemm_reduce_kernel[(triton.cdiv(T * N, block),)](
+            out, y, T * N, SPLIT_K=split, BLOCK=block, num_warps=4
+        )
     return y
 
 

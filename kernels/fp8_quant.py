@@ -10,7 +10,8 @@ Per group:
 
 AMAX_EPS = 1e-10 keeps an all-zero group finite: its scale is 1e-10 / 448 and its values
 quantize to 0 (DeepSeek's own act_quant divides by zero there). Both divisions round to
-nearest (tl.math.div_rn), so the kernel and the reference agree bit for bit.
+nearest (tl.math.div_rn; the reference divides by tensors, since CUDA torch computes
+`t / 448.0` as t * (1 / 448.0)), so the kernel and the reference agree bit for bit.
 
 Weights use 128 x 128 blocks with the checkpoint's `weight_scale_inv` convention
 (dequantized = w_fp8 * scale_inv); `quantize_weight_blocks` / `dequantize_weight_blocks` here
@@ -115,7 +116,11 @@ def fp8_quant_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     T, H = x.shape
     num_groups = triton.cdiv(H, GROUP_SIZE)
     groups = F.pad(x.float(), (0, num_groups * GROUP_SIZE - H)).view(T, num_groups, GROUP_SIZE)  # [T, G, 128]
-    scales = groups.abs().amax(dim=-1).clamp(min=AMAX_EPS) / FP8_MAX  # [T, G]
+    amax = groups.abs().amax(dim=-1).clamp(min=AMAX_EPS)  # [T, G]
+    # Divide by a tensor, not a Python float: CUDA torch turns `t / 448.0` into t * (1 / 448.0),
+    # which is not round-to-nearest division and differs from the kernel by 1 ulp in about half
+    # of the scales.
+    scales = amax / torch.full_like(amax, FP8_MAX)  # [T, G]
     y = (groups / scales[..., None]).clamp(-FP8_MAX, FP8_MAX)  # [T, G, 128]
     return y.view(T, num_groups * GROUP_SIZE)[:, :H].to(FP8_DTYPE), scales
 

@@ -1,24 +1,33 @@
 """Fused MoE over the experts one rank owns: grouped GEMMs with SiLU·mul fused, bf16 or FP8 weights.
 
 Legend: T tokens, H hidden, I expert intermediate (`inter` in code; ruff refuses the name I),
-E local experts (this rank's), K top-k, A = T*K token-expert pairs, S = max_blocks * BLOCK_M
+E local experts (this rank's), K top-k, A = T*K token-expert pairs, S = max_blocks * BLOCK_T
 aligned slots, GH / GI = ceil(H/128) / ceil(I/128) quantization groups.
 
     out[t] = Σ_k topk_weights[t, k] · w2[e] @ (silu(w13[e, :I] @ x[t]) · (w13[e, I:] @ x[t]))
              over the k whose global expert id e_k lies in [expert_start, expert_start + E)
 
-Ids outside that range belong to other ranks and are ignored. Steps:
+Ids outside that range belong to other ranks and are ignored. Steps (six launches, seven when
+the GEMMs use different token blocks; no host sync, shapes fixed by T, K, E and the tiles, so a
+CUDA graph can capture the whole call):
 
-1. `moe_align` (torch ops on the device, no host sync, shapes fixed by T, K, E and BLOCK_M so a
-   CUDA graph can capture it): pairs sorted by local expert, each expert's run padded to a
-   multiple of BLOCK_M; one expert per block of BLOCK_M slots; unused blocks marked -1.
+1. `moe_align` (two Triton kernels: per-chunk counts, then scatter; the torch version,
+   `moe_align_ref`, took about 30 launches and 100 us of device time): pairs sorted by local
+   expert, each expert's run padded to a multiple of BLOCK_T; one expert per block of BLOCK_T
+   slots; unused blocks marked -1.
 2. GEMM 1: one program per (block, I tile) computes the gate and the up tile from the same
    gathered x rows and writes silu(gate) · up per pair. FP8: x is quantized per 1x128 group by
-   `fp8_quant` first; BLOCK_N is 128, so the epilogue quantizes its tile as one 1x128 group for
-   GEMM 2 (no separate pass over the intermediate).
+   `fp8_quant` first; the I tile is 128 wide, so the epilogue quantizes it as one 1x128 group
+   for GEMM 2 (no separate pass over the intermediate).
 3. GEMM 2: one program per (block, H tile) writes w2[e] @ h per pair.
 4. Combine: one program per (token, H tile) sums its local pairs in k order, in fp32 with the
    routing weight applied there: deterministic, no atomics.
+
+Decode computes both GEMMs transposed, weights @ tokens^T (SWAP_AB): the weight tile (BLOCK_W
+rows) is the M dimension of the dot and the block's tokens are N. Decode blocks hold 16 or 32
+tokens, too few for Hopper's wgmma as M (64 per warpgroup) but fine as N; with tokens as M
+Triton fell back to mma.sync with FP8 converted to fp16 (30% of the weight bandwidth). Prefill
+keeps tokens as M (`fp8_gemm.scaled_dot` says why).
 
 Intermediates are indexed by pair id: h [A, I] and y [A, H] in the activation dtype (h in fp8
 with scales [A, GI] on the FP8 path); rows of foreign pairs are never written nor read.
@@ -34,6 +43,7 @@ import triton.language as tl
 
 from kernels import INTERPRET
 from kernels._validate import FLOAT_DTYPES, check_tensor
+from kernels.fp8_gemm import scaled_dot
 from kernels.fp8_quant import (
     AMAX_EPS,
     FP8_DTYPE,
@@ -48,26 +58,152 @@ from kernels.fp8_quant import (
 )
 
 ID_DTYPES = (torch.int32, torch.int64)
+ALIGN_SUB = 256  # pairs per inner step of the align kernels
+ALIGN_MAX_CHUNKS = 128  # programs of the align kernels; each reads all chunks' counts
 
 
-def max_aligned_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
-    """Upper bound on Σ_e ceil(pairs_e / block_m): at most num_pairs // block_m full blocks plus one
+def max_aligned_blocks(num_pairs: int, num_experts: int, block_t: int) -> int:
+    """Upper bound on Σ_e ceil(pairs_e / block_t): at most num_pairs // block_t full blocks plus one
     partial block per non-empty expert."""
-    return num_pairs // block_m + min(num_experts, num_pairs)
+    return num_pairs // block_t + min(num_experts, num_pairs)
+
+
+@triton.jit
+def _local_bins(ids_ptr, offs, num_pairs, expert_start, num_experts):
+    """Local expert of each pair id in `offs`, or num_experts for foreign pairs and offs past the end."""
+    ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1).to(tl.int64) - expert_start
+    local = (offs < num_pairs) & (ids >= 0) & (ids < num_experts)
+    return tl.where(local, ids, num_experts).to(tl.int32)
+
+
+@triton.jit
+def moe_align_count_kernel(
+    ids_ptr,  # [A] global expert ids
+    counts_ptr,  # [C, BLOCK_E] int32 out: local pairs per (chunk, expert)
+    num_pairs,
+    expert_start,
+    num_experts,
+    CHUNK: tl.constexpr,
+    SUB: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    experts = tl.arange(0, BLOCK_E)  # [BE]
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for sub in range(0, CHUNK, SUB):
+        offs = chunk * CHUNK + sub + tl.arange(0, SUB)  # [SUB]
+        bins = _local_bins(ids_ptr, offs, num_pairs, expert_start, num_experts)
+        counts += tl.sum((bins[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    tl.store(counts_ptr + chunk * BLOCK_E + experts, counts)
+
+
+@triton.jit
+def moe_align_scatter_kernel(
+    ids_ptr,  # [A] global expert ids
+    counts_ptr,  # [C, BLOCK_E] int32
+    sorted_pair_ids_ptr,  # [S] int32 out
+    block_expert_ptr,  # [S / BLOCK_T] int32 out
+    num_pairs,
+    expert_start,
+    num_experts,
+    num_chunks,
+    num_blocks,
+    blocks_per_chunk,
+    BLOCK_T: tl.constexpr,
+    CHUNK: tl.constexpr,
+    SUB: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    FILL_BLOCKS: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    experts = tl.arange(0, BLOCK_E)  # [BE]
+    chunks = tl.arange(0, BLOCK_C)  # [BC]
+    all_counts = tl.load(
+        counts_ptr + chunks[:, None] * BLOCK_E + experts[None, :], mask=chunks[:, None] < num_chunks, other=0
+    )  # [BC, BE]
+    is_local = experts < num_experts
+    total = tl.where(is_local, tl.sum(all_counts, axis=0), 0)  # [BE]
+    before = tl.sum(tl.where(chunks[:, None] < chunk, all_counts, 0), axis=0)  # [BE] in earlier chunks
+    padded = (total + BLOCK_T - 1) // BLOCK_T * BLOCK_T
+    padded_ends = tl.cumsum(padded, axis=0)  # [BE]
+    padded_starts = padded_ends - padded
+
+    # This chunk's pairs, in pair order within each expert.
+    next_slot = padded_starts + before  # [BE]
+    for sub in range(0, CHUNK, SUB):
+        offs = chunk * CHUNK + sub + tl.arange(0, SUB)  # [SUB]
+        bins = _local_bins(ids_ptr, offs, num_pairs, expert_start, num_experts)
+        one_hot = (bins[:, None] == experts[None, :]).to(tl.int32)  # [SUB, BE]
+        rank = tl.cumsum(one_hot, axis=0) - one_hot  # [SUB, BE] earlier pairs of the expert in this step
+        slot = tl.sum(one_hot * (rank + next_slot[None, :]), axis=1)  # [SUB]
+        tl.store(sorted_pair_ids_ptr + slot, offs.to(tl.int32), mask=bins < num_experts)
+        next_slot += tl.sum(one_hot, axis=0)
+
+    # This chunk's share of the blocks: their expert, and num_pairs in the slots no pair fills.
+    real_ends = padded_starts + total  # [BE]
+    first = chunk * blocks_per_chunk
+    for b0 in range(first, first + blocks_per_chunk, FILL_BLOCKS):
+        blocks = b0 + tl.arange(0, FILL_BLOCKS)  # [FB]
+        block_mask = (blocks < first + blocks_per_chunk) & (blocks < num_blocks)
+        starts = blocks * BLOCK_T  # [FB]
+        expert = tl.sum((is_local[None, :] & (padded_ends[None, :] <= starts[:, None])).to(tl.int32), axis=1)
+        expert = tl.where(expert < num_experts, expert, -1)  # [FB]
+        real_end = tl.sum(tl.where(experts[None, :] == expert[:, None], real_ends[None, :], 0), axis=1)
+        tl.store(block_expert_ptr + blocks, expert, mask=block_mask)
+        slots = starts[:, None] + tl.arange(0, BLOCK_T)[None, :]  # [FB, BT]
+        padding = block_mask[:, None] & (slots >= real_end[:, None])
+        tl.store(sorted_pair_ids_ptr + slots, tl.zeros_like(slots) + num_pairs, mask=padding)
 
 
 def moe_align(
-    topk_ids: torch.Tensor, num_experts: int, expert_start: int, block_m: int
+    topk_ids: torch.Tensor, num_experts: int, expert_start: int, block_t: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group token-expert pairs by local expert, each expert's run padded to a multiple of block_m.
+    """Group token-expert pairs by local expert, each expert's run padded to a multiple of block_t.
 
-    topk_ids: [T, K] global expert ids. Returns (sorted_pair_ids [S] int32, block_expert
-    [S / block_m] int32) with S = max_aligned_blocks(T*K, E, block_m) * block_m. sorted_pair_ids
-    holds pair ids t*K + k grouped by expert (in pair order within an expert) and T*K in
-    padding slots; block_expert holds the local expert of each block, or -1 for blocks past the
-    last expert's run. Experts with no pairs get no blocks. Runs on the device without a host
-    sync, so the sizes depend only on the shapes.
+    topk_ids: [T, K] global expert ids, contiguous. Returns (sorted_pair_ids [S] int32,
+    block_expert [S / block_t] int32) with S = max_aligned_blocks(T*K, E, block_t) * block_t.
+    sorted_pair_ids holds pair ids t*K + k grouped by expert (in pair order within an expert)
+    and T*K in padding slots; block_expert holds the local expert of each block, or -1 for
+    blocks past the last expert's run. Experts with no pairs get no blocks. Two launches, no
+    host sync: the sizes depend only on the shapes.
     """
+    device = topk_ids.device
+    num_pairs = topk_ids.numel()
+    num_blocks = max_aligned_blocks(num_pairs, num_experts, block_t)
+    sorted_pair_ids = torch.empty(num_blocks * block_t, dtype=torch.int32, device=device)  # [S]
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)  # [S / BT]
+    if num_pairs == 0:
+        return sorted_pair_ids, block_expert
+    chunk = max(ALIGN_SUB, triton.next_power_of_2(triton.cdiv(num_pairs, ALIGN_MAX_CHUNKS)))
+    num_chunks = triton.cdiv(num_pairs, chunk)
+    block_e = triton.next_power_of_2(num_experts)
+    counts = torch.empty(num_chunks, block_e, dtype=torch.int32, device=device)  # [C, BE]
+    common = dict(CHUNK=chunk, SUB=ALIGN_SUB, BLOCK_E=block_e, num_warps=4)
+    moe_align_count_kernel[(num_chunks,)](topk_ids, counts, num_pairs, expert_start, num_experts, **common)
+    moe_align_scatter_kernel[(num_chunks,)](
+        topk_ids,
+        counts,
+        sorted_pair_ids,
+        block_expert,
+        num_pairs,
+        expert_start,
+        num_experts,
+        num_chunks,
+        num_blocks,
+        triton.cdiv(num_blocks, num_chunks),
+        BLOCK_T=block_t,
+        BLOCK_C=triton.next_power_of_2(num_chunks),
+        FILL_BLOCKS=max(1, min(16, 2048 // block_t)),
+        **common,
+    )
+    return sorted_pair_ids, block_expert
+
+
+def moe_align_ref(
+    topk_ids: torch.Tensor, num_experts: int, expert_start: int, block_t: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of `moe_align` (same outputs; about 30 small launches)."""
     device = topk_ids.device
     bins = topk_ids.reshape(-1).to(torch.int64) - expert_start  # [A]
     num_pairs = bins.numel()
@@ -77,19 +213,19 @@ def moe_align(
     order = torch.argsort(bins, stable=True)  # [A] pair ids by expert
     sorted_bins = bins[order]  # [A]
     rank_in_expert = torch.arange(num_pairs, device=device) - (torch.cumsum(counts, 0) - counts)[sorted_bins]
-    padded_ends = torch.cumsum((counts[:num_experts] + block_m - 1) // block_m * block_m, 0)  # [E]
+    padded_ends = torch.cumsum((counts[:num_experts] + block_t - 1) // block_t * block_t, 0)  # [E]
     padded_starts = torch.cat([padded_ends.new_zeros(1), padded_ends[:-1]])  # [E]
 
-    num_blocks = max_aligned_blocks(num_pairs, num_experts, block_m)
-    capacity = num_blocks * block_m
+    num_blocks = max_aligned_blocks(num_pairs, num_experts, block_t)
+    capacity = num_blocks * block_t
     local_bin = sorted_bins.clamp(max=num_experts - 1)
     # Foreign pairs (sorted last) go to one spare slot past the end, dropped below.
     dest = torch.where(sorted_bins < num_experts, padded_starts[local_bin] + rank_in_expert, capacity)  # [A]
     sorted_pair_ids = torch.full((capacity + 1,), num_pairs, dtype=torch.int32, device=device)
     sorted_pair_ids.scatter_(0, dest, order.to(torch.int32))
 
-    block_starts = torch.arange(num_blocks, device=device) * block_m
-    block_expert = torch.searchsorted(padded_ends, block_starts, right=True)  # [S / block_m]
+    block_starts = torch.arange(num_blocks, device=device) * block_t
+    block_expert = torch.searchsorted(padded_ends, block_starts, right=True)  # [S / block_t]
     block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
     return sorted_pair_ids[:capacity], block_expert
 
@@ -103,7 +239,7 @@ def fused_moe_gemm1_kernel(
     h_ptr,  # [A, I] out: silu(gate) * up (fp8 on the FP8 path; float32 there when interpreting)
     hs_ptr,  # [A, GI] out: float32 scales of h (FP8 only)
     sorted_pair_ids_ptr,  # [S] int32
-    block_expert_ptr,  # [S / BLOCK_M] int32
+    block_expert_ptr,  # [S / BLOCK_T] int32
     num_pairs,
     top_k,
     H,
@@ -116,67 +252,73 @@ def fused_moe_gemm1_kernel(
     stride_wsn,
     stride_h,
     stride_hs,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_W: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SCALE_BLOCK_N: tl.constexpr,
+    SWAP_AB: tl.constexpr,
     FP8: tl.constexpr,
     DOT_FP32: tl.constexpr,
     FP8_MAX: tl.constexpr,
     AMAX_EPS: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    pid_t = tl.program_id(0)
+    pid_w = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_t).to(tl.int64)
     if expert < 0:
         return
-    pair = tl.load(sorted_pair_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BM]
-    row_mask = pair < num_pairs
-    token = (pair // top_k).to(tl.int64)  # [BM]
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] columns of gate (and of up, I rows later)
-    n_mask = offs_n < inter
+    pair = tl.load(sorted_pair_ids_ptr + pid_t * BLOCK_T + tl.arange(0, BLOCK_T))  # [BT]
+    pair_mask = pair < num_pairs
+    token = (pair // top_k).to(tl.int64)  # [BT]
+    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)  # [BW] gate rows (the up rows are I further)
+    w_mask = offs_w < inter
     offs_k = tl.arange(0, BLOCK_K)
 
-    x_ptrs = x_ptr + token[:, None] * stride_x + offs_k[None, :]  # [BM, BK]
-    wg_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BK, BN]
+    x_ptrs = x_ptr + token[None, :] * stride_x + offs_k[:, None]  # [BK, BT]
+    wg_ptrs = w_ptr + expert * stride_we + offs_w[:, None] * stride_wn + offs_k[None, :]  # [BW, BK]
     wu_ptrs = wg_ptrs + inter * stride_wn
     if FP8:
-        xs_ptrs = xs_ptr + token * stride_xs  # [BM]
-        wgs_ptrs = ws_ptr + expert * stride_wse + (offs_n // SCALE_BLOCK_N) * stride_wsn  # [BN]
-        wus_ptrs = ws_ptr + expert * stride_wse + ((offs_n + inter) // SCALE_BLOCK_N) * stride_wsn  # [BN]
+        xs_ptrs = xs_ptr + token * stride_xs  # [BT]
+        wgs_ptrs = ws_ptr + expert * stride_wse + (offs_w // SCALE_BLOCK_N) * stride_wsn  # [BW]
+        wus_ptrs = ws_ptr + expert * stride_wse + ((offs_w + inter) // SCALE_BLOCK_N) * stride_wsn  # [BW]
 
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_W, BLOCK_T) if SWAP_AB else (BLOCK_T, BLOCK_W), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_W, BLOCK_T) if SWAP_AB else (BLOCK_T, BLOCK_W), dtype=tl.float32)
     for kb in range(0, tl.cdiv(H, BLOCK_K)):
         k_mask = offs_k < H - kb * BLOCK_K
-        a = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        bg = tl.load(wg_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        bu = tl.load(wu_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        a = tl.load(x_ptrs, mask=k_mask[:, None] & pair_mask[None, :], other=0.0)
+        wg = tl.load(wg_ptrs, mask=w_mask[:, None] & k_mask[None, :], other=0.0)
+        wu = tl.load(wu_ptrs, mask=w_mask[:, None] & k_mask[None, :], other=0.0)
         if DOT_FP32:
             a = a.to(tl.float32)
-            bg = bg.to(tl.float32)
-            bu = bu.to(tl.float32)
+            wg = wg.to(tl.float32)
+            wu = wu.to(tl.float32)
         if FP8:
-            a_s = tl.load(xs_ptrs + kb, mask=row_mask, other=0.0)
-            g_s = tl.load(wgs_ptrs + kb, mask=n_mask, other=0.0)
-            u_s = tl.load(wus_ptrs + kb, mask=n_mask, other=0.0)
-            acc_g += tl.dot(a, bg) * a_s[:, None] * g_s[None, :]
-            acc_u += tl.dot(a, bu) * a_s[:, None] * u_s[None, :]
+            a_s = tl.load(xs_ptrs + kb, mask=pair_mask, other=0.0)
+            g_s = tl.load(wgs_ptrs + kb, mask=w_mask, other=0.0)
+            u_s = tl.load(wus_ptrs + kb, mask=w_mask, other=0.0)
+            acc_g = scaled_dot(acc_g, wg, a, g_s, a_s, SWAP_AB)
+            acc_u = scaled_dot(acc_u, wu, a, u_s, a_s, SWAP_AB)
+        elif SWAP_AB:
+            acc_g = tl.dot(wg, a, acc_g)
+            acc_u = tl.dot(wu, a, acc_u)
         else:
-            acc_g = tl.dot(a, bg, acc_g)
-            acc_u = tl.dot(a, bu, acc_u)
+            acc_g = tl.dot(tl.trans(a), tl.trans(wg), acc_g)
+            acc_u = tl.dot(tl.trans(a), tl.trans(wu), acc_u)
         x_ptrs += BLOCK_K
         wg_ptrs += BLOCK_K
         wu_ptrs += BLOCK_K
 
-    h = acc_g * tl.sigmoid(acc_g) * acc_u  # [BM, BN]; zero in masked columns
-    h_ptrs = h_ptr + pair[:, None].to(tl.int64) * stride_h + offs_n[None, :]
-    out_mask = row_mask[:, None] & n_mask[None, :]
+    h = acc_g * tl.sigmoid(acc_g) * acc_u  # zero in masked rows of w
+    if SWAP_AB:
+        h = tl.trans(h)  # [BT, BW]
+    h_ptrs = h_ptr + pair[:, None].to(tl.int64) * stride_h + offs_w[None, :]
+    out_mask = pair_mask[:, None] & w_mask[None, :]
     if FP8:
-        # BLOCK_N == 128: this tile is exactly quantization group pid_n of each row of h.
+        # BLOCK_W == 128: this tile is exactly quantization group pid_w of each row of h.
         q, scale = quantize_rows(h, FP8_MAX, AMAX_EPS)
         tl.store(h_ptrs, q.to(h_ptr.dtype.element_ty), mask=out_mask)
-        tl.store(hs_ptr + pair.to(tl.int64) * stride_hs + pid_n, scale, mask=row_mask)
+        tl.store(hs_ptr + pair.to(tl.int64) * stride_hs + pid_w, scale, mask=pair_mask)
     else:
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=out_mask)
 
@@ -189,7 +331,7 @@ def fused_moe_gemm2_kernel(
     ws_ptr,  # [E, GH, GI] float32 (FP8 only)
     y_ptr,  # [A, H] out, activation dtype
     sorted_pair_ids_ptr,  # [S] int32
-    block_expert_ptr,  # [S / BLOCK_M] int32
+    block_expert_ptr,  # [S / BLOCK_T] int32
     num_pairs,
     H,
     inter,
@@ -200,49 +342,57 @@ def fused_moe_gemm2_kernel(
     stride_wse,
     stride_wsn,
     stride_y,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_W: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SCALE_BLOCK_N: tl.constexpr,
+    SWAP_AB: tl.constexpr,
     FP8: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    pid_t = tl.program_id(0)
+    pid_w = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_t).to(tl.int64)
     if expert < 0:
         return
-    pair = tl.load(sorted_pair_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BM]
-    row_mask = pair < num_pairs
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] columns of H
-    n_mask = offs_n < H
+    pair = tl.load(sorted_pair_ids_ptr + pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # [BT]
+    pair_mask = pair < num_pairs
+    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)  # [BW] rows of w2 (columns of H)
+    w_mask = offs_w < H
     offs_k = tl.arange(0, BLOCK_K)
 
-    a_ptrs = h_ptr + pair[:, None] * stride_h + offs_k[None, :]  # [BM, BK]
-    b_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BK, BN]
+    a_ptrs = h_ptr + pair[None, :] * stride_h + offs_k[:, None]  # [BK, BT]
+    b_ptrs = w_ptr + expert * stride_we + offs_w[:, None] * stride_wn + offs_k[None, :]  # [BW, BK]
     if FP8:
-        as_ptrs = hs_ptr + pair * stride_hs  # [BM]
-        bs_ptrs = ws_ptr + expert * stride_wse + (offs_n // SCALE_BLOCK_N) * stride_wsn  # [BN]
+        as_ptrs = hs_ptr + pair * stride_hs  # [BT]
+        bs_ptrs = ws_ptr + expert * stride_wse + (offs_w // SCALE_BLOCK_N) * stride_wsn  # [BW]
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_W, BLOCK_T) if SWAP_AB else (BLOCK_T, BLOCK_W), dtype=tl.float32)
     for kb in range(0, tl.cdiv(inter, BLOCK_K)):
         k_mask = offs_k < inter - kb * BLOCK_K
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=k_mask[:, None] & pair_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=w_mask[:, None] & k_mask[None, :], other=0.0)
         if DOT_FP32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         if FP8:
-            a_s = tl.load(as_ptrs + kb, mask=row_mask, other=0.0)
-            b_s = tl.load(bs_ptrs + kb, mask=n_mask, other=0.0)
-            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+            a_s = tl.load(as_ptrs + kb, mask=pair_mask, other=0.0)
+            b_s = tl.load(bs_ptrs + kb, mask=w_mask, other=0.0)
+            acc = scaled_dot(acc, b, a, b_s, a_s, SWAP_AB)
+        elif SWAP_AB:
+            acc = tl.dot(b, a, acc)
         else:
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(tl.trans(a), tl.trans(b), acc)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
-    y_ptrs = y_ptr + pair[:, None] * stride_y + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+    if SWAP_AB:
+        y_ptrs = y_ptr + pair[None, :] * stride_y + offs_w[:, None]  # [BW, BT]
+        mask = w_mask[:, None] & pair_mask[None, :]
+    else:
+        y_ptrs = y_ptr + pair[:, None] * stride_y + offs_w[None, :]  # [BT, BW]
+        mask = pair_mask[:, None] & w_mask[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -274,19 +424,28 @@ def moe_combine_kernel(
 
 
 def _config(num_pairs: int, num_experts: int, fp8: bool) -> dict:
-    """Fixed tiles from the shapes. BLOCK_M follows the mean pairs per expert (the bound counts
-    foreign pairs too): 16 for decode, where the weights' bandwidth is all that matters, 64 once
-    experts see many tokens. FP8 needs BLOCK_K = 128 (one scale per step) and GEMM 1's
-    BLOCK_N = 128 (its epilogue quantizes one 1x128 group of h)."""
+    """Fixed tiles per GEMM from the shapes (tuned on an H100, docs/PERF.md).
+
+    BLOCK_T follows T*K/E, the mean pairs per expert if every pair were local (an upper bound;
+    with expert parallelism about a quarter are). Decode streams each expert's weights once per
+    block of its tokens, so blocks are small (16 or 32) and the weight tile is the dot's M
+    (SWAP_AB); 64-token blocks as N spill with 4 warps. Prefill is compute bound: 64-token
+    blocks as M, 8 warps. FP8 needs BLOCK_K = 128 (one scale per step) and GEMM 1's BLOCK_W =
+    128 (its epilogue quantizes one 1x128 group of h).
+    """
     per_expert = num_pairs / num_experts
-    block_m = 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
-    return dict(
-        BLOCK_M=block_m,
-        BLOCK_N=128,
-        BLOCK_K=128 if fp8 else 64,
-        num_warps=8 if block_m == 64 else 4,
-        num_stages=3 if block_m == 64 else 4,
-    )
+    block_k = 128 if fp8 else 64
+    if per_expert <= 512:
+        block_t = 16 if per_expert <= 32 else 32
+        gemm1 = dict(BLOCK_T=block_t, BLOCK_W=128, BLOCK_K=block_k, SWAP_AB=True, num_warps=4, num_stages=3)
+        gemm2 = dict(BLOCK_T=block_t, BLOCK_W=128, BLOCK_K=block_k, SWAP_AB=True, num_warps=4, num_stages=3)
+        if per_expert > 128:
+            # About 60 local pairs per expert: GEMM 2 reads each expert's w2 once with 64-token blocks.
+            gemm2 = dict(BLOCK_T=64, BLOCK_W=128, BLOCK_K=block_k, SWAP_AB=False, num_warps=8, num_stages=4)
+    else:
+        gemm1 = dict(BLOCK_T=64, BLOCK_W=128, BLOCK_K=block_k, SWAP_AB=False, num_warps=8, num_stages=4)
+        gemm2 = dict(BLOCK_T=64, BLOCK_W=128, BLOCK_K=block_k, SWAP_AB=False, num_warps=8, num_stages=4)
+    return dict(gemm1=gemm1, gemm2=gemm2)
 
 
 def _check_fused_moe_args(x, topk_ids, topk_weights, w13, w2, expert_start, w13_scale, w2_scale) -> bool:
@@ -360,83 +519,29 @@ def fused_moe(
     expert gets zeros. T = 0 returns an empty [0, H] without launching.
     """
     fp8 = _check_fused_moe_args(x, topk_ids, topk_weights, w13, w2, expert_start, w13_scale, w2_scale)
+    cfg = _config(topk_ids.numel(), w13.shape[0], fp8)
+    return _fused_moe(x, topk_ids, topk_weights, w13, w2, expert_start, w13_scale, w2_scale, cfg)
+
+
+def _fused_moe(x, topk_ids, topk_weights, w13, w2, expert_start, w13_scale, w2_scale, cfg) -> torch.Tensor:
+    """`fused_moe` on checked arguments with the tiles `cfg` (as `_config` returns: one dict of
+    tiles per GEMM)."""
     T, H = x.shape
-    E, two_i, _ = w13.shape
-    inter = two_i // 2
+    E = w13.shape[0]
     K = topk_ids.shape[1]
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)  # [T, H]
     if T == 0:
         return out
-    num_pairs = T * K
-    cfg = _config(num_pairs, E, fp8)
-    sorted_pair_ids, block_expert = moe_align(topk_ids, E, expert_start, cfg["BLOCK_M"])  # [S], [S / BM]
-    num_blocks = block_expert.numel()
-    common = dict(DOT_FP32=INTERPRET, SCALE_BLOCK_N=WEIGHT_BLOCK, FP8=fp8, **cfg)
-
-    if fp8:
+    # Each GEMM's token blocks; aligned once when both use the same BLOCK_T.
+    block_t1, block_t2 = cfg["gemm1"]["BLOCK_T"], cfg["gemm2"]["BLOCK_T"]
+    blocks1 = moe_align(topk_ids, E, expert_start, block_t1)  # ([S], [S / BT])
+    blocks2 = blocks1 if block_t2 == block_t1 else moe_align(topk_ids, E, expert_start, block_t2)
+    if w13.dtype == FP8_DTYPE:
         x_in, x_scales = fp8_quant(x)  # [T, H] fp8, [T, GH]
-        # The interpreter's fp32 -> fp8 cast is wrong (PITFALLS.md): GEMM 1 writes float32 there.
-        h_dtype = torch.float32 if INTERPRET else FP8_DTYPE
-        h = torch.empty(num_pairs, inter, dtype=h_dtype, device=x.device)  # [A, I]
-        num_groups = triton.cdiv(inter, GROUP_SIZE)
-        h_scales = torch.empty(num_pairs, num_groups, dtype=torch.float32, device=x.device)  # [A, GI]
-        w13_scales, w2_scales = w13_scale, w2_scale
     else:
-        x_in = x
-        h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)  # [A, I]
-        # Dummies: the kernels touch scale pointers only on the FP8 path.
-        no_scales = torch.empty(1, 1, 1, dtype=torch.float32, device=x.device)
-        x_scales = h_scales = w13_scales = w2_scales = no_scales
-
-    fused_moe_gemm1_kernel[(num_blocks, triton.cdiv(inter, cfg["BLOCK_N"]))](
-        x_in,
-        x_scales,
-        w13,
-        w13_scales,
-        h,
-        h_scales,
-        sorted_pair_ids,
-        block_expert,
-        num_pairs,
-        K,
-        H,
-        inter,
-        x_in.stride(0),
-        x_scales.stride(0),
-        w13.stride(0),
-        w13.stride(1),
-        w13_scales.stride(0),
-        w13_scales.stride(1),
-        h.stride(0),
-        h_scales.stride(0),
-        FP8_MAX=FP8_MAX,
-        AMAX_EPS=AMAX_EPS,
-        **common,
-    )
-    h = h.to(FP8_DTYPE) if fp8 else h
-
-    y = torch.empty(num_pairs, H, dtype=x.dtype, device=x.device)  # [A, H]
-    fused_moe_gemm2_kernel[(num_blocks, triton.cdiv(H, cfg["BLOCK_N"]))](
-        h,
-        h_scales,
-        w2,
-        w2_scales,
-        y,
-        sorted_pair_ids,
-        block_expert,
-        num_pairs,
-        H,
-        inter,
-        h.stride(0),
-        h_scales.stride(0),
-        w2.stride(0),
-        w2.stride(1),
-        w2_scales.stride(0),
-        w2_scales.stride(1),
-        y.stride(0),
-        **common,
-    )
-
+        x_in, x_scales = x, None
+    h, h_scales = _gemm1(x_in, x_scales, w13, w13_scale, *blocks1, K, cfg["gemm1"])
+    y = _gemm2(h, h_scales, w2, w2_scale, *blocks2, x.dtype, cfg["gemm2"])  # [A, H]
     block_h = min(1024, triton.next_power_of_2(H))
     moe_combine_kernel[(T, triton.cdiv(H, block_h))](
         y,
@@ -453,6 +558,90 @@ def fused_moe(
         num_warps=4,
     )
     return out
+
+
+def _gemm1(x_in, x_scales, w13, w13_scale, sorted_pair_ids, block_expert, top_k, tiles):
+    """h [A, I] = silu(x @ w13[e, :I]^T) * (x @ w13[e, I:]^T) per local pair, and its scales [A, GI]
+    on the FP8 path (None otherwise)."""
+    T, H = x_in.shape
+    inter = w13.shape[1] // 2
+    num_pairs = T * top_k
+    fp8 = w13.dtype == FP8_DTYPE
+    device = x_in.device
+    if fp8:
+        # The interpreter's fp32 -> fp8 cast is wrong (PITFALLS.md): GEMM 1 writes float32 there.
+        h = torch.empty(num_pairs, inter, dtype=torch.float32 if INTERPRET else FP8_DTYPE, device=device)
+        h_scales = torch.empty(num_pairs, triton.cdiv(inter, GROUP_SIZE), dtype=torch.float32, device=device)
+        x_scales_arg, w_scales_arg, h_scales_arg = x_scales, w13_scale, h_scales
+    else:
+        h = torch.empty(num_pairs, inter, dtype=x_in.dtype, device=device)  # [A, I]
+        h_scales = None
+        # Dummies: the kernels touch scale pointers only on the FP8 path.
+        x_scales_arg = w_scales_arg = h_scales_arg = torch.empty(1, 1, 1, dtype=torch.float32, device=device)
+    grid = (block_expert.numel(), triton.cdiv(inter, tiles["BLOCK_W"]))
+    fused_moe_gemm1_kernel[grid](
+        x_in,
+        x_scales_arg,
+        w13,
+        w_scales_arg,
+        h,
+        h_scales_arg,
+        sorted_pair_ids,
+        block_expert,
+        num_pairs,
+        top_k,
+        H,
+        inter,
+        x_in.stride(0),
+        x_scales_arg.stride(0),
+        w13.stride(0),
+        w13.stride(1),
+        w_scales_arg.stride(0),
+        w_scales_arg.stride(1),
+        h.stride(0),
+        h_scales_arg.stride(0),
+        SCALE_BLOCK_N=WEIGHT_BLOCK,
+        FP8=fp8,
+        DOT_FP32=INTERPRET,
+        FP8_MAX=FP8_MAX,
+        AMAX_EPS=AMAX_EPS,
+        **tiles,
+    )
+    return (h.to(FP8_DTYPE) if fp8 else h), h_scales
+
+
+def _gemm2(h, h_scales, w2, w2_scale, sorted_pair_ids, block_expert, out_dtype, tiles):
+    """y [A, H] = h @ w2[e]^T per local pair, in out_dtype."""
+    num_pairs, inter = h.shape
+    H = w2.shape[1]
+    fp8 = w2.dtype == FP8_DTYPE
+    y = torch.empty(num_pairs, H, dtype=out_dtype, device=h.device)  # [A, H]
+    if not fp8:
+        h_scales = w2_scale = torch.empty(1, 1, 1, dtype=torch.float32, device=h.device)
+    fused_moe_gemm2_kernel[(block_expert.numel(), triton.cdiv(H, tiles["BLOCK_W"]))](
+        h,
+        h_scales,
+        w2,
+        w2_scale,
+        y,
+        sorted_pair_ids,
+        block_expert,
+        num_pairs,
+        H,
+        inter,
+        h.stride(0),
+        h_scales.stride(0),
+        w2.stride(0),
+        w2.stride(1),
+        w2_scale.stride(0),
+        w2_scale.stride(1),
+        y.stride(0),
+        SCALE_BLOCK_N=WEIGHT_BLOCK,
+        FP8=fp8,
+        DOT_FP32=INTERPRET,
+        **tiles,
+    )
+    return y
 
 
 def fused_moe_ref(

@@ -11,7 +11,9 @@ entries, k_pe in the last R. The caller has multiplied q_nope by W_UK and multip
 
 All heads attend to the same latent K (= V) per token, so a program takes BLOCK_H heads (64) as
 the M dimension of its dots: each [BLOCK_N, L] tile of c_kv is loaded once per program and
-serves both the scores and the weighted sum. Programs also split each sequence's context into
+serves both the scores and the weighted sum. The two head blocks of N = 128 read the same tiles
+(the second mostly from L2: head blocks vary fastest in launch order); all 128 heads in one
+program would need a [128, 512] fp32 accumulator, 256 registers a thread with 8 warps. Programs also split each sequence's context into
 S equal parts (S chosen from the shapes so that head blocks x S x B fills the SMs); each writes
 its normalized partial output and log-sum-exp (equivalent to the running max, sum and
 accumulator) in float32, and a second kernel merges them. With S = 1 the first kernel writes
@@ -21,14 +23,13 @@ context_lens[b] must be >= 1 (the engine never sends an empty sequence): a row w
 has no softmax; the kernel leaves NaN there and the reference raises.
 """
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels import INTERPRET
+from kernels import INTERPRET, num_sms
 from kernels._validate import FLOAT_DTYPES, check_tensor
 
 MIN_TOKENS_PER_SPLIT = 256
@@ -66,6 +67,7 @@ def mla_decode_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    PAGE_ALIGNED: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
     # Head blocks vary fastest in launch order, so the programs that read the same c_kv tiles run
@@ -101,16 +103,24 @@ def mla_decode_kernel(
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)  # running max, log2 domain
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)  # running sum of exp2
     acc = tl.zeros((BLOCK_H, BLOCK_L), dtype=tl.float32)
+    slots = tl.arange(0, BLOCK_N)  # [BN]
     for block_start in range(start, end, BLOCK_N):
-        pos = block_start + tl.arange(0, BLOCK_N)  # [BN]
+        pos = block_start + slots  # [BN]
         pos_mask = pos < end
-        page = tl.load(page_table_ptr + b * stride_pt + pos // P, mask=pos_mask, other=0)  # [BN]
-        rows = page.to(tl.int64) * stride_kv_page + (pos % P) * stride_kv_slot  # [BN]
+        if PAGE_ALIGNED:
+            # P % BLOCK_N == 0 and blocks start at multiples of BLOCK_N: the block lies in one page,
+            # so one page-table entry and one base address serve the whole [BN, L + R] tile.
+            page = tl.load(page_table_ptr + b * stride_pt + block_start // P).to(tl.int64)
+            kv_block = kv_ptr + page * stride_kv_page + (block_start % P) * stride_kv_slot
+            row_ptrs = kv_block + slots * stride_kv_slot  # [BN]
+        else:
+            page = tl.load(page_table_ptr + b * stride_pt + pos // P, mask=pos_mask, other=0)  # [BN]
+            row_ptrs = kv_ptr + page.to(tl.int64) * stride_kv_page + (pos % P) * stride_kv_slot  # [BN]
         c_kv = tl.load(
-            kv_ptr + rows[:, None] + offs_l[None, :], mask=pos_mask[:, None] & l_mask[None, :], other=0.0
+            row_ptrs[:, None] + offs_l[None, :], mask=pos_mask[:, None] & l_mask[None, :], other=0.0
         )  # [BN, BL]
         k_pe = tl.load(
-            kv_ptr + rows[:, None] + L + offs_r[None, :], mask=pos_mask[:, None] & r_mask[None, :], other=0.0
+            row_ptrs[:, None] + L + offs_r[None, :], mask=pos_mask[:, None] & r_mask[None, :], other=0.0
         )  # [BN, BR]
         if DOT_FP32:
             c_kv = c_kv.to(tl.float32)
@@ -172,29 +182,19 @@ def mla_decode_merge_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_l, out.to(out_ptr.dtype.element_ty), mask=l_mask)
 
 
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4  # interpreter: keep the grid tiny
-
-
 def _config(B: int, N: int, max_context: int, num_sms: int) -> dict:
-    """Fixed tiles: BLOCK_H = 64 heads (two head blocks for N = 128; 16 is the smallest dot M) as
-    two warpgroups, BLOCK_N = 16 tokens ([16, 576] bf16 = 18 KB per step), 3 stages (about 110 KB
-    of shared memory). Compiled for sm_90 with ptxas 13.4 this held the fewest spills of the
-    64-head tiles (BLOCK_N 32 spilled more: the [64, 512] fp32 accumulator alone takes 128
-    registers a thread). Splits: enough programs for one wave on the SMs, each split at least
-    MIN_TOKENS_PER_SPLIT tokens of the longest possible context (page-table width x P, a shape,
-    so no host sync), at most MAX_SPLITS."""
+    """Fixed tiles (tuned on an H100, docs/PERF.md): BLOCK_H = 64 heads (two head blocks for
+    N = 128; 16 is the smallest dot M) as two warpgroups, BLOCK_N = 64 tokens ([64, 576] bf16 =
+    72 KB a step, one page of DeepSeek's P = 64), one stage. The [64, 512] fp32 accumulator alone
+    takes 128 registers a thread and this tile spills some, yet it measured fastest: 16 tokens a
+    step spent more time on the per-step softmax than 64 do on spills. One program per SM fits
+    (q stays in shared memory), so splits make at most one wave: S = num_sms // (B x head
+    blocks), at least 1, each split at least MIN_TOKENS_PER_SPLIT tokens of the longest possible
+    context (page-table width x P, a shape, so no host sync), at most MAX_SPLITS."""
     block_h = min(64, max(16, triton.next_power_of_2(N)))
     programs = B * triton.cdiv(N, block_h)
-    splits = min(triton.cdiv(num_sms, programs), triton.cdiv(max_context, MIN_TOKENS_PER_SPLIT), MAX_SPLITS)
-    return dict(BLOCK_H=block_h, BLOCK_N=16, NUM_SPLITS=max(1, splits), num_warps=8, num_stages=3)
+    splits = min(num_sms // programs, triton.cdiv(max_context, MIN_TOKENS_PER_SPLIT), MAX_SPLITS)
+    return dict(BLOCK_H=block_h, BLOCK_N=64, NUM_SPLITS=max(1, splits), num_warps=8, num_stages=1)
 
 
 def _check_mla_decode_args(
@@ -251,15 +251,21 @@ def mla_decode(
     one device. num_splits: context splits per sequence, None to choose from the shapes.
     """
     _check_mla_decode_args(q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, num_splits)
+    B, N, _ = q_nope.shape
+    cfg = _config(B, N, page_table.shape[1] * kv_cache.shape[1], num_sms(q_nope.device))
+    if num_splits is not None:
+        cfg["NUM_SPLITS"] = num_splits
+    return _mla_decode(q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, cfg)
+
+
+def _mla_decode(q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, cfg) -> torch.Tensor:
+    """`mla_decode` on checked arguments with the tiles `cfg` (as `_config` returns)."""
     B, N, L = q_nope.shape
     R = q_pe.shape[2]
     P = kv_cache.shape[1]
     out = torch.empty(B, N, L, dtype=q_nope.dtype, device=q_nope.device)  # [B, N, L]
     if B == 0:
         return out
-    cfg = _config(B, N, page_table.shape[1] * P, _num_sms(q_nope.device))
-    if num_splits is not None:
-        cfg["NUM_SPLITS"] = num_splits
     S = cfg["NUM_SPLITS"]
     if S == 1:
         o, lse = out, out  # lse is not touched with one split
@@ -296,6 +302,7 @@ def mla_decode(
         *lse_strides,
         BLOCK_L=block_l,
         BLOCK_R=triton.next_power_of_2(R),
+        PAGE_ALIGNED=P % cfg["BLOCK_N"] == 0,
         DOT_FP32=INTERPRET,
         **cfg,
     )

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Int arguments whose DeepSeek-V3 values are multiples of 16, as Triton specializes them at launch
 # (scale-row strides such as 56 = 7168 / 128 are not).
-DIV16 = {"H", "inter", "N", "K", "L", "R", "P", "T", "num_pairs"}
+DIV16 = {"H", "inter", "N", "K", "L", "R", "P", "T", "num_pairs", "numel"}
 NOT_DIV16_STRIDES = {
     "stride_s",
     "stride_xs",
@@ -49,44 +49,71 @@ def _cases():
             1,
         )
     ]
-    for T in (1, 4096):
-        cfg = fp8_gemm._config(T)
+    for T in (1, 32, 256, 4096):
+        cfg = fp8_gemm._config(T, 1536, 7168, num_sms=132)
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        cfg.pop("SPLIT_K")
         cases.append(
             (
                 f"fp8_gemm T={T}",
                 fp8_gemm.fp8_gemm_kernel,
                 dict(x_ptr=fp8, xs_ptr=f32, w_ptr=fp8, ws_ptr=f32, y_ptr=bf16),
-                dict(BLOCK_K=128, SCALE_BLOCK_N=128, GROUP_M=8, DOT_FP32=False, **cfg),
+                dict(BLOCK_K=128, SCALE_BLOCK_N=128, GROUP_T=8, DOT_FP32=False, **cfg),
                 warps,
                 stages,
             )
         )
+    cases.append(
+        (
+            "fp8_gemm_reduce",
+            fp8_gemm.fp8_gemm_reduce_kernel,
+            dict(partial_ptr=f32, y_ptr=bf16),
+            dict(SPLIT_K=8, BLOCK=1024),
+            4,
+            1,
+        )
+    )
     for is_fp8 in (False, True):
         w = fp8 if is_fp8 else bf16
-        for T in (1, 4096):
+        for T in (1, 32, 128, 4096):
             cfg = fused_moe._config(T * 8, 32, is_fp8)
-            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-            common = dict(DOT_FP32=False, SCALE_BLOCK_N=128, FP8=is_fp8, **cfg)
             ids = dict(sorted_pair_ids_ptr=i32, block_expert_ptr=i32)
-            cases += [
+            for gemm, kernel, types, extra in (
                 (
-                    f"fused_moe_gemm1 {w[1:]} T={T}",
+                    "gemm1",
                     fused_moe.fused_moe_gemm1_kernel,
                     dict(x_ptr=w, xs_ptr=f32, w_ptr=w, ws_ptr=f32, h_ptr=w, hs_ptr=f32, **ids),
-                    dict(FP8_MAX=448.0, AMAX_EPS=1e-10, **common),
-                    warps,
-                    stages,
+                    dict(FP8_MAX=448.0, AMAX_EPS=1e-10),
                 ),
                 (
-                    f"fused_moe_gemm2 {w[1:]} T={T}",
+                    "gemm2",
                     fused_moe.fused_moe_gemm2_kernel,
                     dict(h_ptr=w, hs_ptr=f32, w_ptr=w, ws_ptr=f32, y_ptr=bf16, **ids),
-                    common,
-                    warps,
-                    stages,
+                    {},
                 ),
-            ]
+            ):
+                tiles = dict(cfg[gemm])
+                warps, stages = tiles.pop("num_warps"), tiles.pop("num_stages")
+                constexprs = dict(DOT_FP32=False, SCALE_BLOCK_N=128, FP8=is_fp8, **tiles, **extra)
+                cases.append((f"fused_moe_{gemm} {w[1:]} T={T}", kernel, types, constexprs, warps, stages))
+    cases += [
+        (
+            "moe_align_count",
+            fused_moe.moe_align_count_kernel,
+            dict(ids_ptr=i32, counts_ptr=i32),
+            dict(CHUNK=256, SUB=256, BLOCK_E=32),
+            4,
+            1,
+        ),
+        (
+            "moe_align_scatter",
+            fused_moe.moe_align_scatter_kernel,
+            dict(ids_ptr=i32, counts_ptr=i32, sorted_pair_ids_ptr=i32, block_expert_ptr=i32),
+            dict(BLOCK_T=16, CHUNK=256, SUB=256, BLOCK_E=32, BLOCK_C=128, FILL_BLOCKS=16),
+            4,
+            1,
+        ),
+    ]
     cases.append(
         (
             "moe_combine",
@@ -114,7 +141,7 @@ def _cases():
                     lse_ptr=f32,
                     scale_log2="fp32",
                 ),
-                dict(BLOCK_L=512, BLOCK_R=64, DOT_FP32=False, **cfg),
+                dict(BLOCK_L=512, BLOCK_R=64, PAGE_ALIGNED=True, DOT_FP32=False, **cfg),
                 warps,
                 stages,
             )

@@ -27,7 +27,8 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     [
         (5, 200, 150),  # partial K block (72) and partial N block (22)
         (1, 128, 64),
-        (70, 300, 130),  # the large-T tiles (BLOCK_M = 128)
+        (70, 300, 130),  # the large-T tiles (BLOCK_T = 128)
+        (3, 1100, 100),  # split-K: 9 K blocks in 2 splits, the last block partial
     ],
 )
 def test_fp8_gemm_matches_reference(T, K, N, out_dtype, device):

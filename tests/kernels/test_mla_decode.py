@@ -47,6 +47,8 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
         # heads, latent and rope not powers of two, page size 5
         pytest.param([7, 40, 33], 5, 20, 48, 8, 4, id="odd-dims"),
         pytest.param([70, 5], 4, 16, 32, 16, None, id="auto-splits"),
+        # P a multiple of BLOCK_N (64): one page-table entry per block, as with DeepSeek's P = 64
+        pytest.param([150, 33, 1], 64, 16, 32, 16, 2, id="page-aligned"),
     ],
 )
 def test_mla_decode_matches_reference(context_lens, P, N, L, R, num_splits, dtype, device):
