@@ -70,6 +70,14 @@ class ModelSection(_Section):
 
 class ParallelSection(_Section):
     ep_size: int = Field(1, ge=1, le=64, description="expert-parallel ranks (GPUs) per group")
+    step_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="longest wait for one step on all ranks (and for any collective) before the group restarts",
+    )
+    start_timeout_s: float = Field(
+        900.0, gt=0, description="longest wait for the group's workers to be placed, load weights and join"
+    )
 
 
 class CacheSection(_Section):

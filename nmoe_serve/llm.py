@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from nmoe_serve.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int] | dict[str, Any]
+_GROUPS = itertools.count()  # EP group names of this process's engines
 
 
 class LLM:
@@ -61,7 +63,9 @@ class LLM:
         else:
             serve_config = ServeConfig.from_toml(config, overrides=options)
         self.settings: EngineSettings = resolve_settings(serve_config)
-        self.engine = EngineCore(self.settings, make_executor(self.settings))
+        self.engine = EngineCore(
+            self.settings, make_executor(self.settings, group=f"llm{os.getpid()}-{next(_GROUPS)}")
+        )
         self.tokenizer = _load_tokenizer(self.settings.tokenizer_path)
         self._ids = itertools.count()
 

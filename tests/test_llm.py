@@ -132,8 +132,6 @@ def test_engine_options_and_their_refusals(dev_config_path) -> None:
         LLM(config=dev_config_path, bogus=1)
     with pytest.raises(ValueError, match="needs a model"):
         LLM()
-    with pytest.raises(NotImplementedError, match=r"ep_size = 2.*Ray worker actors"):
-        LLM(config=dev_config_path, ep_size=2)
 
 
 def test_checkpoint_without_tokenizer_takes_token_ids_only(tmp_path, tiny_fp32) -> None:

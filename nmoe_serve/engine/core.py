@@ -7,10 +7,11 @@ strings) belong to the front end, which aborts a request when its text hits a st
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
-from nmoe_serve.engine.executor import Executor
+from nmoe_serve.engine.executor import Executor, StepFailed
 from nmoe_serve.engine.request import Request
 from nmoe_serve.engine.scheduler import RequestRejected, Scheduler, SchedulerLimits, TokenUpdate
 from nmoe_serve.engine.settings import EngineSettings
@@ -74,12 +75,33 @@ class EngineCore:
         started = time.perf_counter()
         try:
             results = self.executor.execute(plans)
-        except BaseException:
-            failed = self.scheduler.fail_in_flight()
-            log.exception("step %d failed; ended %d request(s) with an error", plans[0].step_id, len(failed))
+        except StepFailed as e:
+            raise self._recover(e) from e
+        self.last_step_seconds = time.perf_counter() - started
+        return self.scheduler.update(results)
+
+    async def step_async(self) -> list[TokenUpdate]:
+        """step(), with the ranks' work awaited; requests may be added or aborted meanwhile."""
+        plans = self.scheduler.schedule()
+        if plans is None:
+            return []
+        started = time.perf_counter()
+        try:
+            results = await self.executor.execute_async(plans)
+        except StepFailed as e:
+            raise self._recover(e) from e
+        except asyncio.CancelledError:  # the loop is shutting down mid-step: its results are lost
+            self.scheduler.fail_in_flight(workers_lost=False)
             raise
         self.last_step_seconds = time.perf_counter() - started
         return self.scheduler.update(results)
+
+    def _recover(self, error: StepFailed) -> StepFailed:
+        """End every request with an error, restart the workers, and say what failed."""
+        failed = self.scheduler.fail_in_flight()
+        log.error("%s; ended %d request(s) with an error; restarting the workers", error, len(failed))
+        self.executor.restart()
+        return StepFailed(f"{error}; {len(failed)} request(s) failed: {', '.join(failed[:8])}", failed)
 
     def shutdown(self) -> None:
         self.executor.shutdown()

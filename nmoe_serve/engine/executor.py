@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from typing import Protocol
 
 from nmoe_serve.engine.plan import StepPlan, StepResult
 from nmoe_serve.engine.settings import EngineSettings
+
+
+class StepFailed(RuntimeError):
+    """A step could not complete on every rank; the executor has restarted (or is restarting) its workers."""
+
+    def __init__(self, message: str, failed_request_ids: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.failed_request_ids = failed_request_ids or []
 
 
 class Executor(Protocol):
@@ -15,6 +25,14 @@ class Executor(Protocol):
 
     def execute(self, plans: list[StepPlan]) -> list[StepResult]:
         """Run plans[r] on rank r; results in rank order."""
+        ...
+
+    async def execute_async(self, plans: list[StepPlan]) -> list[StepResult]:
+        """The same, awaited: the event loop stays free while the ranks compute."""
+        ...
+
+    def restart(self) -> None:
+        """Replace the workers after a failed step (all their state is gone)."""
         ...
 
     def shutdown(self) -> None: ...
@@ -30,20 +48,35 @@ class InProcessExecutor:
         from nmoe_serve.worker.worker import Worker
 
         self.num_ranks = 1
+        self.settings = settings
         self.worker = Worker(settings, Topology(rank=0, world_size=1))
         self.pages_per_rank = self.worker.num_pages
+        self._lock = threading.Lock()  # one step at a time, even if an abandoned one is still running
 
     def execute(self, plans: list[StepPlan]) -> list[StepResult]:
-        return [self.worker.execute(plans[0])]
+        with self._lock:
+            try:
+                return [self.worker.execute(plans[0])]
+            except Exception as e:
+                raise StepFailed(f"step {plans[0].step_id} failed: {type(e).__name__}: {e}") from e
+
+    async def execute_async(self, plans: list[StepPlan]) -> list[StepResult]:
+        return await asyncio.to_thread(self.execute, plans)
+
+    def restart(self) -> None:
+        from nmoe_serve.topology import Topology
+        from nmoe_serve.worker.worker import Worker
+
+        self.worker = Worker(self.settings, Topology(rank=0, world_size=1))
 
     def shutdown(self) -> None:
         pass
 
 
-def make_executor(settings: EngineSettings) -> Executor:
+def make_executor(settings: EngineSettings, group: str = "0") -> Executor:
+    """In-process for ep_size 1; Ray worker actors in a placement group otherwise."""
     if settings.ep_size == 1:
         return InProcessExecutor(settings)
-    raise NotImplementedError(
-        f"parallel.ep_size = {settings.ep_size}: expert parallelism over several ranks runs on Ray worker actors, "
-        "which this version does not have yet; use ep_size = 1"
-    )
+    from nmoe_serve.parallel.ray_executor import RayExecutor
+
+    return RayExecutor(settings, group)

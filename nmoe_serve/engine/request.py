@@ -29,6 +29,8 @@ class Request:
     max_tokens: int  # resolved: sampling.max_tokens capped by the context limit
     eos_token_ids: frozenset[int]  # empty when sampling.ignore_eos
     arrival: int  # admission order (a counter, not a clock)
+    stop_ids: frozenset[int] = frozenset()  # eos_token_ids and sampling.stop_token_ids
+    length_limit: int = 0  # total tokens (prompt + output) at which it ends with "length"
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     rank: int | None = None  # fixed at first admission; the request never moves

@@ -22,6 +22,7 @@ Policy:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ class SchedulerLimits:
         return math.ceil(tokens / self.page_size)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TokenUpdate:
     """One new token of one request, and whether the request ended with it."""
 
@@ -64,7 +65,7 @@ class TokenUpdate:
     stop_token_id: int | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Chunk:
     request: Request
     num_tokens: int
@@ -120,6 +121,9 @@ class Scheduler:
             max_tokens=max_tokens,
             eos_token_ids=frozenset() if sampling.ignore_eos else eos_token_ids,
             arrival=self._arrivals,
+            stop_ids=(frozenset() if sampling.ignore_eos else eos_token_ids)
+            | frozenset(sampling.stop_token_ids),
+            length_limit=min(prompt_len + max_tokens, limit),
         )
         self._arrivals += 1
         self.requests[request_id] = request
@@ -162,8 +166,14 @@ class Scheduler:
             raise RuntimeError(
                 "schedule() called while a step is in flight: call update() with its results first"
             )
-        has_decodes = any(not r.prefilling for rank in self.running for r in rank)
-        wants_prefill = bool(self.waiting) or any(r.prefilling for rank in self.running for r in rank)
+        has_decodes = wants_prefill = False
+        for rank in self.running:
+            for r in rank:
+                if r.num_computed_tokens < r.num_prefill_tokens:
+                    wants_prefill = True
+                else:
+                    has_decodes = True
+        wants_prefill = wants_prefill or bool(self.waiting)
         plans = None
         if wants_prefill and (
             not has_decodes or self._prefill_streak < self.limits.max_prefill_steps_in_a_row
@@ -190,41 +200,48 @@ class Scheduler:
         if self._in_flight is None:
             raise RuntimeError("update() called with no step in flight")
         updates: list[TokenUpdate] = []
+        running = RequestStatus.RUNNING
         for result in results:
-            for i, request_id in enumerate(result.request_ids):
+            with_logprobs = result.num_top is not None
+            for i, (request_id, token) in enumerate(
+                zip(result.request_ids, result.token_ids.tolist(), strict=True)
+            ):
                 request = self.requests.get(request_id)
-                if request is None or request.finished or request.status is not RequestStatus.RUNNING:
+                if request is None or request.status is not running:
                     continue
-                token = int(result.token_ids[i])
                 request.output_token_ids.append(token)
                 reason = self._stop_reason(request, token)
                 if reason is not None:
                     self._finish(request, reason)
                     del self.requests[request_id]
-                updates.append(
-                    TokenUpdate(
-                        request_id=request_id,
-                        token_id=token,
-                        logprob=_logprob(result, i),
-                        top_logprobs=_top_logprobs(result, i),
-                        finish_reason=reason,
-                        stop_token_id=request.stop_token_id,
-                    )
+                update = TokenUpdate(
+                    request_id, token, finish_reason=reason, stop_token_id=request.stop_token_id
                 )
+                if with_logprobs:
+                    update.logprob, update.top_logprobs = _logprob(result, i), _top_logprobs(result, i)
+                updates.append(update)
         self._in_flight = None
         for request_id in self._deferred_aborts:
             self.abort(request_id)
         self._deferred_aborts.clear()
         return updates
 
-    def fail_in_flight(self) -> list[str]:
-        """The step failed: end every request that holds pages or is queued with ERROR; return their ids."""
+    def fail_in_flight(self, workers_lost: bool = True) -> list[str]:
+        """The step failed: end every request that holds pages or is queued with ERROR; return their ids.
+
+        workers_lost: the ranks are being restarted, so there is no worker state left to release;
+        otherwise (a step abandoned by its caller, which may or may not have run) the releases go
+        out again with the next step."""
+        if not workers_lost and self._in_flight is not None:
+            for plan in self._in_flight:
+                self._released[plan.rank].extend(plan.released)
         failed = [r.request_id for r in self.requests.values() if not r.finished]
         for request_id in failed:
             self._finish(self.requests.pop(request_id), FinishReason.ERROR)
         self._in_flight = None
         self._deferred_aborts.clear()
-        self._released = [[] for _ in range(self.limits.num_ranks)]
+        if workers_lost:
+            self._released = [[] for _ in range(self.limits.num_ranks)]
         return failed
 
     # ---- planning --------------------------------------------------------------------------------
@@ -277,11 +294,13 @@ class Scheduler:
 
     def _plan_decode(self) -> list[StepPlan] | None:
         chunks: list[list[_Chunk]] = [[] for _ in range(self.limits.num_ranks)]
+        page_size, running = self.limits.page_size, RequestStatus.RUNNING
         for rank in range(self.limits.num_ranks):
             for request in list(self.running[rank]):
-                if request.status is not RequestStatus.RUNNING or request.prefilling:
+                if request.status is not running or request.num_computed_tokens < request.num_prefill_tokens:
                     continue
-                if self._reserve_slot(request, rank):
+                has_slot = request.num_computed_tokens < len(request.pages) * page_size
+                if has_slot or self._reserve_slot(request, rank):
                     chunks[rank].append(_Chunk(request, 1))
         if not any(chunks):
             return None
@@ -329,21 +348,25 @@ class Scheduler:
                 r.on_worker = True
         if not chunks:
             return StepPlan.idle(self.step_id, kind, rank, released, tuple(new_requests))
-        max_pages = max(len(c.request.pages) for c in chunks)
-        page_table = np.full((len(chunks), max_pages), -1, np.int32)
+        page_lists = [c.request.pages for c in chunks]
+        page_counts = np.fromiter((len(p) for p in page_lists), np.int64, len(chunks))
+        page_table = np.full((len(chunks), int(page_counts.max())), -1, np.int32)
+        rows = np.repeat(np.arange(len(chunks)), page_counts)
+        cols = np.arange(rows.shape[0]) - np.repeat(np.cumsum(page_counts) - page_counts, page_counts)
+        page_table[rows, cols] = list(itertools.chain.from_iterable(page_lists))
         tokens: list[int] = []
         context_lens, sample = [], []
-        for i, c in enumerate(chunks):
+        decode = kind is StepKind.DECODE
+        for c in chunks:
             r = c.request
-            page_table[i, : len(r.pages)] = r.pages
             start = r.num_computed_tokens
-            if kind is StepKind.DECODE:
+            if decode:
                 tokens.append(r.output_token_ids[-1])
             else:
                 tokens.extend(r.all_token_ids[start : start + c.num_tokens])
             r.num_computed_tokens = start + c.num_tokens
             context_lens.append(r.num_computed_tokens)
-            sample.append(not r.prefilling)
+            sample.append(r.num_computed_tokens >= r.num_prefill_tokens)
         return StepPlan(
             step_id=self.step_id,
             kind=kind,
@@ -360,15 +383,14 @@ class Scheduler:
 
     # ---- endings -------------------------------------------------------------------------------
 
-    def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
+    @staticmethod
+    def _stop_reason(request: Request, token: int) -> FinishReason | None:
         n_out = len(request.output_token_ids)
-        if n_out >= request.sampling.min_tokens:
-            if token in request.eos_token_ids:
-                return FinishReason.STOP
-            if token in request.sampling.stop_token_ids:
+        if token in request.stop_ids and n_out >= request.sampling.min_tokens:
+            if token not in request.eos_token_ids:
                 request.stop_token_id = token
-                return FinishReason.STOP
-        if n_out >= request.max_tokens or request.num_tokens >= self.limits.max_seq_len:
+            return FinishReason.STOP
+        if len(request.prompt_token_ids) + n_out >= request.length_limit:
             return FinishReason.LENGTH
         return None
 

@@ -85,7 +85,8 @@ def load_checkpoint(model: DeepseekV3, path: str | Path) -> None:
     for spec in wanted:
         by_file[files[spec.name]].append(spec)
     total = sum(_nbytes(spec, args) for spec in wanted)
-    done, next_report, started = 0, 0.1, time.monotonic()
+    step = 0.1 if total > 1e8 else 1.0  # progress lines only where loading takes a while
+    done, next_report, started = 0, step, time.monotonic()
     log.info("loading %d tensors (%.1f MB) from %s", len(wanted), total / 1e6, path)
     for file, specs in sorted(by_file.items()):
         with safe_open(file, framework="pt", device="cpu") as f:
@@ -100,7 +101,7 @@ def load_checkpoint(model: DeepseekV3, path: str | Path) -> None:
                         total / 1e6,
                         time.monotonic() - started,
                     )
-                    next_report = min(1.0, done / total + 0.1)
+                    next_report = min(1.0, done / total + step)
     log.info("loaded weights in %.1f s", time.monotonic() - started)
 
 

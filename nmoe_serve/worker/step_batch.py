@@ -35,7 +35,9 @@ def build_step_batch(
     logits_rows = (cu_query[1:] - 1)[plan.sample]
 
     def t(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
+        return torch.from_numpy(np.array(a)).to(
+            device=device, dtype=dtype
+        )  # a copy: plans may arrive read-only
 
     positions_t = t(positions, torch.int64)
     cos, sin = rope.cos_sin(positions_t)

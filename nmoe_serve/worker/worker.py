@@ -18,6 +18,7 @@ from nmoe_serve.model.attention import TorchAttention
 from nmoe_serve.model.deepseek_v3 import DeepseekV3
 from nmoe_serve.model.loader import fill_dummy, load_checkpoint
 from nmoe_serve.model.rope import RotaryEmbedding
+from nmoe_serve.parallel.transport import AllToAllTransport, CollectiveLog, StepClock
 from nmoe_serve.sampling.sampler import Sampler
 from nmoe_serve.topology import Topology
 from nmoe_serve.worker.kv_cache import KVCache, page_bytes
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 
 
 class Worker:
+    """One rank. With world_size > 1, torch.distributed must be initialised before construction
+    (the Ray actor does it): the MoE layers then exchange tokens with the other ranks."""
+
     def __init__(self, settings: EngineSettings, topology: Topology) -> None:
         self.settings, self.topology = settings, topology
         self.device = torch.device(settings.device)
@@ -44,6 +48,10 @@ class Worker:
         else:
             load_checkpoint(self.model, settings.model_path)
         self.model.eval()
+        self.clock = StepClock()
+        self.collectives = CollectiveLog()
+        if topology.world_size > 1:
+            self._install_expert_parallel()
         self.rope = RotaryEmbedding(args.rope, self.device)
         self.num_pages = self._kv_pages()
         self.kv_cache = KVCache(args, self.num_pages, settings.page_size, settings.torch_dtype, self.device)
@@ -61,6 +69,20 @@ class Worker:
             self.kv_cache.nbytes / 1e6,
             time.monotonic() - started,
         )
+
+    def _install_expert_parallel(self) -> None:
+        per_rank = self.settings.args.n_routed_experts // self.topology.world_size
+        capacity = self.settings.config.scheduler.max_num_seqs
+        for layer, moe in enumerate(self.model.moe_layers()):
+            moe.transport = AllToAllTransport(
+                layer,
+                self.topology.rank,
+                self.topology.world_size,
+                per_rank,
+                capacity,
+                self.clock,
+                self.collectives,
+            )
 
     def _kv_pages(self) -> int:
         cache = self.settings.config.cache
@@ -87,9 +109,11 @@ class Worker:
     def execute(self, plan: StepPlan) -> StepResult:
         started = time.perf_counter()
         for request_id in plan.released:
-            self.sampler.remove_request(request_id)
+            if request_id in self.sampler:  # a release may be repeated after an abandoned step
+                self.sampler.remove_request(request_id)
         for new in plan.new_requests:
             self.sampler.add_request(new.request_id, new.sampling, new.prompt_token_ids, new.output_token_ids)
+        self.clock.begin(plan.step_id, plan.kind)
         input_ids, batch = build_step_batch(plan, self.settings.page_size, self.rope, self.device)
         hidden = self.model(input_ids, batch, self.kv_cache.layers)
         logits = self.model.compute_logits(hidden[batch.logits_rows])
@@ -112,6 +136,7 @@ class Worker:
 
         all_positions=True gives a row for every new token instead of one per sampled sequence."""
         with torch.inference_mode():
+            self.clock.begin(plan.step_id, plan.kind)
             input_ids, batch = build_step_batch(plan, self.settings.page_size, self.rope, self.device)
             hidden = self.model(input_ids, batch, self.kv_cache.layers)
             rows = hidden if all_positions else hidden[batch.logits_rows]
@@ -119,3 +144,14 @@ class Worker:
 
     def stats(self) -> dict[str, float]:
         return {"num_pages": float(self.num_pages), "requests": float(len(self.sampler))}
+
+    def inventory(self) -> dict[str, object]:
+        """What this rank holds: routed experts, and a checksum per replicated parameter."""
+        replicated = {
+            name: float(p.detach().double().sum().item())
+            for name, p in self.model.named_parameters()
+            if ".experts." not in name
+        }
+        experts = sorted(self.model.owned)
+        stacked = {name: tuple(p.shape) for name, p in self.model.named_parameters() if ".experts." in name}
+        return {"experts": experts, "expert_params": stacked, "replicated": replicated}

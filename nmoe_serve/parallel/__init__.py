@@ -1,0 +1,1 @@
+"""Expert parallelism: MoE transports, worker actors, the Ray executor."""
