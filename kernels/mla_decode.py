@@ -276,7 +276,8 @@ def _mla_decode(q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale,
         lse = torch.empty(B, N, S, dtype=torch.float32, device=q_nope.device)  # [B, N, S]
         o_strides = (o.stride(0), o.stride(1), o.stride(2))
         lse_strides = (lse.stride(0), lse.stride(1))
-    block_l = triton.next_power_of_2(L)
+    # tl.dot wants K >= 16: a narrower latent or rope part (tiny test models) loads masked tiles.
+    block_l = max(16, triton.next_power_of_2(L))
     grid = (triton.cdiv(N, cfg["BLOCK_H"]), S, B)
     mla_decode_kernel[grid](
         q_nope,
@@ -301,7 +302,7 @@ def _mla_decode(q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale,
         *o_strides,
         *lse_strides,
         BLOCK_L=block_l,
-        BLOCK_R=triton.next_power_of_2(R),
+        BLOCK_R=max(16, triton.next_power_of_2(R)),
         PAGE_ALIGNED=P % cfg["BLOCK_N"] == 0,
         DOT_FP32=INTERPRET,
         **cfg,

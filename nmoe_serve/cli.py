@@ -1,4 +1,4 @@
-"""The `nmoe-serve` command: generate (offline API), make-tiny-checkpoint."""
+"""The `nmoe-serve` command: generate (offline API), doctor (preflight), make-tiny-checkpoint."""
 
 from __future__ import annotations
 
@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     gen.add_argument("-v", "--verbose", action="store_true", help="log engine start-up and loading")
 
+    doctor = sub.add_parser(
+        "doctor", help="check config, model files, GPUs, NCCL and memory fit, with remedies"
+    )
+    doctor.add_argument("--config", default="configs/dev.toml", help="TOML config (default: %(default)s)")
+
     tiny = sub.add_parser(
         "make-tiny-checkpoint", help="write a tiny random DeepSeek-V3 checkpoint (HF layout)"
     )
@@ -63,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "doctor":
+            from nmoe_serve.doctor import main as run_doctor
+
+            return run_doctor(args.config)
         return _make_tiny(args)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"nmoe-serve {args.command}: error: {e}", file=sys.stderr)

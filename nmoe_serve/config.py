@@ -115,6 +115,34 @@ class SchedulerSection(_Section):
 class DeviceSection(_Section):
     kind: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto takes CUDA when present")
     seed: int = Field(0, ge=0, description="seed of the sampler for requests without their own seed")
+    kernels: Literal["auto", "torch"] = Field(
+        "auto",
+        description="auto: Triton kernels with FP8 weights kept FP8 on CUDA with bfloat16/float16 compute, "
+        "the torch reference elsewhere; torch: the torch reference everywhere (FP8 dequantized at load)",
+    )
+    cuda_graphs: bool = Field(
+        True,
+        description="replay decode steps from CUDA graphs captured at start-up (CUDA with Triton kernels)",
+    )
+    cuda_graph_max_batch: int | None = Field(
+        None,
+        ge=1,
+        description="largest decode batch captured in a graph (default: scheduler.max_num_seqs); "
+        "larger batches run eagerly",
+    )
+
+
+class ServerSection(_Section):
+    api_key: str | None = Field(
+        None, description="bearer token the HTTP API requires (empty or unset: no authentication)"
+    )
+    max_body_bytes: int = Field(16 * 2**20, ge=1024, description="largest request body accepted (413 above)")
+    max_waiting_requests: int = Field(
+        4096, ge=1, description="requests queued per EP group before new ones get 429 Too Many Requests"
+    )
+    retry_after_s: int = Field(1, ge=1, description="the Retry-After seconds sent with 429 and 503")
+    ingress_replicas: int = Field(1, ge=1, description="replicas of the HTTP ingress deployment")
+    ep_groups: int = Field(1, ge=1, description="EP groups (coordinator replicas), one per 8-GPU node")
 
 
 class ServeConfig(_Section):
@@ -125,6 +153,7 @@ class ServeConfig(_Section):
     cache: CacheSection = CacheSection()
     scheduler: SchedulerSection = SchedulerSection()
     device: DeviceSection = DeviceSection()
+    server: ServerSection = ServerSection()
 
     @model_validator(mode="after")
     def _cache_holds_one_sequence(self) -> ServeConfig:

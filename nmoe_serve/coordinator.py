@@ -12,10 +12,11 @@ with the error; the executor restarts its workers and the loop goes on serving.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from nmoe_serve.config import ServeConfig
@@ -55,6 +56,8 @@ class Coordinator:
         self.group = group
         self.engine = EngineCore(self.settings, make_executor(self.settings, group))
         self.timings = StepTimings()
+        # called after every completed step with (step kind, seconds on the ranks, the step's updates)
+        self.step_listeners: list[Callable[[str, float, list[TokenUpdate]], None]] = []
         self._streams: dict[str, asyncio.Queue[list[TokenUpdate] | BaseException]] = {}
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -119,8 +122,10 @@ class Coordinator:
     def _ensure_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():
             self._wake = asyncio.Event()
+            # A fresh context: the loop must not inherit the request that happened to start it, or
+            # cancelling that request (Ray cancels a request's child tasks) would cancel the steps.
             self._loop_task = asyncio.get_running_loop().create_task(
-                self._run(), name=f"nmoe-steps-{self.group}"
+                self._run(), name=f"nmoe-steps-{self.group}", context=contextvars.Context()
             )
 
     async def _run(self) -> None:
@@ -157,6 +162,8 @@ class Coordinator:
                 if queue is not None:
                     queue.put_nowait(items)
             self.timings.add(time.perf_counter() - started - execute, execute)
+            for listener in self.step_listeners:
+                listener(self.engine.last_step_kind, execute, updates)
             await asyncio.sleep(0)  # let arrivals and cancellations in between steps
 
     async def shutdown(self) -> None:

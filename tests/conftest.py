@@ -10,6 +10,10 @@ import pytest
 
 # Keep tests from writing into the user's cache; set before anything resolves the cache root.
 os.environ.setdefault("NMOE_SERVE_CACHE", tempfile.mkdtemp(prefix="nmoe-serve-test-cache-"))
+# Local Ray clusters on 127.0.0.1 rather than the host's interface (see PITFALLS); before Ray is imported.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray's token authentication is on by default; clients must say so to send the token (see PITFALLS).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -39,6 +39,7 @@ class EngineCore:
         self.eos_token_ids = frozenset(settings.args.eos_token_ids)
         self.vocab_size = settings.args.vocab_size
         self.last_step_seconds = 0.0
+        self.last_step_kind = "none"
         log.info(
             "engine core: %d rank(s) via %s executor, %d pages x %d tokens per rank",
             executor.num_ranks,
@@ -73,6 +74,7 @@ class EngineCore:
         if plans is None:
             return []
         started = time.perf_counter()
+        self.last_step_kind = plans[0].kind.name.lower()
         try:
             results = self.executor.execute(plans)
         except StepFailed as e:
@@ -86,6 +88,7 @@ class EngineCore:
         if plans is None:
             return []
         started = time.perf_counter()
+        self.last_step_kind = plans[0].kind.name.lower()
         try:
             results = await self.executor.execute_async(plans)
         except StepFailed as e:

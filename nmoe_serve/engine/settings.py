@@ -30,6 +30,8 @@ class EngineSettings:
     device: str  # cpu | cuda
     load_format: str  # safetensors | dummy
     max_seq_len: int
+    kernels: str = "torch"  # triton (FP8 weights stay FP8, fused_moe, mla_decode) | torch (reference)
+    cuda_graph_max_batch: int = 0  # largest decode batch replayed from a CUDA graph; 0 = eager decode
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -44,8 +46,10 @@ class EngineSettings:
         return self.config.cache.page_size
 
 
-def resolve_settings(config: ServeConfig) -> EngineSettings:
-    """Resolve model path (building the tiny checkpoint if asked), dtype, device and lengths."""
+def resolve_settings(config: ServeConfig, check_device: bool = True) -> EngineSettings:
+    """Resolve model path (building the tiny checkpoint if asked), dtype, device and lengths.
+
+    check_device=False is for processes that never run the model (the HTTP ingress)."""
     model = config.model
     if model.tiny is not None:
         from nmoe_serve.model.tiny import cached_tiny_checkpoint
@@ -72,7 +76,7 @@ def resolve_settings(config: ServeConfig) -> EngineSettings:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
         device = config.device.kind
-        if device == "cuda" and not torch.cuda.is_available():
+        if check_device and device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device.kind = 'cuda' but torch sees no CUDA device: use 'cpu' or 'auto'")
     max_seq_len = model.max_seq_len or args.max_position_embeddings
     if max_seq_len > args.max_position_embeddings:
@@ -88,6 +92,7 @@ def resolve_settings(config: ServeConfig) -> EngineSettings:
             f"least {need} or set a smaller model.max_seq_len"
         )
     load_format = "safetensors" if model.load_format == "auto" else model.load_format
+    kernels, graph_max_batch = _device_paths(config, device, dtype)
     tokenizer = Path(model.tokenizer).expanduser() if model.tokenizer else path
     settings = EngineSettings(
         config=config,
@@ -99,9 +104,12 @@ def resolve_settings(config: ServeConfig) -> EngineSettings:
         device=device,
         load_format=load_format,
         max_seq_len=max_seq_len,
+        kernels=kernels,
+        cuda_graph_max_batch=graph_max_batch,
     )
     log.info(
-        "engine: model %s (%s), dtype %s, device %s, ep_size %d, max_seq_len %d, load_format %s",
+        "engine: model %s (%s), dtype %s, device %s, ep_size %d, max_seq_len %d, load_format %s, "
+        "kernels %s, decode CUDA graphs %s",
         name,
         path,
         dtype,
@@ -109,5 +117,20 @@ def resolve_settings(config: ServeConfig) -> EngineSettings:
         config.parallel.ep_size,
         max_seq_len,
         load_format,
+        kernels,
+        f"up to batch {graph_max_batch}" if graph_max_batch else "off",
     )
     return settings
+
+
+def _device_paths(config: ServeConfig, device: str, dtype: str) -> tuple[str, int]:
+    """(kernels, largest CUDA-graph decode batch or 0). Triton kernels on CUDA with bf16/fp16
+    compute unless device.kernels = "torch" (float32 stays on the torch reference: the kernels'
+    float32 dots run in TF32). Decode graphs need the kernels (the torch expert loop syncs with
+    the host); the worker captures them at a ladder of sizes up to the largest."""
+    use_kernels = device == "cuda" and config.device.kernels == "auto" and dtype in ("bfloat16", "float16")
+    kernels = "triton" if use_kernels else "torch"
+    if not (use_kernels and config.device.cuda_graphs):
+        return kernels, 0
+    max_seqs = config.scheduler.max_num_seqs
+    return kernels, min(config.device.cuda_graph_max_batch or max_seqs, max_seqs)

@@ -2,8 +2,9 @@
 
 MLA calls `prefill` with expanded per-head K/V (causal, variable length, queries aligned to the
 end of their context) and `decode` in the absorbed form over the paged latent cache. The torch
-implementations here are the reference semantics and the CPU path; faster ones (flash-attn,
-Triton MLA decode) implement the same two methods.
+implementations here are the reference semantics and the CPU path. KernelAttention is the GPU
+path: decode through the `mla_decode` kernel, prefill through flash-attn's varlen kernel or
+PyTorch SDPA (a PrefillAttention, chosen once by the model backend).
 
 Legend: T new tokens, S cached tokens (all sequences), B sequences, N heads, Dq q/k head dim,
 V value head dim, L latent (kv_lora_rank), R rope dim, P page size.
@@ -11,9 +12,11 @@ V value head dim, L latent (kv_lora_rank), R rope dim, P page size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from nmoe_serve.model.batch import StepBatch
 
@@ -102,3 +105,109 @@ def mla_decode_torch(
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     probs = scores.softmax(dim=-1)
     return torch.einsum("bns,bsl->bnl", probs, kv[..., :latent]).to(q_latent.dtype)
+
+
+class PrefillAttention(Protocol):
+    name: str
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch, scale: float
+    ) -> torch.Tensor:
+        """q [T, N, Dq], k [S, N, Dq], v [S, N, V] → [T, N, V]; causal within each sequence."""
+        ...
+
+
+def causal_mask(n_q: int, n_k: int, device: torch.device) -> torch.Tensor:
+    """[n_q, n_k] bool, True where query i (at position n_k - n_q + i) may see key j."""
+    return torch.arange(n_k, device=device)[None, :] <= torch.arange(n_q, device=device)[:, None] + (
+        n_k - n_q
+    )
+
+
+class SdpaPrefill:
+    """PyTorch scaled_dot_product_attention, one call per sequence. A chunk that continues a
+    cached context (fewer queries than keys) gets an explicit mask aligned to the end of the
+    context (SDPA's is_causal aligns to the start). Inputs go in as 4-D [1, N, n, D] and V is
+    zero-padded to the q/k head dim (MLA: 128 against 192): SDPA's flash and memory-efficient
+    kernels take only 4-D inputs, flash only one head dim, and otherwise CUDA falls back to the
+    math path, which materialises the [N, n_q, n_k] scores in float32 (docs/PERF.md, rank_sim)."""
+
+    name = "sdpa"
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch, scale: float
+    ) -> torch.Tensor:
+        v_dim = v.shape[2]
+        out = q.new_empty(q.shape[0], q.shape[1], v_dim)  # [T, N, V]
+        v = F.pad(v, (0, max(0, q.shape[2] - v_dim)))  # [S, N, max(Dq, V)]
+        q_start = k_start = 0
+        for n_q, n_k in zip(batch.query_lens, batch.context_lens, strict=True):
+            qs = q[q_start : q_start + n_q].transpose(0, 1)[None]  # [1, N, n_q, Dq]
+            ks = k[k_start : k_start + n_k].transpose(0, 1)[None]  # [1, N, n_k, Dq]
+            vs = v[k_start : k_start + n_k].transpose(0, 1)[None]  # [1, N, n_k, Dq]
+            if n_q == n_k:
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+            else:
+                mask = causal_mask(n_q, n_k, q.device)
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+            out[q_start : q_start + n_q] = o[0].transpose(0, 1)[..., :v_dim]  # [n_q, N, V]
+            q_start += n_q
+            k_start += n_k
+        return out
+
+
+class FlashVarlenPrefill:
+    """vllm_flash_attn's flash_attn_varlen_func over the whole flat batch (causal masks align to
+    the end of each context). V is padded to the q/k head dim, which the kernel requires."""
+
+    name = "flash-varlen"
+
+    def __init__(self, flash_attn_varlen_func: Callable[..., torch.Tensor]) -> None:
+        self.fn = flash_attn_varlen_func
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch, scale: float
+    ) -> torch.Tensor:
+        if q.shape[0] == 0:
+            return q.new_empty(0, q.shape[1], v.shape[2])
+        v_dim = v.shape[2]
+        v_padded = F.pad(v, (0, max(0, q.shape[2] - v_dim)))  # [S, N, max(Dq, V)]
+        out = self.fn(
+            q,
+            k,
+            v_padded,
+            cu_seqlens_q=batch.cu_query_lens,
+            cu_seqlens_k=batch.cu_context_lens,
+            max_seqlen_q=max(batch.query_lens),
+            max_seqlen_k=max(batch.context_lens),
+            softmax_scale=scale,
+            causal=True,
+        )
+        return out[..., :v_dim]
+
+
+class KernelAttention:
+    """The GPU path: `mla_decode` (Triton, or its reference in CPU tests) for decode and a
+    PrefillAttention for prefill."""
+
+    def __init__(self, mla_decode: Callable[..., torch.Tensor], prefill: PrefillAttention) -> None:
+        self.mla_decode = mla_decode
+        self.prefill_attention = prefill
+        self.name = f"mla_decode/{prefill.name}"
+
+    def prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch, scale: float
+    ) -> torch.Tensor:
+        return self.prefill_attention(q, k, v, batch, scale)
+
+    def decode(
+        self,
+        q_latent: torch.Tensor,
+        q_pe: torch.Tensor,
+        kv_cache: torch.Tensor,
+        batch: StepBatch,
+        scale: float,
+    ) -> torch.Tensor:
+        return self.mla_decode(
+            q_latent.contiguous(), q_pe.contiguous(), kv_cache, batch.page_table, batch.context_lens_t, scale
+        )

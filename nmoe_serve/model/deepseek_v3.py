@@ -6,6 +6,10 @@ attention (so chunked prefill continues from pages written by earlier steps); de
 MLA over the latent cache. Module and parameter names follow the HF checkpoint, so a checkpoint
 tensor maps to the parameter of the same name (routed experts are stacked, see Experts).
 
+The layer implementations come from a ModelBackend, read only here in the constructors: the
+torch reference (CPU) or the kernel family (GPU: FP8 weights through fp8_quant + fp8_gemm,
+fused_moe, mla_decode). The forward passes have no configuration branches.
+
 Legend: T tokens, H hidden, N heads, D qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim,
 L kv_lora_rank, C = L + R (cache width), E routed experts, E_loc experts on this rank, K top-k,
 G expert groups, I intermediate, S cached tokens read by a prefill step, P page size.
@@ -17,9 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nmoe_serve.model.args import ModelArgs
-from nmoe_serve.model.attention import AttentionBackend, TorchAttention
+from nmoe_serve.model.args import FP8_BLOCK, ModelArgs
+from nmoe_serve.model.attention import AttentionBackend
+from nmoe_serve.model.backend import KernelOps, ModelBackend
 from nmoe_serve.model.batch import StepBatch
+from nmoe_serve.model.fp8 import FP8_DTYPE, dequantize_blocks, scale_grid
 from nmoe_serve.model.rope import apply_rope
 from nmoe_serve.model.transport import ExpertTransport, SingleRankTransport
 
@@ -37,6 +43,71 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """W [out, in] in the compute dtype (absorbed MLA decode multiplies by it directly)."""
+        return self.weight
+
+
+class Fp8Linear(nn.Module):
+    """y = x W^T with W kept as FP8 e4m3 128x128 blocks (`weight`, `weight_scale_inv`, as the
+    checkpoint stores them); x is quantized per token and 128-group (`fp8_quant`) and the
+    block-scaled GEMM (`fp8_gemm`) accumulates in fp32 and returns x's dtype.
+
+    keep_dequantized: also hold W dequantized to `dtype` (refreshed by `refresh_dequantized`
+    after loading), for kv_b_proj, whose decode form multiplies by W's slices directly."""
+
+    dequantized: torch.Tensor | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        ops: KernelOps,
+        dtype: torch.dtype,
+        device: torch.device,
+        keep_dequantized: bool = False,
+    ) -> None:
+        super().__init__()
+        self.ops, self.dtype = ops, dtype
+        self.weight = _param((out_features, in_features), FP8_DTYPE, device)
+        grid = scale_grid((out_features, in_features), (FP8_BLOCK, FP8_BLOCK))
+        self.weight_scale_inv = _param(grid, torch.float32, device)
+        dense = (
+            torch.empty(out_features, in_features, dtype=dtype, device=device) if keep_dequantized else None
+        )
+        self.register_buffer("dequantized", dense, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [T, in]
+        x_fp8, x_scales = self.ops.fp8_quant(x2)  # [T, in] fp8, [T, ceil(in/128)]
+        y = self.ops.fp8_gemm(x_fp8, x_scales, self.weight, self.weight_scale_inv, x.dtype)  # [T, out]
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def refresh_dequantized(self) -> None:
+        if self.dequantized is not None:
+            block = (FP8_BLOCK, FP8_BLOCK)
+            self.dequantized.copy_(dequantize_blocks(self.weight, self.weight_scale_inv, block, self.dtype))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        if self.dequantized is None:
+            raise RuntimeError("this Fp8Linear was built without keep_dequantized=True")
+        return self.dequantized
+
+
+def make_linear(
+    in_features: int,
+    out_features: int,
+    backend: ModelBackend,
+    dtype: torch.dtype,
+    device: torch.device,
+    keep_dequantized: bool = False,
+) -> Linear | Fp8Linear:
+    """A quantizable projection (one that FP8 checkpoints store as FP8) for `backend`."""
+    if backend.fp8_linear:
+        assert backend.ops is not None
+        return Fp8Linear(in_features, out_features, backend.ops, dtype, device, keep_dequantized)
+    return Linear(in_features, out_features, dtype, device)
 
 
 class RMSNorm(nn.Module):
@@ -56,26 +127,33 @@ class MLA(nn.Module):
     roped shared key [R]; prefill expands them through kv_b_proj, decode absorbs kv_b_proj into the
     query (W_UK) and the output (W_UV) instead."""
 
-    def __init__(self, args: ModelArgs, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, args: ModelArgs, backend: ModelBackend, dtype: torch.dtype, device: torch.device
+    ) -> None:
         super().__init__()
         self.n_heads, self.nope, self.rope_dim = args.n_heads, args.qk_nope_head_dim, args.qk_rope_head_dim
         self.latent, self.v_dim = args.kv_lora_rank, args.v_head_dim
         self.scale = args.softmax_scale
         qk = args.n_heads * args.qk_head_dim
         if args.q_lora_rank:
-            self.q_a_proj = Linear(args.dim, args.q_lora_rank, dtype, device)
+            self.q_a_proj = make_linear(args.dim, args.q_lora_rank, backend, dtype, device)
             self.q_a_layernorm = RMSNorm(args.q_lora_rank, args.rms_norm_eps, dtype, device)
-            self.q_b_proj = Linear(args.q_lora_rank, qk, dtype, device)
+            self.q_b_proj = make_linear(args.q_lora_rank, qk, backend, dtype, device)
             self.query = self._query_lora
         else:
-            self.q_proj = Linear(args.dim, qk, dtype, device)
+            self.q_proj = make_linear(args.dim, qk, backend, dtype, device)
             self.query = self._query_direct
-        self.kv_a_proj_with_mqa = Linear(args.dim, args.kv_cache_dim, dtype, device)
+        self.kv_a_proj_with_mqa = make_linear(args.dim, args.kv_cache_dim, backend, dtype, device)
         self.kv_a_layernorm = RMSNorm(args.kv_lora_rank, args.rms_norm_eps, dtype, device)
-        self.kv_b_proj = Linear(
-            args.kv_lora_rank, args.n_heads * (args.qk_nope_head_dim + args.v_head_dim), dtype, device
+        self.kv_b_proj = make_linear(
+            args.kv_lora_rank,
+            args.n_heads * (args.qk_nope_head_dim + args.v_head_dim),
+            backend,
+            dtype,
+            device,
+            keep_dequantized=True,
         )
-        self.o_proj = Linear(args.n_heads * args.v_head_dim, args.dim, dtype, device)
+        self.o_proj = make_linear(args.n_heads * args.v_head_dim, args.dim, backend, dtype, device)
 
     def _query_lora(self, x: torch.Tensor) -> torch.Tensor:
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -127,7 +205,7 @@ class MLA(nn.Module):
         batch: StepBatch,
         attention: AttentionBackend,
     ) -> torch.Tensor:
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.latent)
+        w = self.kv_b_proj.dequantized_weight().view(self.n_heads, self.nope + self.v_dim, self.latent)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [N, D, L], [N, V, L]
         q_latent = torch.einsum("tnd,ndl->tnl", q_nope, w_uk)  # [T, N, L]
         out_latent = attention.decode(q_latent, q_pe, kv_cache, batch, self.scale)  # [T, N, L]
@@ -137,11 +215,13 @@ class MLA(nn.Module):
 class MLP(nn.Module):
     """SwiGLU feed-forward: the dense layers and the shared experts."""
 
-    def __init__(self, dim: int, inter_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, dim: int, inter_dim: int, backend: ModelBackend, dtype: torch.dtype, device: torch.device
+    ) -> None:
         super().__init__()
-        self.gate_proj = Linear(dim, inter_dim, dtype, device)
-        self.up_proj = Linear(dim, inter_dim, dtype, device)
-        self.down_proj = Linear(inter_dim, dim, dtype, device)
+        self.gate_proj = make_linear(dim, inter_dim, backend, dtype, device)
+        self.up_proj = make_linear(dim, inter_dim, backend, dtype, device)
+        self.down_proj = make_linear(inter_dim, dim, backend, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -178,16 +258,25 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """The routed experts this rank owns, stacked: w13 holds gate rows then up rows.
+    """The routed experts this rank owns, stacked: w13 holds gate rows then up rows; forward is
+    the torch reference (a loop over the local experts: the CPU path).
 
     Checkpoint tensors `experts.E.{gate,up,down}_proj.weight` load into slot E - first_expert."""
 
-    def __init__(self, args: ModelArgs, owned: range, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        args: ModelArgs,
+        owned: range,
+        dtype: torch.dtype,
+        device: torch.device,
+        weight_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.owned = owned
         self.inter = args.moe_inter_dim
-        self.w13 = _param((len(owned), 2 * args.moe_inter_dim, args.dim), dtype, device)  # [E_loc, 2I, H]
-        self.w2 = _param((len(owned), args.dim, args.moe_inter_dim), dtype, device)  # [E_loc, H, I]
+        wdtype = weight_dtype or dtype
+        self.w13 = _param((len(owned), 2 * args.moe_inter_dim, args.dim), wdtype, device)  # [E_loc, 2I, H]
+        self.w2 = _param((len(owned), args.dim, args.moe_inter_dim), wdtype, device)  # [E_loc, H, I]
 
     def expert_weight(self, expert: int, proj: str) -> torch.Tensor:
         """The slice of the stacked weights that checkpoint tensor `experts.<expert>.<proj>.weight` fills."""
@@ -220,12 +309,89 @@ class Experts(nn.Module):
         return out
 
 
+class FusedExperts(Experts):
+    """The same stacked experts run by `fused_moe` (grouped GEMMs, no host sync: graph-capturable)."""
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        owned: range,
+        ops: KernelOps,
+        dtype: torch.dtype,
+        device: torch.device,
+        weight_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(args, owned, dtype, device, weight_dtype)
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        return self.ops.fused_moe(x.contiguous(), topk_ids, topk_weights, self.w13, self.w2, self.owned.start)
+
+
+class Fp8Experts(FusedExperts):
+    """Stacked experts with FP8 e4m3 weights and 128x128 block scales, run by `fused_moe`:
+    w13_scale_inv [E_loc, 2I/128, ceil(H/128)] (gate blocks, then up blocks: I % 128 == 0) and
+    w2_scale_inv [E_loc, ceil(H/128), I/128]."""
+
+    def __init__(
+        self, args: ModelArgs, owned: range, ops: KernelOps, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        if args.moe_inter_dim % FP8_BLOCK:
+            raise ValueError(
+                f"FP8 experts need moe_intermediate_size to be a multiple of {FP8_BLOCK}, got {args.moe_inter_dim}"
+            )
+        super().__init__(args, owned, ops, dtype, device, weight_dtype=FP8_DTYPE)
+        block = (FP8_BLOCK, FP8_BLOCK)
+        g13 = scale_grid((2 * args.moe_inter_dim, args.dim), block)
+        g2 = scale_grid((args.dim, args.moe_inter_dim), block)
+        self.w13_scale_inv = _param((len(owned), *g13), torch.float32, device)
+        self.w2_scale_inv = _param((len(owned), *g2), torch.float32, device)
+
+    def expert_scale(self, expert: int, proj: str) -> torch.Tensor:
+        """The slice of the stacked scales that `experts.<expert>.<proj>.weight_scale_inv` fills."""
+        slot = self.owned.index(expert)
+        gate_blocks = self.inter // FP8_BLOCK
+        if proj == "gate_proj":
+            return self.w13_scale_inv[slot, :gate_blocks]
+        if proj == "up_proj":
+            return self.w13_scale_inv[slot, gate_blocks:]
+        if proj == "down_proj":
+            return self.w2_scale_inv[slot]
+        raise KeyError(f"expert projection {proj!r} is not one of gate_proj, up_proj, down_proj")
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        return self.ops.fused_moe(
+            x.contiguous(),
+            topk_ids,
+            topk_weights,
+            self.w13,
+            self.w2,
+            self.owned.start,
+            self.w13_scale_inv,
+            self.w2_scale_inv,
+        )
+
+
+def make_experts(
+    args: ModelArgs, owned: range, backend: ModelBackend, dtype: torch.dtype, device: torch.device
+) -> Experts:
+    if backend.ops is None:
+        return Experts(args, owned, dtype, device)
+    if backend.fp8_experts:
+        return Fp8Experts(args, owned, backend.ops, dtype, device)
+    return FusedExperts(args, owned, backend.ops, dtype, device)
+
+
 class MoE(nn.Module):
-    def __init__(self, args: ModelArgs, owned: range, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, args: ModelArgs, owned: range, backend: ModelBackend, dtype: torch.dtype, device: torch.device
+    ) -> None:
         super().__init__()
         self.gate = Gate(args, device)
-        self.experts = Experts(args, owned, dtype, device)
-        self.shared_experts = MLP(args.dim, args.moe_inter_dim * args.n_shared_experts, dtype, device)
+        self.experts = make_experts(args, owned, backend, dtype, device)
+        self.shared_experts = MLP(
+            args.dim, args.moe_inter_dim * args.n_shared_experts, backend, dtype, device
+        )
         self.transport: ExpertTransport = SingleRankTransport()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,17 +402,23 @@ class MoE(nn.Module):
 
 class Block(nn.Module):
     def __init__(
-        self, args: ModelArgs, layer: int, owned: range, dtype: torch.dtype, device: torch.device
+        self,
+        args: ModelArgs,
+        layer: int,
+        owned: range,
+        backend: ModelBackend,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(args.dim, args.rms_norm_eps, dtype, device)
-        self.self_attn = MLA(args, dtype, device)
+        self.self_attn = MLA(args, backend, dtype, device)
         self.post_attention_layernorm = RMSNorm(args.dim, args.rms_norm_eps, dtype, device)
         self.mlp: nn.Module
         if args.is_moe_layer(layer):
-            self.mlp = MoE(args, owned, dtype, device)
+            self.mlp = MoE(args, owned, backend, dtype, device)
         else:
-            self.mlp = MLP(args.dim, args.inter_dim, dtype, device)
+            self.mlp = MLP(args.dim, args.inter_dim, backend, dtype, device)
 
     def forward(
         self, x: torch.Tensor, batch: StepBatch, kv_cache: torch.Tensor, attention: AttentionBackend
@@ -256,16 +428,21 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, args: ModelArgs, owned: range, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, args: ModelArgs, owned: range, backend: ModelBackend, dtype: torch.dtype, device: torch.device
+    ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim, dtype=dtype, device=device)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(Block(args, i, owned, dtype, device) for i in range(args.n_layers))
+        self.layers = nn.ModuleList(
+            Block(args, i, owned, backend, dtype, device) for i in range(args.n_layers)
+        )
         self.norm = RMSNorm(args.dim, args.rms_norm_eps, dtype, device)
 
 
 class DeepseekV3(nn.Module):
-    """The causal LM. `owned` is the range of routed experts this rank holds (all of them with one rank)."""
+    """The causal LM. `owned` is the range of routed experts this rank holds (all of them with one
+    rank); `backend` picks the layer implementations (default: the torch reference)."""
 
     def __init__(
         self,
@@ -273,19 +450,27 @@ class DeepseekV3(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         owned: range | None = None,
-        attention: AttentionBackend | None = None,
+        backend: ModelBackend | None = None,
     ) -> None:
         super().__init__()
         self.args = args
         self.owned = owned if owned is not None else range(args.n_routed_experts)
-        self.attention: AttentionBackend = attention or TorchAttention()
-        self.model = Decoder(args, self.owned, dtype, device)
+        self.backend = backend or ModelBackend.reference()
+        self.attention: AttentionBackend = self.backend.attention
+        self.model = Decoder(args, self.owned, self.backend, dtype, device)
         self.lm_head = Linear(args.dim, args.vocab_size, dtype, device)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # type: ignore[assignment]
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+
+    def weights_loaded(self) -> None:
+        """Derive what is computed from the weights (kv_b_proj's dequantized copy); the loaders
+        call this after filling the parameters."""
+        for module in self.modules():
+            if isinstance(module, Fp8Linear):
+                module.refresh_dequantized()
 
     def forward(
         self, input_ids: torch.Tensor, batch: StepBatch, kv_caches: list[torch.Tensor]

@@ -4,6 +4,9 @@ A rank reads only the tensors it holds: everything except routed experts, plus t
 it owns. Multi-token-prediction layers are skipped. Every tensor is checked before it is copied:
 a missing, unexpected or misshaped tensor raises CheckpointError naming the tensor, its file and
 the expected shape. Pickle checkpoints (.bin, .pt) are refused and never unpickled.
+
+FP8 tensors go into FP8 parameters as they are, with their scales, where the model's backend
+keeps FP8 weights (Fp8Linear, Fp8Experts); elsewhere they are dequantized into the compute dtype.
 """
 
 from __future__ import annotations
@@ -102,6 +105,7 @@ def load_checkpoint(model: DeepseekV3, path: str | Path) -> None:
                         time.monotonic() - started,
                     )
                     next_report = min(1.0, done / total + step)
+    model.weights_loaded()
     log.info("loaded weights in %.1f s", time.monotonic() - started)
 
 
@@ -163,7 +167,11 @@ def _load_one(  # type: ignore[no-untyped-def]
                 f"tensor {scale_name(spec.name)} has shape {list(scale.shape)} but a {list(spec.shape)} weight "
                 f"with {args.fp8_block[0]}x{args.fp8_block[1]} blocks needs {list(grid)} (ceil-divided)"
             )
-        target.copy_(dequantize_blocks(tensor, scale, args.fp8_block, target.dtype))
+        if target.dtype == FP8_DTYPE:
+            target.copy_(tensor)
+            _scale_target(model, spec).copy_(scale)
+        else:
+            target.copy_(dequantize_blocks(tensor, scale, args.fp8_block, target.dtype))
         return
     if tensor.dtype not in FLOAT_DTYPES:
         raise CheckpointError(
@@ -192,6 +200,15 @@ def _target(model: DeepseekV3, spec: TensorSpec) -> torch.Tensor:
     return experts.expert_weight(spec.expert, proj)  # type: ignore[operator]
 
 
+def _scale_target(model: DeepseekV3, spec: TensorSpec) -> torch.Tensor:
+    """The parameter (or stacked slice) that an FP8 weight's weight_scale_inv fills."""
+    if spec.expert is None:
+        return model.get_parameter(scale_name(spec.name)).data
+    layer = spec.name.split(".")[2]
+    experts = model.get_submodule(f"model.layers.{layer}.mlp.experts")
+    return experts.expert_scale(spec.expert, spec.name.split(".")[-2])  # type: ignore[operator]
+
+
 def _nbytes(spec: TensorSpec, args: ModelArgs) -> int:
     numel = 1
     for d in spec.shape:
@@ -199,18 +216,43 @@ def _nbytes(spec: TensorSpec, args: ModelArgs) -> int:
     return numel * (1 if (args.fp8_block and spec.quantizable) else 2)
 
 
+DUMMY_CHUNK = 1 << 26  # elements drawn at a time for large parameters (bounds the float32 scratch)
+
+
 def fill_dummy(model: DeepseekV3, seed: int = 0) -> None:
     """load_format "dummy": random weights of the right shapes, no files read.
 
     Linear weights ~ N(0, 1/fan_in), norms ~ 1, embeddings ~ N(0, 1): activations stay finite
-    and of order one through all layers, so timings and numerics are representative."""
-    for i, (name, param) in enumerate(model.named_parameters()):
+    and of order one through all layers, so timings and numerics are representative. FP8 weights
+    hold N(0, 1) values in e4m3 and their block scales are ~ 1/sqrt(fan_in) (± 10%), so the
+    dequantized weights have the same statistics."""
+    params = dict(model.named_parameters())
+    for i, (name, param) in enumerate(params.items()):
         generator = torch.Generator(device=param.device).manual_seed(seed * 1_000_003 + i)
-        value = torch.randn(param.shape, generator=generator, device=param.device)
-        if name.endswith("e_score_correction_bias"):
-            value *= 0.05
+        if name.endswith("_scale_inv"):  # Fp8Linear.weight_scale_inv, Fp8Experts.w13_scale_inv, ...
+            fan_in = params[name.removesuffix("_scale_inv")].shape[-1]
+            _fill(param, generator, lambda v, f=fan_in: (1.0 + 0.1 * v) * f**-0.5)
+        elif param.dtype == FP8_DTYPE:
+            _fill(param, generator, lambda v: v)
+        elif name.endswith("e_score_correction_bias"):
+            _fill(param, generator, lambda v: v * 0.05)
         elif param.dim() == 1:
-            value = value * 0.1 + 1.0
-        elif not name.endswith("embed_tokens.weight"):
-            value *= param.shape[-1] ** -0.5
-        param.data.copy_(value)
+            _fill(param, generator, lambda v: v * 0.1 + 1.0)
+        elif name.endswith("embed_tokens.weight"):
+            _fill(param, generator, lambda v: v)
+        else:
+            _fill(param, generator, lambda v, f=param.shape[-1]: v * f**-0.5)
+    model.weights_loaded()
+
+
+def _fill(param: torch.Tensor, generator: torch.Generator, transform) -> None:  # type: ignore[no-untyped-def]
+    """param ← transform(N(0, 1) draws), drawn in chunks along dim 0 for large parameters."""
+    data = param.data
+    if data.numel() <= DUMMY_CHUNK or data.dim() == 0:
+        value = torch.randn(data.shape, generator=generator, device=data.device)
+        data.copy_(transform(value))
+        return
+    rows = max(1, DUMMY_CHUNK // (data.numel() // data.shape[0]))
+    for start in range(0, data.shape[0], rows):
+        part = data[start : start + rows]
+        part.copy_(transform(torch.randn(part.shape, generator=generator, device=data.device)))

@@ -78,6 +78,22 @@ TINY_HF_CONFIG: dict[str, Any] = {
     "torch_dtype": "bfloat16",
 }
 
+# Overrides of TINY_HF_CONFIG with the dims the GPU kernels serve at full speed and FP8 keeps
+# FP8 everywhere: multiples of 128 (moe_intermediate_size for FP8 experts; hidden, latent, LoRA
+# ranks for whole 128-wide blocks), rope/nope/v dims of 32 (tl.dot wants >= 16). kv_a_proj_with_mqa
+# is 160 x 256: its second row of blocks is partial, as DeepSeek-V3's 576-row one is.
+TINY_KERNEL_OVERRIDES: dict[str, Any] = {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "moe_intermediate_size": 128,
+    "q_lora_rank": 128,
+    "kv_lora_rank": 128,
+    "qk_nope_head_dim": 32,
+    "qk_rope_head_dim": 32,
+    "v_head_dim": 32,
+    "num_hidden_layers": 3,
+}
+
 FP8_QUANTIZATION_CONFIG = {
     "activation_scheme": "dynamic",
     "fmt": "e4m3",

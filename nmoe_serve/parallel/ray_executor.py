@@ -23,6 +23,9 @@ from nmoe_serve.topology import Topology
 log = logging.getLogger(__name__)
 
 
+CPU_RANK_SHARE = 0.1
+
+
 class RayExecutor:
     name = "ray"
 
@@ -38,7 +41,9 @@ class RayExecutor:
         parallel = settings.config.parallel
         self.step_timeout_s = parallel.step_timeout_s
         self.start_timeout_s = parallel.start_timeout_s
-        if not ray.is_initialized():
+        if not ray.is_initialized() and os.environ.get("RAY_ADDRESS"):
+            ray.init()  # inside a Ray job or with an explicit cluster: join it
+        elif not ray.is_initialized():
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local cluster on 127.0.0.1
             resources: dict[str, Any] = {}
             if settings.device == "cpu":
@@ -57,7 +62,8 @@ class RayExecutor:
 
         started = time.monotonic()
         gpu = self.settings.device == "cuda"
-        bundle = {"GPU": 1.0, "CPU": 1.0} if gpu else {"CPU": 1.0}
+        # CPU ranks take a sliver of a logical CPU each, so 8 of them fit a 2-core laptop's cluster
+        bundle = {"GPU": 1.0, "CPU": 1.0} if gpu else {"CPU": CPU_RANK_SHARE}
         self.placement_group = placement_group(
             [dict(bundle) for _ in range(self.num_ranks)],
             strategy="STRICT_PACK",
@@ -76,7 +82,7 @@ class RayExecutor:
         self.actors = [
             remote.options(
                 name=f"nmoe-worker-{self.group}-r{rank}",
-                num_cpus=1,
+                num_cpus=bundle["CPU"],
                 num_gpus=1 if gpu else 0,
                 max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, rank),

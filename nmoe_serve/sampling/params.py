@@ -116,6 +116,9 @@ class SamplingParams:
     def with_seed(self, seed: int | None) -> SamplingParams:
         return dataclasses.replace(self, seed=seed)
 
+    def with_n(self, n: int) -> SamplingParams:
+        return dataclasses.replace(self, n=n)
+
 
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)

@@ -2,6 +2,10 @@
 
 Zero-filled at allocation so that never-written slots hold finite values (masked attention
 multiplies them by zero probabilities, and 0 × NaN would be NaN).
+
+One page more than `num_pages` is allocated: the scratch page (index num_pages), which the
+scheduler never hands out. Padded rows of a CUDA-graph decode batch write their latents there
+and attend to it, so they never touch a request's pages.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ class KVCache:
         self, args: ModelArgs, num_pages: int, page_size: int, dtype: torch.dtype, device: torch.device
     ) -> None:
         self.num_pages, self.page_size = num_pages, page_size
+        self.scratch_page = num_pages
         self.storage = torch.zeros(
-            args.n_layers, num_pages, page_size, args.kv_cache_dim, dtype=dtype, device=device
-        )  # [layers, pages, P, L+R]
+            args.n_layers, num_pages + 1, page_size, args.kv_cache_dim, dtype=dtype, device=device
+        )  # [layers, pages + scratch, P, L+R]
         self.layers = list(self.storage.unbind(0))  # per-layer views [pages, P, L+R]
 
     @property

@@ -59,6 +59,22 @@ def build_step_batch(
     return t(plan.token_ids, torch.int64), batch
 
 
+def decode_inputs(plan: StepPlan, page_size: int) -> dict[str, np.ndarray]:
+    """A decode plan's per-sequence arrays: token_ids, positions, slot_mapping [B] int64,
+    context_lens [B] int32 and logits_rows (the rows to sample) int64."""
+    if plan.kind != StepKind.DECODE or np.any(plan.query_lens != 1):
+        raise PlanError(f"step {plan.step_id}: not a decode plan (one new token per sequence)")
+    seqs = np.arange(plan.num_seqs)
+    positions = plan.context_lens.astype(np.int64) - 1
+    return {
+        "token_ids": plan.token_ids.astype(np.int64),
+        "positions": positions,
+        "slot_mapping": _slots(plan, seqs, positions, page_size),
+        "context_lens": plan.context_lens.astype(np.int32),
+        "logits_rows": np.flatnonzero(plan.sample).astype(np.int64),
+    }
+
+
 def _slots(plan: StepPlan, seqs: np.ndarray, positions: np.ndarray, page_size: int) -> np.ndarray:
     page_index = positions // page_size
     if page_index.size and page_index.max() >= plan.page_table.shape[1]:

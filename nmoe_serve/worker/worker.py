@@ -12,26 +12,30 @@ import time
 
 import torch
 
-from nmoe_serve.engine.plan import StepPlan, StepResult
+from nmoe_serve.engine.plan import StepKind, StepPlan, StepResult
 from nmoe_serve.engine.settings import EngineSettings
-from nmoe_serve.model.attention import TorchAttention
+from nmoe_serve.model.backend import ModelBackend, choose_backend
 from nmoe_serve.model.deepseek_v3 import DeepseekV3
 from nmoe_serve.model.loader import fill_dummy, load_checkpoint
 from nmoe_serve.model.rope import RotaryEmbedding
 from nmoe_serve.parallel.transport import AllToAllTransport, CollectiveLog, StepClock
 from nmoe_serve.sampling.sampler import Sampler
 from nmoe_serve.topology import Topology
+from nmoe_serve.worker.cuda_graphs import DecodeGraphs, EagerSteps, graph_batch_sizes
 from nmoe_serve.worker.kv_cache import KVCache, page_bytes
-from nmoe_serve.worker.step_batch import build_step_batch
 
 log = logging.getLogger(__name__)
 
 
 class Worker:
     """One rank. With world_size > 1, torch.distributed must be initialised before construction
-    (the Ray actor does it): the MoE layers then exchange tokens with the other ranks."""
+    (the Ray actor does it): the MoE layers then exchange tokens with the other ranks.
 
-    def __init__(self, settings: EngineSettings, topology: Topology) -> None:
+    `backend` overrides the layer implementations chosen from the settings (tests)."""
+
+    def __init__(
+        self, settings: EngineSettings, topology: Topology, backend: ModelBackend | None = None
+    ) -> None:
         self.settings, self.topology = settings, topology
         self.device = torch.device(settings.device)
         args = settings.args
@@ -41,7 +45,7 @@ class Worker:
             dtype=settings.torch_dtype,
             device=self.device,
             owned=topology.owned_experts(args.n_routed_experts),
-            attention=TorchAttention(),
+            backend=backend or choose_backend(settings.kernels, args),
         )
         if settings.load_format == "dummy":
             fill_dummy(self.model, seed=settings.config.device.seed)
@@ -57,13 +61,39 @@ class Worker:
         self.kv_cache = KVCache(args, self.num_pages, settings.page_size, settings.torch_dtype, self.device)
         self.sampler = Sampler(args.vocab_size, self.device, seed=settings.config.device.seed + topology.rank)
         self.eos_token_id = args.eos_token_ids[0] if args.eos_token_ids else None
+        eager = EagerSteps(self.model, self.kv_cache.layers, self.rope, settings.page_size, self.device)
+        self.steps: dict[StepKind, EagerSteps | DecodeGraphs] = {
+            StepKind.PREFILL: eager,
+            StepKind.DECODE: eager,
+        }
+        graph_sizes = (
+            graph_batch_sizes(settings.cuda_graph_max_batch) if settings.cuda_graph_max_batch else ()
+        )
+        if graph_sizes:
+            graphs = DecodeGraphs(
+                self.model,
+                self.kv_cache.layers,
+                self.kv_cache.scratch_page,
+                self.rope,
+                settings.page_size,
+                -(-settings.max_seq_len // settings.page_size),
+                graph_sizes,
+                self.device,
+                fallback=eager,
+                clock=self.clock,
+                collectives=self.collectives,
+            )
+            graphs.capture()
+            self.steps[StepKind.DECODE] = graphs
         log.info(
-            "rank %d/%d: experts %s, attention %s, transport %s, %d KV pages of %d tokens (%.1f MB), ready in %.1f s",
+            "rank %d/%d: experts %s, %s, transport %s, decode %s, %d KV pages of %d tokens (%.1f MB), "
+            "ready in %.1f s",
             topology.rank,
             topology.world_size,
             self.model.owned,
-            self.model.attention.name,
+            self.model.backend.describe(),
             self.model.moe_layers()[0].transport.name if self.model.moe_layers() else "-",
+            f"CUDA graphs {list(graph_sizes)}" if graph_sizes else "eager",
             self.num_pages,
             settings.page_size,
             self.kv_cache.nbytes / 1e6,
@@ -95,7 +125,7 @@ class Worker:
             budget = free - (1 - cache.memory_utilization) * total
         else:
             budget = cache.cpu_kv_cache_gib * 2**30
-        pages = int(budget // per_page)
+        pages = int(budget // per_page) - 1  # one more is the scratch page
         need = -(-self.settings.max_seq_len // cache.page_size)
         if pages < need:
             raise RuntimeError(
@@ -114,9 +144,8 @@ class Worker:
         for new in plan.new_requests:
             self.sampler.add_request(new.request_id, new.sampling, new.prompt_token_ids, new.output_token_ids)
         self.clock.begin(plan.step_id, plan.kind)
-        input_ids, batch = build_step_batch(plan, self.settings.page_size, self.rope, self.device)
-        hidden = self.model(input_ids, batch, self.kv_cache.layers)
-        logits = self.model.compute_logits(hidden[batch.logits_rows])
+        hidden, logits_rows = self.steps[plan.kind].run(plan)
+        logits = self.model.compute_logits(hidden[logits_rows])
         sampled_ids = tuple(rid for rid, s in zip(plan.request_ids, plan.sample, strict=True) if s)
         out = self.sampler.sample(sampled_ids, logits, self.eos_token_id)
         return StepResult(
@@ -137,9 +166,8 @@ class Worker:
         all_positions=True gives a row for every new token instead of one per sampled sequence."""
         with torch.inference_mode():
             self.clock.begin(plan.step_id, plan.kind)
-            input_ids, batch = build_step_batch(plan, self.settings.page_size, self.rope, self.device)
-            hidden = self.model(input_ids, batch, self.kv_cache.layers)
-            rows = hidden if all_positions else hidden[batch.logits_rows]
+            hidden, logits_rows = self.steps[plan.kind].run(plan)
+            rows = hidden if all_positions else hidden[logits_rows]
             return self.model.compute_logits(rows)
 
     def stats(self) -> dict[str, float]:

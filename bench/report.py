@@ -1,0 +1,65 @@
+"""Shared by the benchmark scripts: percentiles, a printed table, JSON and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+
+def percentiles(values: list[float], scale: float = 1.0) -> dict[str, float]:
+    """p50/p90/p99/mean/max of values × scale (nearest-rank); zeros when empty."""
+    if not values:
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "mean": 0.0, "max": 0.0, "count": 0}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))] * scale
+
+    return {
+        "p50": at(0.5),
+        "p90": at(0.9),
+        "p99": at(0.99),
+        "mean": statistics.fmean(values) * scale,
+        "max": ordered[-1] * scale,
+        "count": len(values),
+    }
+
+
+def print_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    print(f"\n{title}")
+    widths = [max(len(c), *(len(_cell(r.get(c))) for r in rows)) for c in columns]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in rows:
+        print("  ".join(_cell(r.get(c)).rjust(w) for c, w in zip(columns, widths, strict=True)))
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    payload = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+    print(f"wrote {path}")
+
+
+def new_figure(rows: int = 1, cols: int = 1, size: tuple[float, float] = (10, 4)):  # type: ignore[no-untyped-def]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(rows, cols, figsize=size, squeeze=False)
+
+
+def save_figure(fig, path: Path) -> None:  # type: ignore[no-untyped-def]
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")

@@ -1,0 +1,107 @@
+"""Metrics through ray.util.metrics, named like vLLM's so existing dashboards translate.
+
+Ray exports them on its Prometheus endpoint with a `ray_` prefix (e.g.
+`ray_nmoe_time_to_first_token_seconds_bucket`) and the Ray dashboard shows them. Created inside
+the replicas that record them (the ingress: latencies and errors; the coordinator: the engine).
+"""
+
+from __future__ import annotations
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = [
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    8.0,
+    12.0,
+    20.0,
+    40.0,
+    80.0,
+]
+STEP_BUCKETS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0]
+
+
+class FrontendMetrics:
+    def __init__(self, model: str) -> None:
+        tags = ("model",)
+        self.model = {"model": model}
+        self.ttft = Histogram(
+            "nmoe_time_to_first_token_seconds", "Time to first token", LATENCY_BUCKETS, tags
+        )
+        self.itl = Histogram(
+            "nmoe_inter_token_latency_seconds", "Time between streamed tokens", LATENCY_BUCKETS, tags
+        )
+        self.e2e = Histogram(
+            "nmoe_e2e_request_latency_seconds", "Request latency, end to end", LATENCY_BUCKETS, tags
+        )
+        self.errors = Counter(
+            "nmoe_request_errors_total", "Requests answered with an error", ("model", "status")
+        )
+        for m in (self.ttft, self.itl, self.e2e):
+            m.set_default_tags(self.model)
+
+    def error(self, status: int) -> None:
+        self.errors.inc(1, {"model": self.model["model"], "status": str(status)})
+
+
+class EngineMetrics:
+    def __init__(self, model: str, group: str) -> None:
+        tags = ("model", "group")
+        self.tags = {"model": model, "group": group}
+        self.running = Gauge("nmoe_num_requests_running", "Requests on the ranks", tags)
+        self.waiting = Gauge("nmoe_num_requests_waiting", "Requests queued for admission", tags)
+        self.kv_usage = Gauge("nmoe_kv_cache_usage_perc", "Fraction of KV pages in use (0-1)", tags)
+        self.prompt_tokens = Counter("nmoe_prompt_tokens_total", "Prompt tokens admitted", tags)
+        self.generation_tokens = Counter("nmoe_generation_tokens_total", "Tokens generated", tags)
+        self.step_seconds = Histogram(
+            "nmoe_step_seconds",
+            "Time of one global step on the ranks",
+            STEP_BUCKETS,
+            ("model", "group", "kind"),
+        )
+        self.preemptions = Counter("nmoe_preemptions_total", "Requests preempted (recomputed later)", tags)
+        for m in (
+            self.running,
+            self.waiting,
+            self.kv_usage,
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.preemptions,
+        ):
+            m.set_default_tags(self.tags)
+        self._preemptions_seen = 0
+
+    def after_step(
+        self,
+        kind: str,
+        seconds: float,
+        tokens: int,
+        running: int,
+        waiting: int,
+        kv_usage: float,
+        preemptions: int,
+    ) -> None:
+        self.step_seconds.observe(seconds, {**self.tags, "kind": kind})
+        if tokens:
+            self.generation_tokens.inc(tokens)
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.kv_usage.set(kv_usage)
+        if preemptions > self._preemptions_seen:
+            self.preemptions.inc(preemptions - self._preemptions_seen)
+            self._preemptions_seen = preemptions

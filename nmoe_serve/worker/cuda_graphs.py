@@ -1,0 +1,223 @@
+"""How a worker runs a step's forward: eagerly, or (decode) by replaying a CUDA graph.
+
+Decode steps have static shapes once the batch is padded: graphs are captured at start-up for a
+ladder of batch sizes (after a warm-up that compiles the kernels) and a decode batch of B
+sequences replays the smallest graph of size S >= max(B, 1). The graph reads its inputs from
+static buffers that each step overwrites; rows B..S-1 are padding: token 0 at position 0, one
+token of context, writing and reading only the KV cache's scratch page, never sampled. A T = 0
+plan replays the size-1 graph with its one row padded, so an idle rank still runs every layer
+and, with expert parallelism, every collective of the fixed-capacity MoE exchange (captured in
+the graph). Prefill steps, and decode batches larger than the largest graph, run eagerly.
+
+With capture=False (the CPU, tests) the padded static-buffer forward runs eagerly instead of
+being replayed: the same inputs and padding, checkable without a GPU.
+
+Legend: B sequences in the plan, S graph batch size, W page-table width (pages of one
+max_seq_len sequence), H hidden.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from nmoe_serve.engine.plan import StepKind, StepPlan
+from nmoe_serve.model.batch import StepBatch
+from nmoe_serve.model.deepseek_v3 import DeepseekV3
+from nmoe_serve.model.rope import RotaryEmbedding
+from nmoe_serve.parallel.transport import CollectiveLog, StepClock
+from nmoe_serve.worker.step_batch import PlanError, build_step_batch, decode_inputs
+
+log = logging.getLogger(__name__)
+
+
+def graph_batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """The ladder of graph batch sizes: 1, 2, 4, 8, 16, then multiples of 32, up to and
+    including max_batch (padding wastes at most 31 rows above 32)."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    sizes = {s for s in (1, 2, 4, 8, 16) if s < max_batch}
+    sizes.update(range(32, max_batch, 32))
+    sizes.add(max_batch)
+    return tuple(sorted(sizes))
+
+
+def graph_size_for(num_seqs: int, sizes: tuple[int, ...]) -> int | None:
+    """The smallest size in `sizes` holding max(num_seqs, 1) rows, or None if none does."""
+    need = max(num_seqs, 1)
+    return next((s for s in sizes if s >= need), None)
+
+
+class EagerSteps:
+    """Runs any plan eagerly: builds the StepBatch and calls the model."""
+
+    def __init__(
+        self,
+        model: DeepseekV3,
+        kv_layers: list[torch.Tensor],
+        rope: RotaryEmbedding,
+        page_size: int,
+        device: torch.device,
+    ) -> None:
+        self.model, self.kv_layers, self.rope = model, kv_layers, rope
+        self.page_size, self.device = page_size, device
+
+    def run(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden [T, H], logits_rows [B_sampled]) for `plan`."""
+        input_ids, batch = build_step_batch(plan, self.page_size, self.rope, self.device)
+        return self.model(input_ids, batch, self.kv_layers), batch.logits_rows
+
+
+class DecodeGraphs:
+    """Decode steps from CUDA graphs at `sizes` (see the module docstring); `fallback` runs
+    decode batches larger than sizes[-1]."""
+
+    def __init__(
+        self,
+        model: DeepseekV3,
+        kv_layers: list[torch.Tensor],
+        scratch_page: int,
+        rope: RotaryEmbedding,
+        page_size: int,
+        max_pages_per_seq: int,
+        sizes: tuple[int, ...],
+        device: torch.device,
+        fallback: EagerSteps,
+        capture: bool = True,
+        clock: StepClock | None = None,
+        collectives: CollectiveLog | None = None,
+    ) -> None:
+        if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
+            raise ValueError(f"graph sizes must be increasing positive batch sizes, got {sizes}")
+        if capture and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        self.model, self.kv_layers, self.rope = model, kv_layers, rope
+        self.page_size, self.sizes, self.device = page_size, sizes, device
+        self.fallback, self.capture_graphs = fallback, capture
+        self.clock, self.collectives = clock, collectives
+        self.scratch_page = scratch_page
+        self.scratch_slot = scratch_page * page_size
+        self.width = max_pages_per_seq
+        rows = sizes[-1]
+        with torch.inference_mode():
+            self.input_ids = torch.zeros(rows, dtype=torch.int64, device=device)  # [S]
+            self.positions = torch.zeros(rows, dtype=torch.int64, device=device)  # [S]
+            self.slot_mapping = torch.full(
+                (rows,), self.scratch_slot, dtype=torch.int64, device=device
+            )  # [S]
+            self.context_lens = torch.ones(rows, dtype=torch.int32, device=device)  # [S]
+            self.page_table = torch.full((rows, self.width), -1, dtype=torch.int32, device=device)  # [S, W]
+            self.page_table[:, 0] = scratch_page
+            self.row_index = torch.arange(rows + 1, dtype=torch.int64, device=device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._collective_template: list[tuple[int, int, str]] = []
+
+    def _batch(self, size: int) -> tuple[torch.Tensor, StepBatch]:
+        """The model's inputs for a graph of `size` rows: views of the static buffers. The host
+        lists (query_lens, context_lens) are placeholders: decode reads only the tensors."""
+        positions = self.positions[:size]
+        cos, sin = self.rope.cos_sin(positions)  # inside the graph: recomputed at every replay
+        cu = self.row_index[: size + 1].int()
+        batch = StepBatch(
+            is_prefill=False,
+            positions=positions,
+            slot_mapping=self.slot_mapping[:size],
+            rope_cos=cos,
+            rope_sin=sin,
+            query_lens=[1] * size,
+            context_lens=[1] * size,
+            cu_query_lens=cu,
+            cu_context_lens=cu,
+            context_lens_t=self.context_lens[:size],
+            page_table=self.page_table[:size],
+            context_slots=self.slot_mapping[:0],
+            logits_rows=self.row_index[:size],
+        )
+        return self.input_ids[:size], batch
+
+    def _forward(self, size: int) -> torch.Tensor:
+        input_ids, batch = self._batch(size)
+        return self.model(input_ids, batch, self.kv_layers)  # [S, H]
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Warm up and capture one graph per size, largest first, sharing one memory pool."""
+        if not self.capture_graphs:
+            return
+        started = time.monotonic()
+        if self.clock is not None:
+            self.clock.begin(-1, StepKind.DECODE)
+        logged = list(self.collectives.entries) if self.collectives is not None else []
+        pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.sizes):
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # compiles the kernels for this shape, settles the allocator
+                    self._forward(size)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            before = len(self.collectives.entries) if self.collectives is not None else 0
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden = self._forward(size)
+            self._graphs[size] = (graph, hidden)
+            if self.collectives is not None:
+                captured = list(self.collectives.entries)[before:]
+                self._collective_template = [(kind, layer, op) for _, kind, layer, op in captured]
+        torch.cuda.synchronize(self.device)
+        if self.collectives is not None:  # start-up runs are not steps
+            self.collectives.entries.clear()
+            self.collectives.entries.extend(logged)
+        log.info(
+            "captured decode CUDA graphs at batch sizes %s in %.1f s",
+            list(self.sizes),
+            time.monotonic() - started,
+        )
+
+    def run(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden [B, H], logits_rows [B_sampled]) of a decode plan."""
+        b = plan.num_seqs
+        size = graph_size_for(b, self.sizes)
+        if size is None:
+            return self.fallback.run(plan)
+        inputs = decode_inputs(plan, self.page_size)
+        self._write_inputs(size, b, inputs, plan)
+        if self.capture_graphs:
+            graph, hidden = self._graphs[size]
+            graph.replay()
+            if self.collectives is not None and self.clock is not None:
+                for kind, layer, op in self._collective_template:
+                    self.collectives.record(self.clock.step_id, kind, layer, op)
+        else:
+            hidden = self._forward(size)
+        rows = torch.from_numpy(inputs["logits_rows"]).to(self.device)
+        return hidden[:b], rows
+
+    def _write_inputs(self, size: int, b: int, inputs: dict[str, np.ndarray], plan: StepPlan) -> None:
+        width = plan.page_table.shape[1]
+        if width > self.width:
+            raise PlanError(
+                f"step {plan.step_id}: page table has {width} columns but the decode graphs hold "
+                f"{self.width} (one max_seq_len sequence)"
+            )
+        token_ids = np.zeros(size, np.int64)
+        positions = np.zeros(size, np.int64)
+        slots = np.full(size, self.scratch_slot, np.int64)
+        context_lens = np.ones(size, np.int32)
+        table = np.full((size, width), -1, np.int32)
+        token_ids[:b] = inputs["token_ids"]
+        positions[:b] = inputs["positions"]
+        slots[:b] = inputs["slot_mapping"]
+        context_lens[:b] = inputs["context_lens"]
+        table[:b] = plan.page_table
+        table[b:, 0] = self.scratch_page
+        # Columns past `width` keep earlier steps' entries: they lie beyond every row's context
+        # and are never read.
+        self.input_ids[:size].copy_(torch.from_numpy(token_ids))
+        self.positions[:size].copy_(torch.from_numpy(positions))
+        self.slot_mapping[:size].copy_(torch.from_numpy(slots))
+        self.context_lens[:size].copy_(torch.from_numpy(context_lens))
+        self.page_table[:size, :width].copy_(torch.from_numpy(table))

@@ -1,0 +1,290 @@
+"""The model backends on the CPU: which layers each choice builds, FP8 weights kept as stored, and
+the kernel family's layers (through the kernels' torch references, `<op>_ref`) against the torch
+reference path.
+
+What these pin, and why the tolerances:
+
+- With the activations' FP8 quantization made exact (ops that pass activations through
+  unquantized, weights still FP8 with their scales), the kernel layers compute the same function
+  as the reference layers on the dequantized weights: float32 logits agree to 1e-4 (measured
+  6e-7; association order only). This catches any wiring error (a wrong scale, slice, expert
+  offset, mask or absorbed weight).
+- With real FP8 activation quantization (1x128 groups, e4m3: 3 mantissa bits, up to 6% per
+  element) each GEMM's output carries ~2.6% relative noise (measured on one random 512 x 256
+  GEMM), and router top-k choices near a tie flip. On the 3-layer tiny FP8 checkpoint (random
+  weights, logits of std 1) the logits then differ from the dequantized reference by a relative
+  norm of 0.19 (float32 compute) and 0.18 (bf16): the bound is 0.25. Top-1 tokens agree in 90%
+  (float32) and 94% (bf16) of the rows whose reference top-2 margin exceeds 0.2: the bound is 80%.
+  This is the size of the FP8 path's error, not a check of its wiring (the test above is).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kernels.fp8_gemm import fp8_gemm_ref
+from kernels.fp8_quant import dequantize_weight_blocks
+from kernels.fused_moe import fused_moe_ref
+from kernels.mla_decode import mla_decode_ref
+from nmoe_serve.config import ServeConfig
+from nmoe_serve.engine.settings import _device_paths, resolve_settings
+from nmoe_serve.model.args import ModelArgs
+from nmoe_serve.model.attention import KernelAttention, SdpaPrefill, TorchAttention
+from nmoe_serve.model.backend import KernelOps, ModelBackend, choose_backend, kernel_backend, reference_ops
+from nmoe_serve.model.batch import StepBatch
+from nmoe_serve.model.deepseek_v3 import DeepseekV3, Experts, Fp8Experts, Fp8Linear, FusedExperts, Linear
+from nmoe_serve.model.fp8 import FP8_DTYPE, dequantize_blocks
+from nmoe_serve.model.loader import fill_dummy
+from nmoe_serve.model.tiny import TINY_KERNEL_OVERRIDES, make_tiny_checkpoint, tiny_hf_config
+from nmoe_serve.topology import Topology
+from nmoe_serve.worker.worker import Worker
+from tests.helpers import ManualPlans
+
+CPU = torch.device("cpu")
+PAGE_SIZE, NUM_PAGES = 16, 64
+
+
+@pytest.fixture(scope="module")
+def fp8_kernel_dims(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(
+        tmp_path_factory.mktemp("fp8-kernel-dims"), seed=3, fp8=True, overrides=TINY_KERNEL_OVERRIDES
+    )
+
+
+@pytest.fixture(scope="module")
+def fp32_kernel_dims(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(
+        tmp_path_factory.mktemp("fp32-kernel-dims"),
+        seed=4,
+        overrides=TINY_KERNEL_OVERRIDES,
+        dtype=torch.float32,
+    )
+
+
+def _unquantized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An "fp8_quant" that keeps x exactly: values as they are, unit scales."""
+    return x.float(), torch.ones(x.shape[0], -(-x.shape[1] // 128), device=x.device)
+
+
+def _fused_moe_dequantized(x, topk_ids, topk_weights, w13, w2, expert_start=0, w13_scale=None, w2_scale=None):  # type: ignore[no-untyped-def]
+    """fused_moe_ref on the dequantized weights: no activation quantization."""
+    if w13_scale is not None:
+        w13 = dequantize_weight_blocks(w13, w13_scale).to(x.dtype)
+        w2 = dequantize_weight_blocks(w2, w2_scale).to(x.dtype)
+    return fused_moe_ref(x, topk_ids, topk_weights, w13, w2, expert_start)
+
+
+EXACT_OPS = KernelOps("exact", _unquantized, fp8_gemm_ref, _fused_moe_dequantized, mla_decode_ref)
+
+
+def make_worker(path: Path, dtype: str, backend: ModelBackend | None = None) -> Worker:
+    config = ServeConfig.from_dict(
+        {
+            "model": {"path": str(path), "dtype": dtype, "max_seq_len": 512},
+            "cache": {"page_size": PAGE_SIZE, "num_pages": NUM_PAGES},
+            "device": {"kind": "cpu"},
+        }
+    )
+    return Worker(resolve_settings(config), Topology(), backend=backend)
+
+
+def step_logits(worker: Worker) -> torch.Tensor:
+    """Logits of every position of a batched prefill, a chunk continuing a cached context, and
+    three decode steps."""
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 496, (n,), generator=g).tolist() for n in (40, 9, 77)]
+    plans = ManualPlans(PAGE_SIZE, NUM_PAGES)
+    out = [
+        worker.logits_for(
+            plans.prefill([("s0", seqs[0][:20]), ("s1", seqs[1][:-3]), ("s2", seqs[2][:-3])]),
+            all_positions=True,
+        ),
+        worker.logits_for(plans.prefill([("s0", seqs[0][20:-3])]), all_positions=True),
+    ]
+    for k in (3, 2, 1):
+        out.append(worker.logits_for(plans.decode([(f"s{i}", s[-k]) for i, s in enumerate(seqs)])))
+    return torch.cat(out).float()
+
+
+def kernel_layers(path: Path, ops: KernelOps) -> ModelBackend:
+    return kernel_backend(ModelArgs.from_checkpoint(path), ops, SdpaPrefill())
+
+
+# --- the choice ------------------------------------------------------------------------------------
+
+
+def test_reference_backend_builds_the_torch_layers(fp8_kernel_dims: Path) -> None:
+    backend = choose_backend("torch", ModelArgs.from_checkpoint(fp8_kernel_dims))
+    assert backend.ops is None and isinstance(backend.attention, TorchAttention)
+    model = DeepseekV3(ModelArgs.from_checkpoint(fp8_kernel_dims), torch.float32, CPU, backend=backend)
+    assert isinstance(model.model.layers[0].self_attn.q_a_proj, Linear)
+    assert type(model.moe_layers()[0].experts) is Experts
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_kernel_backend_keeps_fp8_where_the_checkpoint_is_fp8(fp8_kernel_dims: Path) -> None:
+    args = ModelArgs.from_checkpoint(fp8_kernel_dims)
+    backend = kernel_backend(args, reference_ops())
+    assert backend.fp8_linear and backend.fp8_experts
+    assert isinstance(backend.attention, KernelAttention)
+    if importlib.util.find_spec("vllm_flash_attn") is None:
+        assert backend.attention.name == "mla_decode/sdpa"
+    model = DeepseekV3(args, torch.bfloat16, CPU, backend=backend)
+    attn = model.model.layers[0].self_attn
+    assert isinstance(attn.kv_b_proj, Fp8Linear) and attn.kv_b_proj.dequantized is not None
+    assert isinstance(attn.o_proj, Fp8Linear) and attn.o_proj.dequantized is None
+    assert isinstance(model.model.layers[0].mlp.down_proj, Fp8Linear)  # dense MLP
+    moe = model.moe_layers()[0]
+    assert isinstance(moe.experts, Fp8Experts) and moe.experts.w13.dtype == FP8_DTYPE
+    assert isinstance(moe.shared_experts.up_proj, Fp8Linear)
+    assert model.lm_head.weight.dtype == torch.bfloat16 and moe.gate.weight.dtype == torch.float32
+
+
+def test_experts_are_dequantized_when_their_blocks_would_straddle_gate_and_up() -> None:
+    args = ModelArgs.from_hf_config(tiny_hf_config(fp8=True))  # moe_intermediate_size 32
+    backend = kernel_backend(args, reference_ops())
+    assert backend.fp8_linear and not backend.fp8_experts
+    experts = DeepseekV3(args, torch.bfloat16, CPU, backend=backend).moe_layers()[0].experts
+    assert type(experts) is FusedExperts and experts.w13.dtype == torch.bfloat16
+
+
+def test_kernel_backend_without_fp8_keeps_plain_weights() -> None:
+    backend = kernel_backend(ModelArgs.from_hf_config(tiny_hf_config()), reference_ops())
+    assert not backend.fp8_linear and not backend.fp8_experts
+
+
+def test_unknown_kernels_choice_is_refused() -> None:
+    with pytest.raises(ValueError, match="'triton' or 'torch'"):
+        choose_backend("cutlass", ModelArgs.from_hf_config(tiny_hf_config()))
+
+
+def _config(**device: object) -> ServeConfig:
+    return ServeConfig.from_dict(
+        {"model": {"tiny": {"seed": 0}}, "scheduler": {"max_num_seqs": 100}, "device": device}
+    )
+
+
+def test_device_paths_are_resolved_once() -> None:
+    assert _device_paths(_config(), "cuda", "bfloat16") == ("triton", 100)  # max_num_seqs
+    assert _device_paths(_config(), "cuda", "float16") == ("triton", 100)
+    assert _device_paths(_config(), "cuda", "float32") == ("torch", 0)  # kernels' fp32 dots are TF32
+    assert _device_paths(_config(), "cpu", "bfloat16") == ("torch", 0)
+    assert _device_paths(_config(kernels="torch"), "cuda", "bfloat16") == ("torch", 0)
+    assert _device_paths(_config(cuda_graphs=False), "cuda", "bfloat16") == ("triton", 0)
+    assert _device_paths(_config(cuda_graph_max_batch=40), "cuda", "bfloat16") == ("triton", 40)
+    assert _device_paths(_config(cuda_graph_max_batch=1000), "cuda", "bfloat16") == ("triton", 100)
+
+
+def test_settings_on_the_cpu_take_the_reference(dev_config_path: Path) -> None:
+    settings = resolve_settings(ServeConfig.from_toml(dev_config_path))
+    assert (settings.kernels, settings.cuda_graph_max_batch) == ("torch", 0)
+
+
+# --- weights ---------------------------------------------------------------------------------------
+
+
+def test_fp8_weights_load_as_stored(fp8_kernel_dims: Path) -> None:
+    worker = make_worker(fp8_kernel_dims, "bfloat16", kernel_layers(fp8_kernel_dims, reference_ops()))
+    model = worker.model
+    stored: dict[str, torch.Tensor] = {}
+    for file in sorted(fp8_kernel_dims.glob("*.safetensors")):
+        stored.update(load_file(file))
+    params = dict(model.named_parameters())
+    checked = 0
+    for name, tensor in stored.items():
+        if tensor.dtype != FP8_DTYPE or ".experts." in name or name not in params:
+            continue  # MTP layer tensors are not loaded
+        scale = stored[name.removesuffix(".weight") + ".weight_scale_inv"]
+        assert torch.equal(params[name].view(torch.uint8), tensor.view(torch.uint8)), name
+        assert torch.equal(params[name.removesuffix(".weight") + ".weight_scale_inv"], scale), name
+        checked += 1
+    assert checked > 10
+    experts = model.moe_layers()[0].experts
+    assert isinstance(experts, Fp8Experts)
+    p = "model.layers.1.mlp.experts.5."
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        got = experts.expert_weight(5, proj).view(torch.uint8)
+        assert torch.equal(got, stored[p + proj + ".weight"].view(torch.uint8)), proj
+        assert torch.equal(experts.expert_scale(5, proj), stored[p + proj + ".weight_scale_inv"]), proj
+    kv_b = model.model.layers[2].self_attn.kv_b_proj
+    assert isinstance(kv_b, Fp8Linear)
+    want = dequantize_blocks(kv_b.weight, kv_b.weight_scale_inv, (128, 128), torch.bfloat16)
+    assert torch.equal(kv_b.dequantized_weight(), want)
+
+
+def test_fill_dummy_fills_fp8_weights_with_the_right_scale() -> None:
+    args = ModelArgs.from_hf_config(tiny_hf_config(TINY_KERNEL_OVERRIDES, fp8=True))
+    model = DeepseekV3(args, torch.bfloat16, CPU, backend=kernel_backend(args, reference_ops()))
+    fill_dummy(model, seed=2)
+    for module in model.modules():
+        if isinstance(module, Fp8Linear):
+            w = dequantize_blocks(module.weight, module.weight_scale_inv, (128, 128), torch.float32)
+            assert torch.isfinite(w).all()
+            assert float(w.std()) == pytest.approx(w.shape[1] ** -0.5, rel=0.25)
+            if module.dequantized is not None:
+                assert torch.equal(module.dequantized_weight(), w.to(torch.bfloat16))
+    experts = model.moe_layers()[0].experts
+    assert isinstance(experts, Fp8Experts)
+    w2 = dequantize_weight_blocks(experts.w2, experts.w2_scale_inv)
+    assert float(w2.std()) == pytest.approx(args.moe_inter_dim**-0.5, rel=0.25)
+
+
+# --- numerics --------------------------------------------------------------------------------------
+
+
+def test_kernel_layers_compute_the_reference_function(fp8_kernel_dims: Path) -> None:
+    """FP8 weights kept, activations unquantized: the same function as the dequantized reference."""
+    reference = step_logits(make_worker(fp8_kernel_dims, "float32"))
+    kernels = step_logits(make_worker(fp8_kernel_dims, "float32", kernel_layers(fp8_kernel_dims, EXACT_OPS)))
+    torch.testing.assert_close(kernels, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_layers_with_bf16_weights_compute_the_reference_function(fp32_kernel_dims: Path) -> None:
+    reference = step_logits(make_worker(fp32_kernel_dims, "float32"))
+    backend = kernel_layers(fp32_kernel_dims, reference_ops())
+    assert not backend.fp8_linear
+    kernels = step_logits(make_worker(fp32_kernel_dims, "float32", backend))
+    torch.testing.assert_close(kernels, reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fp8_activations_stay_within_quantization_error(fp8_kernel_dims: Path, dtype: str) -> None:
+    reference = step_logits(make_worker(fp8_kernel_dims, dtype))
+    kernels = step_logits(
+        make_worker(fp8_kernel_dims, dtype, kernel_layers(fp8_kernel_dims, reference_ops()))
+    )
+    assert torch.isfinite(kernels).all()
+    assert float((kernels - reference).norm() / reference.norm()) <= 0.25
+    top2 = reference.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.2
+    assert clear.sum() >= 50
+    assert (kernels.argmax(-1)[clear] == reference.argmax(-1)[clear]).float().mean() >= 0.8
+
+
+def test_sdpa_prefill_matches_the_reference_for_chunks_and_whole_prompts() -> None:
+    query_lens, context_lens = [3, 5, 1], [7, 5, 4]  # a chunk, a whole prompt, one token on a context
+    n, dq, dv = 4, 24, 16
+    q = torch.randn(sum(query_lens), n, dq)
+    k, v = torch.randn(sum(context_lens), n, dq), torch.randn(sum(context_lens), n, dv)
+    batch = StepBatch(
+        is_prefill=True,
+        positions=torch.zeros(0),
+        slot_mapping=torch.zeros(0),
+        rope_cos=torch.zeros(0),
+        rope_sin=torch.zeros(0),
+        query_lens=query_lens,
+        context_lens=context_lens,
+        cu_query_lens=torch.zeros(0),
+        cu_context_lens=torch.zeros(0),
+        context_lens_t=torch.zeros(0),
+        page_table=torch.zeros(0),
+        context_slots=torch.zeros(0),
+        logits_rows=torch.zeros(0),
+    )
+    want = TorchAttention().prefill(q, k, v, batch, 0.3)
+    torch.testing.assert_close(SdpaPrefill()(q, k, v, batch, 0.3), want, atol=1e-5, rtol=1e-5)

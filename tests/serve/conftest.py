@@ -1,0 +1,131 @@
+"""A local Ray cluster running `serve run deployments/dev.yaml` (8 CPU workers), shared by the
+tests in this folder. The cluster has a fixed metrics port (the tests scrape it) and a dashboard
+(for `ray job submit`); the application gets an API key and a small waiting-queue limit through a
+copy of dev.yaml with two more overrides, so 401 and 429 can be tested."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+API_KEY = "test-key-1234"
+MAX_WAITING = 48
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class DevServer:
+    url: str
+    gcs_address: str
+    dashboard_url: str
+    metrics_url: str
+    env: dict[str, str]
+    api_key: str
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {self.api_key}"}, timeout=120, **kw
+        )
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def dev_server(tmp_path_factory: pytest.TempPathFactory):
+    work = tmp_path_factory.mktemp("serve")
+    gcs, dashboard, metrics = _free_port(), _free_port(), _free_port()
+    env = {
+        **os.environ,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("RAY_ADDRESS", None)
+    started = _run(
+        [
+            "ray",
+            "start",
+            "--head",
+            f"--port={gcs}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--metrics-export-port={metrics}",
+            "--num-cpus=4",
+            "--disable-usage-stats",
+        ],
+        env,
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+    config = yaml.safe_load((REPO / "deployments" / "dev.yaml").read_text())
+    config["applications"][0]["args"]["overrides"].update(
+        {"api_key": API_KEY, "max_waiting_requests": MAX_WAITING}
+    )
+    spec = work / "dev-test.yaml"
+    spec.write_text(yaml.safe_dump(config))
+    log = (work / "serve.log").open("w")
+    serve = subprocess.Popen(
+        ["serve", "run", str(spec), f"--address=127.0.0.1:{gcs}"],
+        env=env,
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    server = DevServer(
+        "http://127.0.0.1:8000",
+        f"127.0.0.1:{gcs}",
+        f"http://127.0.0.1:{dashboard}",
+        f"http://127.0.0.1:{metrics}/metrics",
+        env,
+        API_KEY,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if httpx.get(f"{server.url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if serve.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("serve run did not come up:\n" + (work / "serve.log").read_text()[-4000:])
+            time.sleep(1)
+        yield server
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        try:
+            serve.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+        _run(["ray", "stop", "--force"], env)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def engine_handle(dev_server: DevServer):
+    """A Serve handle to the Coordinator deployment, from this process (for reading engine state)."""
+    import ray
+    from ray import serve
+
+    os.environ.update({k: dev_server.env[k] for k in ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")})
+    ray.init(address=dev_server.gcs_address, log_to_driver=False, _node_ip_address="127.0.0.1")
+    yield serve.get_deployment_handle("Coordinator", app_name="nmoe")
+    ray.shutdown()
