@@ -42,6 +42,7 @@ def ep8(dev_config_path):
     llm = LLM(config=dev_config_path, ep_size=8, num_pages=10, **OPTIONS)
     yield llm
     llm.shutdown()
+    ray.shutdown()  # the local cluster these engines started
 
 
 @pytest.fixture(scope="module")

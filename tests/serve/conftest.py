@@ -50,7 +50,7 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float = 120) -> subproces
 @pytest.fixture(scope="session")
 def dev_server(tmp_path_factory: pytest.TempPathFactory):
     work = tmp_path_factory.mktemp("serve")
-    gcs, dashboard, metrics = _free_port(), _free_port(), _free_port()
+    gcs, dashboard, metrics, http = _free_port(), _free_port(), _free_port(), _free_port()
     env = {
         **os.environ,
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -78,6 +78,7 @@ def dev_server(tmp_path_factory: pytest.TempPathFactory):
     config["applications"][0]["args"]["overrides"].update(
         {"api_key": API_KEY, "max_waiting_requests": MAX_WAITING}
     )
+    config["http_options"]["port"] = http  # not 8000: a developer's own dev server may be running
     spec = work / "dev-test.yaml"
     spec.write_text(yaml.safe_dump(config))
     log = (work / "serve.log").open("w")
@@ -90,7 +91,7 @@ def dev_server(tmp_path_factory: pytest.TempPathFactory):
         start_new_session=True,
     )
     server = DevServer(
-        "http://127.0.0.1:8000",
+        f"http://127.0.0.1:{http}",
         f"127.0.0.1:{gcs}",
         f"http://127.0.0.1:{dashboard}",
         f"http://127.0.0.1:{metrics}/metrics",
@@ -126,6 +127,7 @@ def engine_handle(dev_server: DevServer):
     from ray import serve
 
     os.environ.update({k: dev_server.env[k] for k in ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")})
+    ray.shutdown()  # a local cluster of an earlier test module (EP engines) would be in the way
     ray.init(address=dev_server.gcs_address, log_to_driver=False, _node_ip_address="127.0.0.1")
     yield serve.get_deployment_handle("Coordinator", app_name="nmoe")
     ray.shutdown()

@@ -1,0 +1,125 @@
+"""OpenAI request bodies, their refusals, and how engine-side failures map to HTTP statuses."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from nmoe_serve.coordinator import RequestFailed
+from nmoe_serve.engine.scheduler import RequestRejected
+from nmoe_serve.serve.coordinator_deployment import Overloaded
+from nmoe_serve.serve.ingress import _api_error
+from nmoe_serve.serve.protocol import ChatCompletionRequest, CompletionRequest, validation_message
+
+
+def refusal(model, body: dict) -> str:
+    with pytest.raises(ValidationError) as e:
+        model.model_validate(body)
+    return validation_message(e.value.errors())[0]
+
+
+def test_completion_maps_every_sampling_parameter() -> None:
+    body = CompletionRequest.model_validate(
+        {
+            "prompt": "x",
+            "max_tokens": 7,
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "n": 2,
+            "stop": "\n",
+            "seed": 3,
+            "presence_penalty": 0.1,
+            "frequency_penalty": 0.2,
+            "logprobs": 2,
+            "top_k": 5,
+            "min_p": 0.1,
+            "ignore_eos": True,
+            "repetition_penalty": 1.1,
+            "min_tokens": 1,
+            "stop_token_ids": [9],
+            "skip_special_tokens": False,
+            "include_stop_str_in_output": True,
+        }
+    )
+    p = body.sampling_params(body.max_tokens, body.logprobs)
+    assert (p.max_tokens, p.temperature, p.top_p, p.n, p.stop, p.seed) == (7, 0.5, 0.9, 2, ("\n",), 3)
+    assert (p.presence_penalty, p.frequency_penalty, p.logprobs, p.top_k, p.min_p) == (0.1, 0.2, 2, 5, 0.1)
+    assert (p.ignore_eos, p.repetition_penalty, p.min_tokens, p.stop_token_ids) == (True, 1.1, 1, (9,))
+    assert not p.skip_special_tokens and p.include_stop_str_in_output
+
+
+def test_prompt_forms() -> None:
+    assert CompletionRequest(prompt="a").prompts() == ["a"]
+    assert CompletionRequest(prompt=[1, 2]).prompts() == [[1, 2]]
+    assert CompletionRequest(prompt=["a", "b"]).prompts() == ["a", "b"]
+    assert CompletionRequest(prompt=[[1], [2, 3]]).prompts() == [[1], [2, 3]]
+
+
+@pytest.mark.parametrize(
+    "body,pattern",
+    [
+        ({"prompt": "x", "temperature": -1}, "temperature"),
+        ({"prompt": "x", "n": 0}, "n:"),
+        ({"prompt": "x", "extra": 1}, "extra: unknown parameter"),
+        ({"prompt": "x", "echo": True}, "echo is not supported"),
+        ({"prompt": "x", "best_of": 3}, "best_of"),
+        ({"prompt": "x", "logit_bias": {"1": 2.0}}, "logit_bias"),
+        ({"prompt": []}, "empty list"),
+        ({"prompt": "x", "stop": [""]}, "stop strings must not be empty"),
+        ({"prompt": "x", "stream_options": {"include_usage": True}}, "only allowed with stream"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs"),
+        ({}, "prompt"),
+    ],
+)
+def test_completion_refusals(body: dict, pattern: str) -> None:
+    assert pattern in refusal(CompletionRequest, body)
+
+
+@pytest.mark.parametrize(
+    "body,pattern",
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+            "tools are not supported",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "needs logprobs: true"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+            "response_format",
+        ),
+    ],
+)
+def test_chat_refusals(body: dict, pattern: str) -> None:
+    assert pattern in refusal(ChatCompletionRequest, body)
+
+
+def test_chat_messages_and_limits() -> None:
+    body = ChatCompletionRequest.model_validate(
+        {
+            "messages": [
+                {"role": "developer", "content": "d"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            ],
+            "max_completion_tokens": 5,
+            "max_tokens": 9,
+            "logprobs": True,
+            "top_logprobs": 3,
+        }
+    )
+    assert body.template_messages() == [{"role": "system", "content": "d"}, {"role": "user", "content": "ab"}]
+    assert body.requested_max_tokens == 5 and body.requested_logprobs == 3
+
+
+def test_engine_failures_map_to_statuses() -> None:
+    from ray.serve.exceptions import BackPressureError
+
+    assert _api_error(RequestRejected("needs up to 9 KV pages"), 1).status == 400
+    busy = _api_error(Overloaded("12 waiting"), 2)
+    assert (busy.status, busy.retry_after_s, busy.type) == (429, 2, "rate_limit_error")
+    full = _api_error(BackPressureError(num_queued_requests=5, max_queued_requests=5), 3)
+    assert (full.status, full.retry_after_s) == (503, 3)
+    failed = _api_error(RequestFailed("worker died"), 1)
+    assert failed.status == 500 and "retry" in failed.message
+    assert _api_error(KeyError("x"), 1).status == 500
