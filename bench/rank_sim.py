@@ -48,7 +48,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nmoe_serve.engine.plan import StepKind, StepPlan
-from nmoe_serve.model.args import ModelArgs
+from nmoe_serve.model.args import DEEPSEEK_V3_HF_CONFIG, ModelArgs
 from nmoe_serve.model.attention import SdpaPrefill
 from nmoe_serve.model.backend import kernel_backend, reference_ops, triton_ops
 from nmoe_serve.model.deepseek_v3 import DeepseekV3
@@ -60,47 +60,7 @@ from nmoe_serve.worker.kv_cache import KVCache
 EP = 8
 PAGE = 64
 
-DEEPSEEK_V3 = {
-    "model_type": "deepseek_v3",
-    "vocab_size": 129280,
-    "hidden_size": 7168,
-    "intermediate_size": 18432,
-    "moe_intermediate_size": 2048,
-    "num_hidden_layers": 61,
-    "first_k_dense_replace": 3,
-    "num_attention_heads": 128,
-    "num_key_value_heads": 128,
-    "q_lora_rank": 1536,
-    "kv_lora_rank": 512,
-    "qk_nope_head_dim": 128,
-    "qk_rope_head_dim": 64,
-    "v_head_dim": 128,
-    "n_routed_experts": 256,
-    "n_shared_experts": 1,
-    "num_experts_per_tok": 8,
-    "n_group": 8,
-    "topk_group": 4,
-    "routed_scaling_factor": 2.5,
-    "norm_topk_prob": True,
-    "max_position_embeddings": 163840,
-    "rope_theta": 10000.0,
-    "rope_scaling": {
-        "type": "yarn",
-        "factor": 40,
-        "original_max_position_embeddings": 4096,
-        "beta_fast": 32,
-        "beta_slow": 1,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-    },
-    "torch_dtype": "bfloat16",
-    "quantization_config": {
-        "activation_scheme": "dynamic",
-        "fmt": "e4m3",
-        "quant_method": "fp8",
-        "weight_block_size": [128, 128],
-    },
-}
+DEEPSEEK_V3 = DEEPSEEK_V3_HF_CONFIG
 
 # Small dims for --smoke (kernel-friendly multiples of 128; 64 experts, 8 per rank).
 SMOKE = {

@@ -51,7 +51,12 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def new_figure(rows: int = 1, cols: int = 1, size: tuple[float, float] = (10, 4)):  # type: ignore[no-untyped-def]
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit(
+            "the PNG plot needs matplotlib (the JSON is written): pip install matplotlib"
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

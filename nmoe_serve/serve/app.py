@@ -49,8 +49,12 @@ def build_app(args: dict[str, Any]) -> Application:
     coordinator = serve.deployment(
         name="Coordinator",
         num_replicas=config.server.ep_groups,
-        # the replica itself needs little; its workers take the GPUs in their own placement group
-        ray_actor_options={"num_cpus": 0 if gpu else 0.5},
+        # with ep_size > 1 the workers take the GPUs in their own placement group; with ep_size 1
+        # the rank runs inside the replica, which then needs the GPU itself
+        ray_actor_options={
+            "num_cpus": 0 if gpu else 0.5,
+            "num_gpus": 1 if gpu and config.parallel.ep_size == 1 else 0,
+        },
         max_ongoing_requests=100_000,
         health_check_period_s=10,
         health_check_timeout_s=60,
