@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from report import cuda_time
 
 from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
 from kernels.fp8_quant import fp8_quant, fp8_quant_ref, quantize_weight_blocks
@@ -34,22 +35,6 @@ from kernels.mla_decode import mla_decode, mla_decode_ref
 H, INTER, E, K, GROUPS, TOPK_GROUPS = 7168, 2048, 256, 8, 8, 4
 EP, HEADS, LATENT, ROPE, PAGE = 8, 128, 512, 64, 64
 E_LOCAL = E // EP
-
-
-def cuda_time(fn, reps: int, warmup: int = 3) -> float:
-    """Median seconds of fn() over reps, after warmup calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 def graph_time(fns, reps: int, inner: int = 10) -> float:

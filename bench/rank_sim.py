@@ -46,6 +46,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
+
+from report import cuda_time as _cuda_time
 
 from nmoe_serve.engine.plan import StepKind, StepPlan
 from nmoe_serve.model.args import DEEPSEEK_V3_HF_CONFIG, ModelArgs
@@ -164,19 +167,9 @@ def wall(fn, reps: int, device: torch.device, warmup: int = 1) -> float:  # type
     return statistics.median(times)
 
 
-def device_time(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
-    """Median CUDA-event seconds of fn()."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+def cuda_time(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
+    """Median CUDA-event seconds of fn() after one warm-up call."""
+    return _cuda_time(fn, reps, warmup=1)
 
 
 def ceilings(device: torch.device) -> dict[str, float]:
@@ -185,13 +178,13 @@ def ceilings(device: torch.device) -> dict[str, float]:
     n = 1 << 30
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    copy_s = device_time(lambda: dst.copy_(src), 10)
+    copy_s = cuda_time(lambda: dst.copy_(src), 10)
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
-    mm_s = device_time(lambda: a @ b, 10)
+    mm_s = cuda_time(lambda: a @ b, 10)
     a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()
     one = torch.tensor(1.0, device=device)
-    mm8_s = device_time(
+    mm8_s = cuda_time(
         lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16), 10
     )
     return {
@@ -374,7 +367,7 @@ def time_decode(rank: Rank, batch: int, rng: np.random.Generator) -> dict:
                 "step": wall(lambda r=graphs: logits_of(rank, r, plan), rank.reps, rank.device)
             }
             if cuda:
-                times[n_layers]["graph"] = device_time(graphs._graphs[batch][0].replay, rank.reps)
+                times[n_layers]["graph"] = cuda_time(graphs._graphs[batch][0].replay, rank.reps)
             if n_layers == rank.built and rank.time_eager:
                 reps = max(3, rank.reps // 2)
                 times[n_layers]["eager"] = wall(lambda r=eager: logits_of(rank, r, plan), reps, rank.device)

@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: percentiles, a printed table, JSON and a PNG plot."""
+"""Shared by the benchmark scripts: CUDA timing, percentiles, a printed table, JSON and a PNG plot."""
 
 from __future__ import annotations
 
@@ -27,6 +27,24 @@ def percentiles(values: list[float], scale: float = 1.0) -> dict[str, float]:
         "max": ordered[-1] * scale,
         "count": len(values),
     }
+
+
+def cuda_time(fn, reps: int, warmup: int = 3) -> float:  # type: ignore[no-untyped-def]
+    """Median seconds of fn() over reps (CUDA events), after warmup calls."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
 
 
 def print_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
