@@ -414,12 +414,15 @@ def profile_layer(rank: Rank, plan: StepPlan, tokens_per_rank: int) -> list[dict
 
     rank.feed.set(rank.args, tokens_per_rank, seed=tokens_per_rank, device=rank.device)
     input_ids, batch = build_step_batch(plan, PAGE, rank.rope, rank.device)
-    x = rank.model.model.embed_tokens(input_ids)  # [T, H]
+    residual = rank.model.model.embed_tokens(input_ids)  # [T, H]
     layer = rank.model.model.layers[rank.n_dense]
     kv_layer = rank.kv.layers[rank.n_dense]
+    h = layer.input_layernorm(residual)
+    next_norm = rank.model.model.next_norms()[rank.n_dense]
 
     def run() -> None:
-        layer(x, batch, kv_layer, rank.model.attention)
+        out, total = layer(h, residual, batch, kv_layer, rank.model.attention)
+        next_norm.add(out, total)
 
     run()
     sync(rank.device)
@@ -446,7 +449,7 @@ def profile_layer(rank: Rank, plan: StepPlan, tokens_per_rank: int) -> list[dict
     print(
         f"  first MoE layer, {plan.kind.name.lower()} {plan.num_tokens} tokens: {total / 1e3:.2f} ms of kernels"
     )
-    for r in rows[:14]:
+    for r in rows[:30]:
         print(f"    {r['us_per_layer']:9.1f} us  x{r['calls']:<3} {r['kernel']}")
     return rows
 

@@ -33,13 +33,21 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class KernelOps:
-    """The four kernels the kernel layers call, with the signatures of `kernels/`."""
+    """The kernels the kernel layers call, with the signatures of `kernels/`: the four big ones
+    and the small fused ones that replace chains of torch launches (norms, rope, the latent
+    cache write, the router's top-k, SwiGLU's activation)."""
 
     name: str
     fp8_quant: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     fp8_gemm: Callable[..., torch.Tensor]
     fused_moe: Callable[..., torch.Tensor]
     mla_decode: Callable[..., torch.Tensor]
+    rms_norm: Callable[..., torch.Tensor]
+    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rope_: Callable[..., torch.Tensor]
+    mla_kv_write: Callable[..., None]
+    grouped_topk: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    silu_mul: Callable[..., torch.Tensor]
 
 
 def triton_ops() -> KernelOps:
@@ -48,8 +56,16 @@ def triton_ops() -> KernelOps:
     from kernels.fp8_quant import fp8_quant
     from kernels.fused_moe import fused_moe
     from kernels.mla_decode import mla_decode
+    from kernels.mla_kv_write import mla_kv_write
+    from kernels.rms_norm import add_rms_norm, rms_norm
+    from kernels.rope import rope_
+    from kernels.router import grouped_topk
+    from kernels.silu_mul import silu_mul
 
-    return KernelOps("triton", fp8_quant, fp8_gemm, fused_moe, mla_decode)
+    return KernelOps(
+        "triton", fp8_quant, fp8_gemm, fused_moe, mla_decode,
+        rms_norm, add_rms_norm, rope_, mla_kv_write, grouped_topk, silu_mul,
+    )  # fmt: skip
 
 
 def reference_ops() -> KernelOps:
@@ -58,8 +74,16 @@ def reference_ops() -> KernelOps:
     from kernels.fp8_quant import fp8_quant_ref
     from kernels.fused_moe import fused_moe_ref
     from kernels.mla_decode import mla_decode_ref
+    from kernels.mla_kv_write import mla_kv_write_ref
+    from kernels.rms_norm import add_rms_norm_ref, rms_norm_ref
+    from kernels.rope import rope_ref_
+    from kernels.router import grouped_topk_ref
+    from kernels.silu_mul import silu_mul_ref
 
-    return KernelOps("torch-ref", fp8_quant_ref, fp8_gemm_ref, fused_moe_ref, mla_decode_ref)
+    return KernelOps(
+        "torch-ref", fp8_quant_ref, fp8_gemm_ref, fused_moe_ref, mla_decode_ref,
+        rms_norm_ref, add_rms_norm_ref, rope_ref_, mla_kv_write_ref, grouped_topk_ref, silu_mul_ref,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

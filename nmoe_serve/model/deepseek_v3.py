@@ -17,6 +17,8 @@ G expert groups, I intermediate, S cached tokens read by a prefill step, P page 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -110,6 +112,63 @@ def make_linear(
     return Linear(in_features, out_features, dtype, device)
 
 
+class StackedLinear(nn.Module):
+    """Projections of the same input stacked into one GEMM (one activation quantization, one
+    launch): `parts` maps each checkpoint projection name to its rows, in order, and checkpoint
+    tensors `<part>.weight` (and `.weight_scale_inv`) fill row slices of the stacked weight
+    (`checkpoint_tensor`). forward(x) → [T, sum of rows]; `split` cuts it into the parts.
+
+    FP8 weights stay stacked only when every part but the last has whole 128-row scale blocks;
+    otherwise the parts stay separate layers and forward concatenates their outputs."""
+
+    def __init__(
+        self,
+        in_features: int,
+        parts: dict[str, int],
+        backend: ModelBackend,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.parts = dict(parts)
+        self.rows = list(parts.values())
+        self.starts = dict(zip(parts, [sum(self.rows[:i]) for i in range(len(self.rows))], strict=True))
+        stackable = not backend.fp8_linear or all(r % FP8_BLOCK == 0 for r in self.rows[:-1])
+        self.separate = nn.ModuleDict()
+        self.run: Callable[[torch.Tensor], torch.Tensor]
+        if stackable:
+            self.fused = make_linear(in_features, sum(self.rows), backend, dtype, device)
+            self.run = self._stacked
+        else:
+            for name, rows in parts.items():
+                self.separate[name] = make_linear(in_features, rows, backend, dtype, device)
+            self.run = self._concatenated
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)
+
+    def _stacked(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused(x)
+
+    def _concatenated(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([layer(x) for layer in self.separate.values()], dim=-1)
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return y.split(self.rows, dim=-1)
+
+    def checkpoint_tensor(self, part: str, param: str) -> torch.Tensor:
+        """The tensor that checkpoint tensor `<part>.<param>` fills (param: weight or weight_scale_inv)."""
+        if part in self.separate:
+            return self.separate[part].get_parameter(param).data
+        start, rows = self.starts[part], self.parts[part]
+        if param == "weight":
+            return self.fused.weight.data[start : start + rows]
+        if param == "weight_scale_inv" and isinstance(self.fused, Fp8Linear):
+            first, end = start // FP8_BLOCK, -(-(start + rows) // FP8_BLOCK)
+            return self.fused.weight_scale_inv.data[first:end]
+        raise KeyError(f"{part}.{param} is not a tensor of this stacked projection")
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
@@ -120,6 +179,45 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual stream's add fused with the next norm."""
+        total = x + residual
+        return self(total), total
+
+
+class KernelRMSNorm(RMSNorm):
+    """RMSNorm through the `rms_norm` / `add_rms_norm` kernels (one launch each); x is [T, dim]."""
+
+    def __init__(
+        self, dim: int, eps: float, ops: KernelOps, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__(dim, eps, dtype, device)
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+def make_norm(
+    dim: int, eps: float, backend: ModelBackend, dtype: torch.dtype, device: torch.device
+) -> RMSNorm:
+    if backend.ops is None:
+        return RMSNorm(dim, eps, dtype, device)
+    return KernelRMSNorm(dim, eps, backend.ops, dtype, device)
+
+
+def rope_torch_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rope in place (x may be a strided view): the torch path's version of `rope_`."""
+    return x.copy_(apply_rope(x, cos, sin))
+
+
+def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class MLA(nn.Module):
@@ -135,16 +233,19 @@ class MLA(nn.Module):
         self.latent, self.v_dim = args.kv_lora_rank, args.v_head_dim
         self.scale = args.softmax_scale
         qk = args.n_heads * args.qk_head_dim
+        # q_a_proj (or q_proj) and kv_a_proj_with_mqa read the same x: one stacked GEMM.
+        q_part = ("q_a_proj", args.q_lora_rank) if args.q_lora_rank else ("q_proj", qk)
+        self.qkv_a_proj = StackedLinear(
+            args.dim, dict([q_part, ("kv_a_proj_with_mqa", args.kv_cache_dim)]), backend, dtype, device
+        )
+        self.query: Callable[[torch.Tensor], torch.Tensor]
         if args.q_lora_rank:
-            self.q_a_proj = make_linear(args.dim, args.q_lora_rank, backend, dtype, device)
-            self.q_a_layernorm = RMSNorm(args.q_lora_rank, args.rms_norm_eps, dtype, device)
+            self.q_a_layernorm = make_norm(args.q_lora_rank, args.rms_norm_eps, backend, dtype, device)
             self.q_b_proj = make_linear(args.q_lora_rank, qk, backend, dtype, device)
             self.query = self._query_lora
         else:
-            self.q_proj = make_linear(args.dim, qk, backend, dtype, device)
             self.query = self._query_direct
-        self.kv_a_proj_with_mqa = make_linear(args.dim, args.kv_cache_dim, backend, dtype, device)
-        self.kv_a_layernorm = RMSNorm(args.kv_lora_rank, args.rms_norm_eps, dtype, device)
+        self.kv_a_layernorm = make_norm(args.kv_lora_rank, args.rms_norm_eps, backend, dtype, device)
         self.kv_b_proj = make_linear(
             args.kv_lora_rank,
             args.n_heads * (args.qk_nope_head_dim + args.v_head_dim),
@@ -154,46 +255,54 @@ class MLA(nn.Module):
             keep_dequantized=True,
         )
         self.o_proj = make_linear(args.n_heads * args.v_head_dim, args.dim, backend, dtype, device)
+        if backend.ops is None:
+            self.rope_ = rope_torch_
+            self.write_kv = self._write_kv_torch
+        else:
+            self.ops = backend.ops
+            self.rope_ = backend.ops.rope_
+            self.write_kv = self._write_kv_kernel
 
-    def _query_lora(self, x: torch.Tensor) -> torch.Tensor:
-        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+    def _query_lora(self, q_a: torch.Tensor) -> torch.Tensor:
+        return self.q_b_proj(self.q_a_layernorm(q_a))
 
-    def _query_direct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.q_proj(x)
+    def _query_direct(self, q: torch.Tensor) -> torch.Tensor:
+        return q
+
+    def _write_kv_torch(self, kv_a: torch.Tensor, batch: StepBatch, kv_cache: torch.Tensor) -> None:
+        latent, k_pe = kv_a.split([self.latent, self.rope_dim], dim=-1)  # [T, L], [T, R]
+        latent = self.kv_a_layernorm(latent)
+        k_pe = apply_rope(k_pe, batch.rope_cos, batch.rope_sin)
+        kv_cache.view(-1, kv_cache.shape[-1])[batch.slot_mapping] = torch.cat([latent, k_pe], dim=-1)
+
+    def _write_kv_kernel(self, kv_a: torch.Tensor, batch: StepBatch, kv_cache: torch.Tensor) -> None:
+        norm = self.kv_a_layernorm
+        self.ops.mla_kv_write(
+            kv_a, norm.weight, norm.eps, batch.rope_cos, batch.rope_sin, kv_cache, batch.slot_mapping
+        )
 
     def forward(
         self, x: torch.Tensor, batch: StepBatch, kv_cache: torch.Tensor, attention: AttentionBackend
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.query(x).view(t, self.n_heads, self.nope + self.rope_dim)  # [T, N, D+R]
-        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)  # [T, N, D], [T, N, R]
-        q_pe = apply_rope(q_pe, batch.rope_cos, batch.rope_sin)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split(
-            [self.latent, self.rope_dim], dim=-1
-        )  # [T, L], [T, R]
-        latent = self.kv_a_layernorm(latent)
-        k_pe = apply_rope(k_pe, batch.rope_cos, batch.rope_sin)
-        kv_cache.view(-1, kv_cache.shape[-1])[batch.slot_mapping] = torch.cat([latent, k_pe], dim=-1)
+        q_in, kv_a = self.qkv_a_proj.split(self.qkv_a_proj(x))  # [T, q_lora or N*(D+R)], [T, L+R]
+        q = self.query(q_in).view(t, self.n_heads, self.nope + self.rope_dim)  # [T, N, D+R]
+        self.rope_(q[..., self.nope :], batch.rope_cos, batch.rope_sin)
+        self.write_kv(kv_a, batch, kv_cache)
         if batch.is_prefill:
-            out = self._prefill(q_nope, q_pe, kv_cache, batch, attention)
+            out = self._prefill(q, kv_cache, batch, attention)
         else:
-            out = self._decode(q_nope, q_pe, kv_cache, batch, attention)
+            out = self._decode(q[..., : self.nope], q[..., self.nope :], kv_cache, batch, attention)
         return self.o_proj(out.flatten(1))  # [T, N*V] -> [T, H]
 
     def _prefill(
-        self,
-        q_nope: torch.Tensor,
-        q_pe: torch.Tensor,
-        kv_cache: torch.Tensor,
-        batch: StepBatch,
-        attention: AttentionBackend,
+        self, q: torch.Tensor, kv_cache: torch.Tensor, batch: StepBatch, attention: AttentionBackend
     ) -> torch.Tensor:
         cached = kv_cache.view(-1, kv_cache.shape[-1])[batch.context_slots]  # [S, C]
         s = cached.shape[0]
         kv = self.kv_b_proj(cached[:, : self.latent]).view(s, self.n_heads, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [S, N, D], [S, N, V]
         k_pe = cached[:, None, self.latent :].expand(s, self.n_heads, self.rope_dim)  # [S, N, R]
-        q = torch.cat([q_nope, q_pe], dim=-1)  # [T, N, D+R]
         k = torch.cat([k_nope, k_pe], dim=-1)  # [S, N, D+R]
         return attention.prefill(q, k, v, batch, self.scale)  # [T, N, V]
 
@@ -219,12 +328,13 @@ class MLP(nn.Module):
         self, dim: int, inter_dim: int, backend: ModelBackend, dtype: torch.dtype, device: torch.device
     ) -> None:
         super().__init__()
-        self.gate_proj = make_linear(dim, inter_dim, backend, dtype, device)
-        self.up_proj = make_linear(dim, inter_dim, backend, dtype, device)
+        parts = {"gate_proj": inter_dim, "up_proj": inter_dim}
+        self.gate_up_proj = StackedLinear(dim, parts, backend, dtype, device)  # one GEMM, [T, 2I]
         self.down_proj = make_linear(inter_dim, dim, backend, dtype, device)
+        self.act = backend.ops.silu_mul if backend.ops is not None else silu_mul_torch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class Gate(nn.Module):
@@ -255,6 +365,26 @@ class Gate(nn.Module):
         if self.normalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.route_scale, topk_ids
+
+
+class KernelGate(Gate):
+    """The router with its selection in one kernel (`grouped_topk`) after the float32 logits GEMM."""
+
+    def __init__(self, args: ModelArgs, ops: KernelOps, device: torch.device) -> None:
+        super().__init__(args, device)
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.weight)  # [T, E]
+        return self.ops.grouped_topk(
+            logits,
+            self.e_score_correction_bias,
+            self.groups,
+            self.limited,
+            self.top_k,
+            self.normalize,
+            self.route_scale,
+        )
 
 
 class Experts(nn.Module):
@@ -387,7 +517,7 @@ class MoE(nn.Module):
         self, args: ModelArgs, owned: range, backend: ModelBackend, dtype: torch.dtype, device: torch.device
     ) -> None:
         super().__init__()
-        self.gate = Gate(args, device)
+        self.gate = Gate(args, device) if backend.ops is None else KernelGate(args, backend.ops, device)
         self.experts = make_experts(args, owned, backend, dtype, device)
         self.shared_experts = MLP(
             args.dim, args.moe_inter_dim * args.n_shared_experts, backend, dtype, device
@@ -401,6 +531,10 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
+    """One decoder layer over the residual stream. forward takes the layer's normalised input
+    and the stream, and returns the MLP's output and the stream with the attention output
+    added: the caller adds that output in the next norm (`RMSNorm.add`), one fused launch."""
+
     def __init__(
         self,
         args: ModelArgs,
@@ -411,9 +545,9 @@ class Block(nn.Module):
         device: torch.device,
     ) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(args.dim, args.rms_norm_eps, dtype, device)
+        self.input_layernorm = make_norm(args.dim, args.rms_norm_eps, backend, dtype, device)
         self.self_attn = MLA(args, backend, dtype, device)
-        self.post_attention_layernorm = RMSNorm(args.dim, args.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = make_norm(args.dim, args.rms_norm_eps, backend, dtype, device)
         self.mlp: nn.Module
         if args.is_moe_layer(layer):
             self.mlp = MoE(args, owned, backend, dtype, device)
@@ -421,10 +555,18 @@ class Block(nn.Module):
             self.mlp = MLP(args.dim, args.inter_dim, backend, dtype, device)
 
     def forward(
-        self, x: torch.Tensor, batch: StepBatch, kv_cache: torch.Tensor, attention: AttentionBackend
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, kv_cache, attention)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self,
+        h: torch.Tensor,
+        residual: torch.Tensor,
+        batch: StepBatch,
+        kv_cache: torch.Tensor,
+        attention: AttentionBackend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h = input_layernorm(residual) [T, H] → (mlp output [T, H], residual + attention output)."""
+        h, residual = self.post_attention_layernorm.add(
+            self.self_attn(h, batch, kv_cache, attention), residual
+        )
+        return self.mlp(h), residual
 
 
 class Decoder(nn.Module):
@@ -437,7 +579,12 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(
             Block(args, i, owned, backend, dtype, device) for i in range(args.n_layers)
         )
-        self.norm = RMSNorm(args.dim, args.rms_norm_eps, dtype, device)
+        self.norm = make_norm(args.dim, args.rms_norm_eps, backend, dtype, device)
+
+    def next_norms(self) -> list[RMSNorm]:
+        """The norm after each layer: the next layer's input_layernorm, the final norm last."""
+        blocks: list[Block] = list(self.layers)  # type: ignore[arg-type]
+        return [block.input_layernorm for block in blocks[1:]] + [self.norm]
 
 
 class DeepseekV3(nn.Module):
@@ -465,6 +612,18 @@ class DeepseekV3(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
 
+    def checkpoint_tensor(self, name: str) -> torch.Tensor:
+        """The tensor that the (non-expert) checkpoint tensor `name` fills: the parameter of the
+        same name, or rows of a StackedLinear for the projections it stacks."""
+        parent, _, leaf = name.rpartition(".")
+        owner, _, proj = parent.rpartition(".")
+        if owner:
+            module = self.get_submodule(owner)
+            for child in module.children():
+                if isinstance(child, StackedLinear) and proj in child.parts:
+                    return child.checkpoint_tensor(proj, leaf)
+        return self.get_parameter(name).data
+
     def weights_loaded(self) -> None:
         """Derive what is computed from the weights (kv_b_proj's dequantized copy); the loaders
         call this after filling the parameters."""
@@ -476,10 +635,13 @@ class DeepseekV3(nn.Module):
         self, input_ids: torch.Tensor, batch: StepBatch, kv_caches: list[torch.Tensor]
     ) -> torch.Tensor:
         """input_ids [T] → final normalised hidden states [T, H]; writes the step's latents to the cache."""
-        x = self.model.embed_tokens(input_ids)  # [T, H]
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, batch, kv_cache, self.attention)
-        return self.model.norm(x)
+        residual = self.model.embed_tokens(input_ids)  # [T, H]
+        first: Block = self.model.layers[0]  # type: ignore[assignment]
+        h = first.input_layernorm(residual)
+        for layer, next_norm, kv_cache in zip(self.model.layers, self.model.next_norms(), kv_caches, strict=True):
+            out, residual = layer(h, residual, batch, kv_cache, self.attention)
+            h, residual = next_norm.add(out, residual)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, H] → float32 logits [S, vocab]."""

@@ -193,7 +193,7 @@ def _read(f, file: Path, name: str, files: dict[str, Path]) -> torch.Tensor:  # 
 
 def _target(model: DeepseekV3, spec: TensorSpec) -> torch.Tensor:
     if spec.expert is None:
-        return model.get_parameter(spec.name).data
+        return model.checkpoint_tensor(spec.name)
     layer = spec.name.split(".")[2]
     experts = model.get_submodule(f"model.layers.{layer}.mlp.experts")
     proj = spec.name.split(".")[-2]
@@ -203,7 +203,7 @@ def _target(model: DeepseekV3, spec: TensorSpec) -> torch.Tensor:
 def _scale_target(model: DeepseekV3, spec: TensorSpec) -> torch.Tensor:
     """The parameter (or stacked slice) that an FP8 weight's weight_scale_inv fills."""
     if spec.expert is None:
-        return model.get_parameter(scale_name(spec.name)).data
+        return model.checkpoint_tensor(scale_name(spec.name))
     layer = spec.name.split(".")[2]
     experts = model.get_submodule(f"model.layers.{layer}.mlp.experts")
     return experts.expert_scale(spec.expert, spec.name.split(".")[-2])  # type: ignore[operator]

@@ -20,6 +20,7 @@ What these pin, and why the tolerances:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -27,10 +28,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kernels.fp8_gemm import fp8_gemm_ref
 from kernels.fp8_quant import dequantize_weight_blocks
 from kernels.fused_moe import fused_moe_ref
-from kernels.mla_decode import mla_decode_ref
 from nmoe_serve.config import ServeConfig
 from nmoe_serve.engine.settings import _device_paths, resolve_settings
 from nmoe_serve.model.args import ModelArgs
@@ -79,7 +78,10 @@ def _fused_moe_dequantized(x, topk_ids, topk_weights, w13, w2, expert_start=0, w
     return fused_moe_ref(x, topk_ids, topk_weights, w13, w2, expert_start)
 
 
-EXACT_OPS = KernelOps("exact", _unquantized, fp8_gemm_ref, _fused_moe_dequantized, mla_decode_ref)
+# The reference ops with the activations' FP8 quantization made exact.
+EXACT_OPS = dataclasses.replace(
+    reference_ops(), name="exact", fp8_quant=_unquantized, fused_moe=_fused_moe_dequantized
+)
 
 
 def make_worker(path: Path, dtype: str, backend: ModelBackend | None = None) -> Worker:
@@ -122,7 +124,7 @@ def test_reference_backend_builds_the_torch_layers(fp8_kernel_dims: Path) -> Non
     backend = choose_backend("torch", ModelArgs.from_checkpoint(fp8_kernel_dims))
     assert backend.ops is None and isinstance(backend.attention, TorchAttention)
     model = DeepseekV3(ModelArgs.from_checkpoint(fp8_kernel_dims), torch.float32, CPU, backend=backend)
-    assert isinstance(model.model.layers[0].self_attn.q_a_proj, Linear)
+    assert isinstance(model.model.layers[0].self_attn.qkv_a_proj.fused, Linear)
     assert type(model.moe_layers()[0].experts) is Experts
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
@@ -141,7 +143,7 @@ def test_kernel_backend_keeps_fp8_where_the_checkpoint_is_fp8(fp8_kernel_dims: P
     assert isinstance(model.model.layers[0].mlp.down_proj, Fp8Linear)  # dense MLP
     moe = model.moe_layers()[0]
     assert isinstance(moe.experts, Fp8Experts) and moe.experts.w13.dtype == FP8_DTYPE
-    assert isinstance(moe.shared_experts.up_proj, Fp8Linear)
+    assert isinstance(moe.shared_experts.gate_up_proj.fused, Fp8Linear)
     assert model.lm_head.weight.dtype == torch.bfloat16 and moe.gate.weight.dtype == torch.float32
 
 
@@ -151,6 +153,33 @@ def test_experts_are_dequantized_when_their_blocks_would_straddle_gate_and_up() 
     assert backend.fp8_linear and not backend.fp8_experts
     experts = DeepseekV3(args, torch.bfloat16, CPU, backend=backend).moe_layers()[0].experts
     assert type(experts) is FusedExperts and experts.w13.dtype == torch.bfloat16
+
+
+def test_fp8_projections_stack_only_on_whole_scale_blocks(tmp_path: Path) -> None:
+    """Stacked FP8 rows must not share a 128-row scale block between two projections: with the
+    default tiny dims (shared-expert intermediate 32) gate and up stay two FP8 layers whose
+    outputs are concatenated, and both load as stored; q_lora_rank 128 + kv_a stack."""
+    path = make_tiny_checkpoint(tmp_path / "fp8", seed=5, fp8=True, overrides={"q_lora_rank": 128})
+    worker = make_worker(path, "bfloat16", kernel_layers(path, reference_ops()))
+    model = worker.model
+    shared = model.moe_layers()[0].shared_experts.gate_up_proj
+    assert list(shared.separate) == ["gate_proj", "up_proj"] and not hasattr(shared, "fused")
+    assert isinstance(model.model.layers[0].self_attn.qkv_a_proj.fused, Fp8Linear)
+    stored: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        stored.update(load_file(file))
+    for name in (
+        "model.layers.1.mlp.shared_experts.up_proj.weight",
+        "model.layers.1.mlp.shared_experts.up_proj.weight_scale_inv",
+        "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+        "model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv",
+    ):
+        got = model.checkpoint_tensor(name)
+        assert torch.equal(got.view(torch.uint8), stored[name].view(torch.uint8)), name
+    x = torch.randn(3, model.args.dim, dtype=torch.bfloat16)
+    gate_up = shared(x)
+    gate = shared.separate["gate_proj"](x)
+    assert torch.equal(gate_up[:, : gate.shape[1]], gate)
 
 
 def test_kernel_backend_without_fp8_keeps_plain_weights() -> None:
@@ -194,14 +223,14 @@ def test_fp8_weights_load_as_stored(fp8_kernel_dims: Path) -> None:
     stored: dict[str, torch.Tensor] = {}
     for file in sorted(fp8_kernel_dims.glob("*.safetensors")):
         stored.update(load_file(file))
-    params = dict(model.named_parameters())
+    mtp_prefix = f"model.layers.{model.args.n_layers}."
     checked = 0
     for name, tensor in stored.items():
-        if tensor.dtype != FP8_DTYPE or ".experts." in name or name not in params:
+        if tensor.dtype != FP8_DTYPE or ".experts." in name or name.startswith(mtp_prefix):
             continue  # MTP layer tensors are not loaded
-        scale = stored[name.removesuffix(".weight") + ".weight_scale_inv"]
-        assert torch.equal(params[name].view(torch.uint8), tensor.view(torch.uint8)), name
-        assert torch.equal(params[name.removesuffix(".weight") + ".weight_scale_inv"], scale), name
+        scale_name = name.removesuffix(".weight") + ".weight_scale_inv"
+        assert torch.equal(model.checkpoint_tensor(name).view(torch.uint8), tensor.view(torch.uint8)), name
+        assert torch.equal(model.checkpoint_tensor(scale_name), stored[scale_name]), name
         checked += 1
     assert checked > 10
     experts = model.moe_layers()[0].experts

@@ -22,6 +22,7 @@ from nmoe_serve.engine.plan import StepKind, StepPlan
 from nmoe_serve.model.args import ModelArgs
 from nmoe_serve.model.deepseek_v3 import DeepseekV3
 from nmoe_serve.model.fp8 import FP8_MAX, dequantize_blocks, quantize_blocks
+from nmoe_serve.model.layout import is_mtp_tensor
 from nmoe_serve.model.loader import CheckpointError, checkpoint_files, fill_dummy, load_checkpoint
 from nmoe_serve.model.rope import RotaryEmbedding
 from nmoe_serve.model.tiny import cached_tiny_checkpoint, make_tiny_checkpoint, tiny_hf_config
@@ -110,23 +111,22 @@ def loaded(path: Path, owned: range | None = None) -> DeepseekV3:
 
 
 def assert_model_holds(model: DeepseekV3, expected: dict[str, torch.Tensor]) -> None:
-    """Every parameter equals the checkpoint tensor of the same name (routed experts per expert)."""
-    checked = 0
-    for name, param in model.named_parameters():
-        if name.endswith(("experts.w13", "experts.w2")):
-            prefix = name.rsplit(".", 1)[0]
-            experts = model.get_submodule(prefix)
-            projs = ("gate_proj", "up_proj") if name.endswith("w13") else ("down_proj",)
-            for e in model.owned:
-                for proj in projs:
-                    got = experts.expert_weight(e, proj)
-                    want = expected[f"{prefix}.{e}.{proj}.weight"]
-                    assert torch.equal(got, want), f"{prefix}.{e}.{proj}"
-                    checked += 1
+    """Every checkpoint tensor this rank holds equals what the model holds for it (stacked
+    projections by their rows, routed experts per expert), and together they fill every parameter."""
+    filled = 0
+    for name, want in expected.items():
+        if is_mtp_tensor(name, model.args):
+            continue
+        if ".experts." in name:
+            prefix, expert, proj, _ = name.rsplit(".", 3)
+            if int(expert) not in model.owned:
+                continue
+            got = model.get_submodule(prefix).expert_weight(int(expert), proj)
         else:
-            assert torch.equal(param.data, expected[name]), name
-            checked += 1
-    assert checked > 0
+            got = model.checkpoint_tensor(name)
+        assert torch.equal(got, want), name
+        filled += got.numel()
+    assert filled == sum(p.numel() for p in model.parameters())
 
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:
@@ -224,7 +224,7 @@ def test_fp8_scale_grids_are_ceil_divided(fp8_partial: Path):
 def test_fp8_checkpoint_with_partial_blocks_loads_as_the_reference_dequantizes(fp8_partial: Path):
     model = loaded(fp8_partial)
     assert model.args.fp8_block == (128, 128)
-    assert model.model.layers[0].self_attn.kv_a_proj_with_mqa.weight.shape == (144, 160)
+    assert model.checkpoint_tensor("model.layers.0.self_attn.kv_a_proj_with_mqa.weight").shape == (144, 160)
     assert_model_holds(model, expected_weights(fp8_partial))
 
 

@@ -1,0 +1,89 @@
+"""Rotary embedding of interleaved pairs, in place, for MLA's rope part of the queries.
+
+Legend: T tokens, N heads, R rope dim (even), R/2 frequencies.
+
+    x[t, n, 2i], x[t, n, 2i+1] ← (e c - o s, e s + o c)    e, o = x[t, n, 2i], x[t, n, 2i+1]
+                                                           c, s = cos[t, i], sin[t, i]
+
+in float32, rounded to x's dtype: the semantics of `nmoe_serve.model.rope.apply_rope`. x may be
+a strided view (the rope columns of the [T, N, D + R] query projection), so the queries need no
+split and concatenation afterwards.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._validate import FLOAT_DTYPES, check_tensor
+
+
+@triton.jit
+def rotate_pairs(even, odd, cos, sin):
+    """Rotate float32 pairs (even, odd) by (cos, sin) of matching shapes: (even', odd')."""
+    return even * cos - odd * sin, even * sin + odd * cos
+
+
+@triton.jit
+def rope_kernel(
+    x_ptr,  # [T, N, R] with strides (stride_t, stride_n, 1)
+    cos_ptr,  # [T, R/2] float32
+    sin_ptr,  # [T, R/2] float32
+    N,
+    HALF,
+    stride_t,
+    stride_n,
+    BLOCK_N: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    freqs = tl.arange(0, BLOCK_F)  # [BF]
+    f_mask = freqs < HALF
+    mask = (heads[:, None] < N) & f_mask[None, :]
+    cos = tl.load(cos_ptr + t * HALF + freqs, mask=f_mask, other=0.0)[None, :]  # [1, BF]
+    sin = tl.load(sin_ptr + t * HALF + freqs, mask=f_mask, other=0.0)[None, :]
+    even_ptrs = x_ptr + t * stride_t + heads[:, None].to(tl.int64) * stride_n + 2 * freqs[None, :]  # [BN, BF]
+    even = tl.load(even_ptrs, mask=mask, other=0.0).to(tl.float32)
+    odd = tl.load(even_ptrs + 1, mask=mask, other=0.0).to(tl.float32)
+    even, odd = rotate_pairs(even, odd, cos, sin)
+    tl.store(even_ptrs, even.to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(even_ptrs + 1, odd.to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_rope_args(op: str, x: object, cos: object, sin: object) -> torch.Tensor:
+    x = check_tensor(op, "x", x, ndim=3, dims="[T, N, R]", dtypes=FLOAT_DTYPES, contiguous=False)
+    T, _, R = x.shape
+    if R % 2 or x.stride(2) != 1:
+        raise ValueError(
+            f"{op}: x has shape {tuple(x.shape)} and strides {x.stride()}; R must be even and contiguous"
+        )
+    for name, t in (("cos", cos), ("sin", sin)):
+        check_tensor(
+            op, name, t, shape=(T, R // 2), dims="[T, R/2]", dtypes=(torch.float32,), device=x.device
+        )
+    return x
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, N, R] (last dim contiguous; other strides free) in place by cos/sin [T, R/2]
+    float32; returns x."""
+    x = _check_rope_args("rope_", x, cos, sin)
+    T, N, R = x.shape
+    if T and N:
+        block_n = min(triton.next_power_of_2(N), 128)
+        grid = (T, triton.cdiv(N, block_n))
+        rope_kernel[grid](
+            x, cos, sin, N, R // 2, x.stride(0), x.stride(1),
+            BLOCK_N=block_n, BLOCK_F=triton.next_power_of_2(R // 2), num_warps=4,
+        )  # fmt: skip
+    return x
+
+
+def rope_ref_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Torch reference of `rope_` (in place, returns x)."""
+    _check_rope_args("rope_ref_", x, cos, sin)
+    pairs = x.float().unflatten(-1, (-1, 2))  # [T, N, R/2, 2]
+    even, odd = pairs[..., 0], pairs[..., 1]
+    c, s = cos[:, None, :], sin[:, None, :]
+    x.copy_(torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2))
+    return x
