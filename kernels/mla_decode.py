@@ -13,11 +13,17 @@ All heads attend to the same latent K (= V) per token, so a program takes BLOCK_
 the M dimension of its dots: each [BLOCK_N, L] tile of c_kv is loaded once per program and
 serves both the scores and the weighted sum. The two head blocks of N = 128 read the same tiles
 (the second mostly from L2: head blocks vary fastest in launch order); all 128 heads in one
-program would need a [128, 512] fp32 accumulator, 256 registers a thread with 8 warps. Programs also split each sequence's context into
-S equal parts (S chosen from the shapes so that head blocks x S x B fills the SMs); each writes
-its normalized partial output and log-sum-exp (equivalent to the running max, sum and
-accumulator) in float32, and a second kernel merges them. With S = 1 the first kernel writes
-the output directly.
+program would need a [128, 512] fp32 accumulator, 256 registers a thread with 8 warps.
+
+Two kernels: `mla_decode_paged_kernel` for caches whose pages hold whole tiles (DeepSeek's
+P = 64; TMA tiles, pipelined, the scores dot split across warpgroups), and `mla_decode_kernel`
+for any shape (masked loads, one page-table entry per token unless PAGE_ALIGNED). `_config`
+chooses; `VARIANTS` names the alternatives that bench/sweep_mla.py times.
+
+Programs also split each sequence's context into S equal parts (S chosen from the shapes so
+that head blocks x S x B fills the SMs); each writes its normalized partial output and
+log-sum-exp (equivalent to the running max, sum and accumulator) in float32, and a second
+kernel merges them. With S = 1 the first kernel writes the output directly.
 
 context_lens[b] must be >= 1 (the engine never sends an empty sequence): a row with 0 tokens
 has no softmax; the kernel leaves NaN there and the reference raises.
@@ -28,6 +34,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import INTERPRET, num_sms
 from kernels._validate import FLOAT_DTYPES, check_tensor
@@ -147,6 +154,168 @@ def mla_decode_kernel(
 
 
 @triton.jit
+def _softmax_update(scores, m_i, l_i, P_DTYPE: tl.constexpr):
+    """Online-softmax step on scaled, masked scores [BH, BN] (log2 domain): (p, alpha, m, l)."""
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # [BH]
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])  # [BH, BN]
+    return p.to(P_DTYPE), alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def mla_decode_paged_kernel(
+    q_nope_ptr,  # [B, N, L]
+    q_pe_ptr,  # [B, N, R]
+    kv_ptr,  # [NP, P, L + R]
+    ckv_desc,  # TMA descriptor of c_kv, kv_cache viewed as [NP * P, L], block [BN, L / 2]; None: pointers
+    kpe_desc,  # TMA descriptor of k_pe, kv_cache viewed as [NP * P, R], block [BN, R]; None: pointers
+    page_table_ptr,  # [B, MP] int32
+    context_lens_ptr,  # [B] int32
+    o_ptr,  # [B, N, S, L] float32 partials, or the [B, N, L] output when S == 1
+    lse_ptr,  # [B, N, S] float32 log2-sum-exp of the scaled scores (unused when S == 1)
+    scale_log2,  # softmax_scale * log2(e)
+    N,
+    L,
+    P,
+    stride_qb,
+    stride_qh,
+    stride_peb,
+    stride_peh,
+    stride_kv_page,
+    stride_kv_slot,
+    stride_pt,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HALF_L: tl.constexpr,  # L / 2, a power of two <= 256 (a TMA box)
+    R: tl.constexpr,  # a power of two <= 256
+    SPLIT_SCORES: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """`mla_decode_kernel` for P % BLOCK_N == 0: full tiles stream without masks (TMA when the
+    descriptors are given, else plain loads that the pipeliner turns into cp.async), the latent
+    in two halves of L / 2 (two [BH, L / 2] accumulators, each c_kv half one TMA box), and the one
+    partial tile of a split (the context's end) loaded with masks after the loop, so that slots
+    past the context (stale or garbage, even inf) never reach a dot.
+
+    SPLIT_SCORES puts the softmax of a full tile inside a branch whose two sides compute the
+    same. Triton lays out a dot whose result feeds another dot (found by following uses) with
+    all warps along M; with 64 heads and 8 warps, both warpgroups then compute the same
+    [BH, BN] scores (q @ c_kv^T is 53% of the FLOPs). Uses inside a branch's region do not lead
+    to the branch's results, so the scores dots get the plain layout, split along BN (each
+    warpgroup BN / 2 tokens), and p goes to the other dot's layout through 8 KB of shared memory.
+
+    Pipelining, as compiled by Triton 3.6 for sm_90: the tile loads run num_stages - 1 tiles
+    ahead (64-token tiles: 2 stages fit; 32-token tiles: 3), issued after the step's last dot.
+    """
+    heads = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
+    split = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    head_mask = heads < N
+    offs_l = tl.arange(0, HALF_L)  # [L/2]
+    offs_r = tl.arange(0, R)  # [R]
+    slots = tl.arange(0, BLOCK_N)  # [BN]
+
+    context_len = tl.load(context_lens_ptr + b)
+    split_len = tl.cdiv(tl.cdiv(context_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, context_len)
+    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N  # tiles before lie within the context
+
+    q_row = q_nope_ptr + b * stride_qb + heads[:, None] * stride_qh  # [BH, 1]
+    q0 = tl.load(q_row + offs_l[None, :], mask=head_mask[:, None], other=0.0)  # [BH, L/2]
+    q1 = tl.load(q_row + HALF_L + offs_l[None, :], mask=head_mask[:, None], other=0.0)  # [BH, L/2]
+    q_pe = tl.load(
+        q_pe_ptr + b * stride_peb + heads[:, None] * stride_peh + offs_r[None, :],
+        mask=head_mask[:, None],
+        other=0.0,
+    )  # [BH, R]
+    if DOT_FP32:
+        q0, q1, q_pe = q0.to(tl.float32), q1.to(tl.float32), q_pe.to(tl.float32)
+
+    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)  # running max, log2 domain
+    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)  # running sum of exp2
+    acc0 = tl.zeros((BLOCK_H, HALF_L), dtype=tl.float32)  # latent [0, L/2)
+    acc1 = tl.zeros((BLOCK_H, HALF_L), dtype=tl.float32)  # latent [L/2, L)
+    # The page of the next tile is loaded a step ahead, so that no load feeds this step's tile
+    # load (the pipeliner would split its stages between the two loads).
+    page_row = page_table_ptr + b * stride_pt  # [MP] int32
+    next_page = tl.load(page_row + start // P, mask=start < full_end, other=0)
+    for block_start in range(start, full_end, BLOCK_N):
+        # The tile lies in one page: one page-table entry, BN contiguous rows of the cache.
+        page = next_page
+        next_page = tl.load(
+            page_row + (block_start + BLOCK_N) // P, mask=block_start + BLOCK_N < full_end, other=0
+        )
+        if ckv_desc is not None:
+            row = page * P + block_start % P  # row of kv_cache viewed as [NP * P, L + R]
+            c0 = ckv_desc.load([row, 0])  # [BN, L/2]
+            c1 = ckv_desc.load([row, HALF_L])  # [BN, L/2]
+            k_pe = kpe_desc.load([row, 0])  # [BN, R]
+        else:
+            rows = kv_ptr + page.to(tl.int64) * stride_kv_page + (block_start % P + slots) * stride_kv_slot
+            c0 = tl.load(rows[:, None] + offs_l[None, :])  # [BN, L/2]
+            c1 = tl.load(rows[:, None] + HALF_L + offs_l[None, :])  # [BN, L/2]
+            k_pe = tl.load(rows[:, None] + L + offs_r[None, :])  # [BN, R]
+        if DOT_FP32:
+            c0, c1, k_pe = c0.to(tl.float32), c1.to(tl.float32), k_pe.to(tl.float32)
+        if SPLIT_SCORES:
+            # Three dots each scaled, then summed: Triton folds `dot + x` into a dot chained through
+            # its accumulator, which would count as dot-feeds-dot (see the docstring).
+            scores = (
+                tl.dot(q0, tl.trans(c0)) * scale_log2
+                + tl.dot(q1, tl.trans(c1)) * scale_log2
+                + tl.dot(q_pe, tl.trans(k_pe)) * scale_log2
+            )  # [BH, BN]
+        else:
+            scores = tl.dot(q0, tl.trans(c0))  # [BH, BN]
+            scores = tl.dot(q1, tl.trans(c1), scores)
+            scores = tl.dot(q_pe, tl.trans(k_pe), scores) * scale_log2
+        if SPLIT_SCORES:
+            # Both branches compute the same: the branch only hides the chain (see the docstring).
+            if context_len > 0:
+                p, alpha, m_new, l_new = _softmax_update(scores, m_i, l_i, c0.dtype)
+            else:
+                p, alpha, m_new, l_new = _softmax_update(scores, m_i, l_i, c0.dtype)
+        else:
+            p, alpha, m_new, l_new = _softmax_update(scores, m_i, l_i, c0.dtype)
+        acc0 = tl.dot(p, c0, acc0 * alpha[:, None])  # [BH, L/2]
+        acc1 = tl.dot(p, c1, acc1 * alpha[:, None])
+        m_i, l_i = m_new, l_new
+
+    if full_end < end:
+        pos_mask = full_end + slots < end  # [BN]
+        page = tl.load(page_table_ptr + b * stride_pt + full_end // P).to(tl.int64)
+        rows = kv_ptr + page * stride_kv_page + (full_end % P + slots) * stride_kv_slot  # [BN]
+        c0 = tl.load(rows[:, None] + offs_l[None, :], mask=pos_mask[:, None], other=0.0)  # [BN, L/2]
+        c1 = tl.load(rows[:, None] + HALF_L + offs_l[None, :], mask=pos_mask[:, None], other=0.0)
+        k_pe = tl.load(rows[:, None] + L + offs_r[None, :], mask=pos_mask[:, None], other=0.0)  # [BN, R]
+        if DOT_FP32:
+            c0, c1, k_pe = c0.to(tl.float32), c1.to(tl.float32), k_pe.to(tl.float32)
+        scores = tl.dot(q0, tl.trans(c0))  # [BH, BN]
+        scores = tl.dot(q1, tl.trans(c1), scores)
+        scores = tl.dot(q_pe, tl.trans(k_pe), scores)
+        scores = tl.where(pos_mask[None, :], scores * scale_log2, float("-inf"))
+        p, alpha, m_i, l_i = _softmax_update(scores, m_i, l_i, c0.dtype)
+        acc0 = tl.dot(p, c0, acc0 * alpha[:, None])
+        acc1 = tl.dot(p, c1, acc1 * alpha[:, None])
+
+    nonempty = l_i > 0
+    inv_l = 1.0 / tl.where(nonempty, l_i, 1.0)
+    o_ptrs = o_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_l[None, :]
+    tl.store(o_ptrs, (acc0 * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=head_mask[:, None])
+    tl.store(o_ptrs + HALF_L, (acc1 * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=head_mask[:, None])
+    if NUM_SPLITS > 1:
+        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=head_mask)
+
+
+@triton.jit
 def mla_decode_merge_kernel(
     o_part_ptr,  # [B, N, S, L] float32
     lse_ptr,  # [B, N, S] float32, log2 domain
@@ -182,29 +351,94 @@ def mla_decode_merge_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_l, out.to(out_ptr.dtype.element_ty), mask=l_mask)
 
 
-def _config(B: int, N: int, max_context: int, num_sms: int) -> dict:
-    """Fixed tiles (tuned on an H100, docs/PERF.md): BLOCK_H = 64 heads (two head blocks for
-    N = 128; 16 is the smallest dot M) as two warpgroups, BLOCK_N = 64 tokens ([64, 576] bf16 =
-    72 KB a step, one page of DeepSeek's P = 64), one stage. The [64, 512] fp32 accumulator alone
-    takes 128 registers a thread and this tile spills some, yet it measured fastest: 16 tokens a
-    step spent more time on the per-step softmax than 64 do on spills. One program per SM fits
-    (q stays in shared memory), so splits make at most one wave: S = num_sms // (B x head
+def _config(B: int, N: int, L: int, R: int, P: int, itemsize: int, max_context: int, num_sms: int) -> dict:
+    """Tiles and kernel for a launch; the sweep (bench/sweep_mla.py) times the alternatives.
+
+    Measured on an H100 (docs/PERF.md) for the generic kernel: BLOCK_H = 64 heads (two head
+    blocks for N = 128; 16 is the smallest dot M) as two warpgroups, BLOCK_N = 64 tokens (one
+    page of DeepSeek's P = 64), 8 warps, one stage: 739 us at B = 256 x 2000, 30% of the
+    roofline (16 tokens a step spent more time on the softmax than 64 do on spills).
+
+    Guessed, from compiling for sm_90 only (not yet timed): the paged kernel with TMA tiles,
+    SPLIT_SCORES and 2 stages. Its 64-token step uses 229 KB of the 227 KiB of shared memory
+    (q 72 KB, two 72 KB tiles, p 8 KB), 255 registers and no spills, where the generic kernel
+    spills ~75 loads and loads each tile through registers with nothing in flight. Shapes that
+    do not suit the paged kernel (L / 2 or R not a power of two in [16, 256], P not a
+    multiple of the tile) take the generic one.
+
+    Splits: one program per SM fits, so they make at most one wave: S = num_sms // (B x head
     blocks), at least 1, each split at least MIN_TOKENS_PER_SPLIT tokens of the longest possible
-    context (page-table width x P, a shape, so no host sync), at most MAX_SPLITS."""
+    context (page-table width x P, a shape, so no host sync), at most MAX_SPLITS.
+    """
     block_h = min(64, max(16, triton.next_power_of_2(N)))
     programs = B * triton.cdiv(N, block_h)
-    splits = min(num_sms // programs, triton.cdiv(max_context, MIN_TOKENS_PER_SPLIT), MAX_SPLITS)
-    return dict(BLOCK_H=block_h, BLOCK_N=64, NUM_SPLITS=max(1, splits), num_warps=8, num_stages=1)
+    splits = max(1, min(num_sms // programs, triton.cdiv(max_context, MIN_TOKENS_PER_SPLIT), MAX_SPLITS))
+    cfg = dict(VARIANT="generic", BLOCK_H=block_h, BLOCK_N=64, NUM_SPLITS=splits, num_warps=8, num_stages=1)
+    block_n = min(64, P & -P)  # the largest power of two dividing P, up to 64
+    if _paged_shape_ok(L, R, P, block_n):
+        cfg.update(VARIANT="paged", BLOCK_N=block_n, TMA=True, SPLIT_SCORES=True, num_stages=2)
+        if _paged_shared_bytes(block_h, L, R, itemsize, cfg) > SHARED_BYTES:
+            cfg["num_stages"] = 1
+    return cfg
+
+
+# Named alternatives to `_config`'s choice, applied over it by `variant_config`: bench/sweep_mla.py
+# times each at DeepSeek-V3 shapes and tests/kernels/test_compiles_for_hopper.py compiles each for
+# sm_90. "generic-64x1" is the measured baseline; "tma-split-64x2" is `_config`'s guess.
+VARIANTS: dict[str, dict] = {
+    "generic-64x1": dict(VARIANT="generic", BLOCK_N=64, num_stages=1),
+    "ptr-split-64x2": dict(VARIANT="paged", TMA=False, SPLIT_SCORES=True, BLOCK_N=64, num_stages=2),
+    "ptr-split-32x3": dict(VARIANT="paged", TMA=False, SPLIT_SCORES=True, BLOCK_N=32, num_stages=3),
+    "tma-64x2": dict(VARIANT="paged", TMA=True, SPLIT_SCORES=False, BLOCK_N=64, num_stages=2),
+    "tma-split-64x1": dict(VARIANT="paged", TMA=True, SPLIT_SCORES=True, BLOCK_N=64, num_stages=1),
+    "tma-split-64x2": dict(VARIANT="paged", TMA=True, SPLIT_SCORES=True, BLOCK_N=64, num_stages=2),
+    "tma-split-32x2": dict(VARIANT="paged", TMA=True, SPLIT_SCORES=True, BLOCK_N=32, num_stages=2),
+    "tma-split-32x3": dict(VARIANT="paged", TMA=True, SPLIT_SCORES=True, BLOCK_N=32, num_stages=3),
+}
+
+
+def variant_config(cfg: dict, name: str) -> dict:
+    """`cfg` (from `_config`) with the kernel and tiles of `VARIANTS[name]`, splits kept."""
+    return {k: v for k, v in cfg.items() if k not in ("TMA", "SPLIT_SCORES")} | VARIANTS[name]
+
+
+# Shared memory a program may use on sm_90 (227 KiB), less room for barriers and reductions.
+SHARED_BYTES = 227 * 1024 - 2048
+
+
+def _paged_shape_ok(L: int, R: int, P: int, block_n: int) -> bool:
+    """Whether `mla_decode_paged_kernel` takes these dims: halves of L and R are dot/TMA tiles."""
+    half_l = L // 2
+
+    def pow2_tile(n: int) -> bool:
+        return 16 <= n <= 256 and n & (n - 1) == 0
+
+    return L % 2 == 0 and pow2_tile(half_l) and pow2_tile(R) and block_n >= 16 and P % block_n == 0
+
+
+def _paged_shared_bytes(block_h: int, L: int, R: int, itemsize: int, cfg: dict) -> int:
+    """Estimated shared memory of the paged kernel: q, the pipelined tiles and p."""
+    tile = cfg["BLOCK_N"] * (L + R) * itemsize
+    return (
+        block_h * (L + R) * itemsize + max(1, cfg["num_stages"]) * tile + block_h * cfg["BLOCK_N"] * itemsize
+    )
 
 
 def _check_mla_decode_args(
     q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, num_splits
 ) -> None:
     op = "mla_decode"
-    check_tensor(op, "q_nope", q_nope, ndim=3, dims="[B, N, L]", dtypes=FLOAT_DTYPES)
+    check_tensor(op, "q_nope", q_nope, ndim=3, dims="[B, N, L]", dtypes=FLOAT_DTYPES, contiguous=False)
     device = q_nope.device
     B, N, L = q_nope.shape
-    check_tensor(op, "q_pe", q_pe, ndim=3, dims="[B, N, R]", dtypes=(q_nope.dtype,), device=device)
+    check_tensor(
+        op, "q_pe", q_pe, ndim=3, dims="[B, N, R]", dtypes=(q_nope.dtype,), device=device, contiguous=False
+    )
+    for name, q in (("q_nope", q_nope), ("q_pe", q_pe)):
+        if q.stride(2) != 1:
+            raise ValueError(
+                f"{op}: {name} must have a contiguous last dimension (strides {q.stride()}); call .contiguous()"
+            )
     if q_pe.shape[:2] != (B, N):
         raise ValueError(f"{op}: q_pe has shape {tuple(q_pe.shape)}, expected [B, N, R] with B, N = {B}, {N}")
     R = q_pe.shape[2]
@@ -247,19 +481,26 @@ def mla_decode(
     q_nope: [B, N, L] (already multiplied by W_UK), q_pe: [B, N, R], kv_cache: [num_pages, P,
     L + R] (c_kv, then k_pe), all one dtype (bf16/fp16/fp32). page_table: [B, max_pages] int32
     (-1 padding past a sequence's pages; pages in any order). context_lens: [B] int32, each >= 1
-    and <= max_pages * P (not checked on the device: an empty row gives NaN). All contiguous, on
-    one device. num_splits: context splits per sequence, None to choose from the shapes.
+    and <= max_pages * P (not checked on the device: an empty row gives NaN). q_nope and q_pe
+    may be strided views with a contiguous last dimension (e.g. a [N, B, L] product seen as
+    [B, N, L]); the rest contiguous, all on one device. num_splits: context splits per sequence, None to choose from the shapes.
     """
     _check_mla_decode_args(q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, num_splits)
     B, N, _ = q_nope.shape
-    cfg = _config(B, N, page_table.shape[1] * kv_cache.shape[1], num_sms(q_nope.device))
+    L, R, P = q_nope.shape[2], q_pe.shape[2], kv_cache.shape[1]
+    cfg = _config(B, N, L, R, P, q_nope.element_size(), page_table.shape[1] * P, num_sms(q_nope.device))
     if num_splits is not None:
         cfg["NUM_SPLITS"] = num_splits
     return _mla_decode(q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, cfg)
 
 
 def _mla_decode(q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, cfg) -> torch.Tensor:
-    """`mla_decode` on checked arguments with the tiles `cfg` (as `_config` returns)."""
+    """`mla_decode` on checked arguments with the kernel and tiles `cfg` (as `_config` returns).
+
+    cfg["VARIANT"]: "generic" (`mla_decode_kernel`) or "paged" (`mla_decode_paged_kernel`, with
+    cfg["TMA"] and cfg["SPLIT_SCORES"]); a paged cfg for dims it does not take raises ValueError.
+    TMA falls back to plain loads where the cache's address or row stride is not 16-byte aligned.
+    """
     B, N, L = q_nope.shape
     R = q_pe.shape[2]
     P = kv_cache.shape[1]
@@ -279,34 +520,78 @@ def _mla_decode(q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale,
     # tl.dot wants K >= 16: a narrower latent or rope part (tiny test models) loads masked tiles.
     block_l = max(16, triton.next_power_of_2(L))
     grid = (triton.cdiv(N, cfg["BLOCK_H"]), S, B)
-    mla_decode_kernel[grid](
-        q_nope,
-        q_pe,
-        kv_cache,
-        page_table,
-        context_lens,
-        o,
-        lse,
-        softmax_scale * math.log2(math.e),
-        N,
-        L,
-        R,
-        P,
-        q_nope.stride(0),
-        q_nope.stride(1),
-        q_pe.stride(0),
-        q_pe.stride(1),
-        kv_cache.stride(0),
-        kv_cache.stride(1),
-        page_table.stride(0),
-        *o_strides,
-        *lse_strides,
-        BLOCK_L=block_l,
-        BLOCK_R=max(16, triton.next_power_of_2(R)),
-        PAGE_ALIGNED=P % cfg["BLOCK_N"] == 0,
-        DOT_FP32=INTERPRET,
-        **cfg,
-    )
+    tiles = {k: v for k, v in cfg.items() if k not in ("VARIANT", "TMA")}
+    if cfg["VARIANT"] == "generic":
+        mla_decode_kernel[grid](
+            q_nope,
+            q_pe,
+            kv_cache,
+            page_table,
+            context_lens,
+            o,
+            lse,
+            softmax_scale * math.log2(math.e),
+            N,
+            L,
+            R,
+            P,
+            q_nope.stride(0),
+            q_nope.stride(1),
+            q_pe.stride(0),
+            q_pe.stride(1),
+            kv_cache.stride(0),
+            kv_cache.stride(1),
+            page_table.stride(0),
+            *o_strides,
+            *lse_strides,
+            BLOCK_L=block_l,
+            BLOCK_R=max(16, triton.next_power_of_2(R)),
+            PAGE_ALIGNED=P % cfg["BLOCK_N"] == 0,
+            DOT_FP32=INTERPRET,
+            **tiles,
+        )
+    elif cfg["VARIANT"] == "paged":
+        if not _paged_shape_ok(L, R, P, cfg["BLOCK_N"]):
+            raise ValueError(
+                f"mla_decode: the paged kernel needs L / 2 and R powers of two in [16, 256] and P a "
+                f"multiple of BLOCK_N, got L {L}, R {R}, P {P}, BLOCK_N {cfg['BLOCK_N']}; use the generic one"
+            )
+        ckv_desc = kpe_desc = None
+        item = kv_cache.element_size()
+        if cfg["TMA"] and kv_cache.data_ptr() % 16 == 0 and (L + R) * item % 16 == 0 and L * item % 16 == 0:
+            rows = kv_cache.view(-1, L + R)  # [NP * P, L + R]: a page-aligned tile is BN contiguous rows
+            ckv_desc = TensorDescriptor(rows, [rows.shape[0], L], [L + R, 1], [cfg["BLOCK_N"], L // 2])
+            kpe_desc = TensorDescriptor(rows[:, L:], [rows.shape[0], R], [L + R, 1], [cfg["BLOCK_N"], R])
+        mla_decode_paged_kernel[grid](
+            q_nope,
+            q_pe,
+            kv_cache,
+            ckv_desc,
+            kpe_desc,
+            page_table,
+            context_lens,
+            o,
+            lse,
+            softmax_scale * math.log2(math.e),
+            N,
+            L,
+            P,
+            q_nope.stride(0),
+            q_nope.stride(1),
+            q_pe.stride(0),
+            q_pe.stride(1),
+            kv_cache.stride(0),
+            kv_cache.stride(1),
+            page_table.stride(0),
+            *o_strides,
+            *lse_strides,
+            HALF_L=L // 2,
+            R=R,
+            DOT_FP32=INTERPRET,
+            **tiles,
+        )
+    else:
+        raise ValueError(f"mla_decode: cfg VARIANT is {cfg['VARIANT']!r}, expected 'generic' or 'paged'")
     if S > 1:
         mla_decode_merge_kernel[(B, N)](
             o,

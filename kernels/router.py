@@ -59,18 +59,20 @@ def grouped_topk_kernel(
         group_score = tl.where(groups == best, float("-inf"), group_score)
     candidates = tl.where(keep[:, None], biased, float("-inf"))  # [BG, BGS]
 
-    flat_experts = tl.reshape(experts, (BLOCK_G * BLOCK_GS,))  # row-major: flat index g * BGS + j
-    flat_index = tl.arange(0, BLOCK_G * BLOCK_GS)
+    # Largest candidate: the best group by its row maximum, then the best member in it (lowest
+    # indices win ties). Two 1-D reductions instead of an argmax over a reshaped tile.
     ks = tl.arange(0, BLOCK_K)
     chosen_ids = tl.zeros((BLOCK_K,), dtype=tl.int64)
     chosen_weights = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k in tl.static_range(TOP_K):
-        pos = tl.argmax(tl.reshape(candidates, (BLOCK_G * BLOCK_GS,)), axis=0)
-        expert = tl.sum(tl.where(flat_index == pos, flat_experts, 0))
-        chosen = valid & (experts == expert)  # [BG, BGS], one True
-        weight = tl.sum(tl.where(chosen, scores, 0.0))
+        best_group = tl.argmax(tl.max(candidates, axis=1), axis=0)
+        in_group = groups[:, None] == best_group  # [BG, 1]
+        best_member = tl.argmax(tl.max(tl.where(in_group, candidates, float("-inf")), axis=0), axis=0)
+        chosen = in_group & (members[None, :] == best_member)  # [BG, BGS], one True
+        weight = tl.sum(tl.sum(tl.where(chosen, scores, 0.0), axis=1), axis=0)
         candidates = tl.where(chosen, float("-inf"), candidates)
-        chosen_ids = tl.where(ks == k, expert.to(tl.int64), chosen_ids)
+        expert = best_group.to(tl.int64) * GS + best_member
+        chosen_ids = tl.where(ks == k, expert, chosen_ids)
         chosen_weights = tl.where(ks == k, weight, chosen_weights)
     if NORMALIZE:
         chosen_weights = chosen_weights / (tl.sum(chosen_weights, axis=0) + 1e-20)

@@ -48,6 +48,20 @@ class KernelOps:
     mla_kv_write: Callable[..., None]
     grouped_topk: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     silu_mul: Callable[..., torch.Tensor]
+    router_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def tensor_core_router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Router logits [T, E] float32 from x [T, H] and the gate weight [E, H], both bf16: a
+    tensor-core GEMM accumulating and returning float32. DeepSeek-V3 stores the gate in bf16, so
+    this computes the same products as the float32 GEMM (on FFMA: 1.15 ms of a 16k-token prefill
+    layer and 35 us of a 256-seq decode layer on an H100), in another summation order."""
+    return torch.mm(x, weight.t(), out_dtype=torch.float32)
+
+
+def float32_router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Router logits in float32 (any device): the reference of `tensor_core_router_logits`."""
+    return torch.nn.functional.linear(x.float(), weight.float())
 
 
 def triton_ops() -> KernelOps:
@@ -64,7 +78,7 @@ def triton_ops() -> KernelOps:
 
     return KernelOps(
         "triton", fp8_quant, fp8_gemm, fused_moe, mla_decode,
-        rms_norm, add_rms_norm, rope_, mla_kv_write, grouped_topk, silu_mul,
+        rms_norm, add_rms_norm, rope_, mla_kv_write, grouped_topk, silu_mul, tensor_core_router_logits,
     )  # fmt: skip
 
 
@@ -83,6 +97,7 @@ def reference_ops() -> KernelOps:
     return KernelOps(
         "torch-ref", fp8_quant_ref, fp8_gemm_ref, fused_moe_ref, mla_decode_ref,
         rms_norm_ref, add_rms_norm_ref, rope_ref_, mla_kv_write_ref, grouped_topk_ref, silu_mul_ref,
+        float32_router_logits,
     )  # fmt: skip
 
 

@@ -316,9 +316,10 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         w = self.kv_b_proj.dequantized_weight().view(self.n_heads, self.nope + self.v_dim, self.latent)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [N, D, L], [N, V, L]
-        q_latent = torch.einsum("tnd,ndl->tnl", q_nope, w_uk)  # [T, N, L]
+        # Batched over heads; q_latent stays the [N, T, L] product seen as [T, N, L] (no copy).
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, N, L]
         out_latent = attention.decode(q_latent, q_pe, kv_cache, batch, self.scale)  # [T, N, L]
-        return torch.einsum("tnl,nvl->tnv", out_latent, w_uv)  # [T, N, V]
+        return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, N, V]
 
 
 class MLP(nn.Module):
@@ -368,14 +369,23 @@ class Gate(nn.Module):
 
 
 class KernelGate(Gate):
-    """The router with its selection in one kernel (`grouped_topk`) after the float32 logits GEMM."""
+    """The router with its logits GEMM in the compute dtype (`router_logits`: float32
+    accumulation and output, from `weight_lowp`, the gate weight in that dtype, refreshed after
+    loading) and the selection in one kernel (`grouped_topk`)."""
 
-    def __init__(self, args: ModelArgs, ops: KernelOps, device: torch.device) -> None:
+    weight_lowp: torch.Tensor
+
+    def __init__(self, args: ModelArgs, ops: KernelOps, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__(args, device)
         self.ops = ops
+        lowp = torch.empty(self.weight.shape, dtype=dtype, device=device)
+        self.register_buffer("weight_lowp", lowp, persistent=False)
+
+    def refresh_lowp(self) -> None:
+        self.weight_lowp.copy_(self.weight)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight)  # [T, E]
+        logits = self.ops.router_logits(x, self.weight_lowp)  # [T, E] float32
         return self.ops.grouped_topk(
             logits,
             self.e_score_correction_bias,
@@ -517,7 +527,9 @@ class MoE(nn.Module):
         self, args: ModelArgs, owned: range, backend: ModelBackend, dtype: torch.dtype, device: torch.device
     ) -> None:
         super().__init__()
-        self.gate = Gate(args, device) if backend.ops is None else KernelGate(args, backend.ops, device)
+        self.gate = (
+            Gate(args, device) if backend.ops is None else KernelGate(args, backend.ops, dtype, device)
+        )
         self.experts = make_experts(args, owned, backend, dtype, device)
         self.shared_experts = MLP(
             args.dim, args.moe_inter_dim * args.n_shared_experts, backend, dtype, device
@@ -625,11 +637,13 @@ class DeepseekV3(nn.Module):
         return self.get_parameter(name).data
 
     def weights_loaded(self) -> None:
-        """Derive what is computed from the weights (kv_b_proj's dequantized copy); the loaders
-        call this after filling the parameters."""
+        """Derive what is computed from the weights (kv_b_proj's dequantized copy, the router's
+        weight in the compute dtype); the loaders call this after filling the parameters."""
         for module in self.modules():
             if isinstance(module, Fp8Linear):
                 module.refresh_dequantized()
+            elif isinstance(module, KernelGate):
+                module.refresh_lowp()
 
     def forward(
         self, input_ids: torch.Tensor, batch: StepBatch, kv_caches: list[torch.Tensor]
@@ -638,7 +652,9 @@ class DeepseekV3(nn.Module):
         residual = self.model.embed_tokens(input_ids)  # [T, H]
         first: Block = self.model.layers[0]  # type: ignore[assignment]
         h = first.input_layernorm(residual)
-        for layer, next_norm, kv_cache in zip(self.model.layers, self.model.next_norms(), kv_caches, strict=True):
+        for layer, next_norm, kv_cache in zip(
+            self.model.layers, self.model.next_norms(), kv_caches, strict=True
+        ):
             out, residual = layer(h, residual, batch, kv_cache, self.attention)
             h, residual = next_norm.add(out, residual)
         return h

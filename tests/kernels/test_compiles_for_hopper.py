@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Int arguments whose DeepSeek-V3 values are multiples of 16, as Triton specializes them at launch
 # (scale-row strides such as 56 = 7168 / 128 are not).
-DIV16 = {"H", "inter", "N", "K", "L", "R", "P", "T", "num_pairs", "numel"}
+DIV16 = {"H", "inter", "N", "K", "L", "R", "P", "T", "num_pairs", "numel", "E"}
 NOT_DIV16_STRIDES = {
     "stride_s",
     "stride_xs",
@@ -75,27 +75,43 @@ def _cases():
     )
     for is_fp8 in (False, True):
         w = fp8 if is_fp8 else bf16
-        for T in (1, 32, 128, 4096):
-            cfg = fused_moe._config(T * 8, 32, is_fp8)
+        configs = [(f"T={T}", fused_moe._config(T * 8, 32, is_fp8)) for T in (1, 32, 128, 990, 4096)]
+        if is_fp8:
+            # The variants bench/sweep_moe.py times besides the defaults.
+            decode, prefill = fused_moe._config(256, 32, True), fused_moe._config(32768, 32, True)
+            plain = dict(MERGE_GU=False, SCALAR_WS=False)
+            configs += [
+                ("decode unmerged", {g: dict(t, **plain) for g, t in decode.items()}),
+                ("prefill unmerged", {g: dict(t, **plain) for g, t in prefill.items()}),
+                ("decode merged vector-scales", {g: dict(t, SCALAR_WS=False) for g, t in decode.items()}),
+                (
+                    "decode BT64",
+                    dict(gemm1=dict(decode["gemm1"], BLOCK_T=64, num_warps=8), gemm2=prefill["gemm2"]),
+                ),
+                ("prefill gemm2 BT128", dict(prefill, gemm2=dict(prefill["gemm2"], BLOCK_T=128))),
+            ]
+        for name, cfg in configs:
             ids = dict(sorted_pair_ids_ptr=i32, block_expert_ptr=i32)
             for gemm, kernel, types, extra in (
                 (
-                    "gemm1",
+                    1,
                     fused_moe.fused_moe_gemm1_kernel,
                     dict(x_ptr=w, xs_ptr=f32, w_ptr=w, ws_ptr=f32, h_ptr=w, hs_ptr=f32, **ids),
                     dict(FP8_MAX=448.0, AMAX_EPS=1e-10),
                 ),
                 (
-                    "gemm2",
+                    2,
                     fused_moe.fused_moe_gemm2_kernel,
                     dict(h_ptr=w, hs_ptr=f32, w_ptr=w, ws_ptr=f32, y_ptr=bf16, **ids),
                     {},
                 ),
             ):
-                tiles = dict(cfg[gemm])
+                tiles, _ = fused_moe._kernel_tiles(cfg[f"gemm{gemm}"], gemm, 7168, 2048, num_blocks=64)
                 warps, stages = tiles.pop("num_warps"), tiles.pop("num_stages")
                 constexprs = dict(DOT_FP32=False, SCALE_BLOCK_N=128, FP8=is_fp8, **tiles, **extra)
-                cases.append((f"fused_moe_{gemm} {w[1:]} T={T}", kernel, types, constexprs, warps, stages))
+                cases.append(
+                    (f"fused_moe_gemm{gemm} {w[1:]} {name}", kernel, types, constexprs, warps, stages)
+                )
     cases += [
         (
             "moe_align_count",
@@ -124,28 +140,34 @@ def _cases():
             1,
         )
     )
-    for B in (1, 128):
-        cfg = mla_decode._config(B, 128, 16384, num_sms=132)  # H100 SXM
+    # Each of mla_decode's variants (the sweep's candidates) at B = 128, and the default at B = 1.
+    mla_types = dict(
+        q_nope_ptr=bf16, q_pe_ptr=bf16, kv_ptr=bf16, page_table_ptr=i32, context_lens_ptr=i32, lse_ptr=f32
+    )
+    mla_runs = [(B, name) for name in mla_decode.VARIANTS for B in (128,)] + [(1, None)]
+    for B, name in mla_runs:
+        cfg = mla_decode._config(B, 128, 512, 64, 64, 2, 16384, num_sms=132)  # H100 SXM
+        label = f"mla_decode {cfg['VARIANT']} B={B}" if name is None else f"mla_decode {name} B={B}"
+        if name is not None:
+            cfg = mla_decode.variant_config(cfg, name)
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-        cases.append(
-            (
-                f"mla_decode B={B} splits={cfg['NUM_SPLITS']}",
-                mla_decode.mla_decode_kernel,
-                dict(
-                    q_nope_ptr=bf16,
-                    q_pe_ptr=bf16,
-                    kv_ptr=bf16,
-                    page_table_ptr=i32,
-                    context_lens_ptr=i32,
-                    o_ptr=f32 if cfg["NUM_SPLITS"] > 1 else bf16,
-                    lse_ptr=f32,
-                    scale_log2="fp32",
-                ),
-                dict(BLOCK_L=512, BLOCK_R=64, PAGE_ALIGNED=True, DOT_FP32=False, **cfg),
-                warps,
-                stages,
+        types = dict(mla_types, o_ptr=f32 if cfg["NUM_SPLITS"] > 1 else bf16, scale_log2="fp32")
+        if cfg.pop("VARIANT") == "generic":
+            kernel = mla_decode.mla_decode_kernel
+            constexprs = dict(BLOCK_L=512, BLOCK_R=64, PAGE_ALIGNED=True, DOT_FP32=False, **cfg)
+        else:
+            kernel = mla_decode.mla_decode_paged_kernel
+            descs = dict(
+                ckv_desc=f"tensordesc<bf16[{cfg['BLOCK_N']}, 256]>",
+                kpe_desc=f"tensordesc<bf16[{cfg['BLOCK_N']}, 64]>",
             )
-        )
+            if cfg.pop("TMA"):
+                types |= descs
+                constexprs = {}
+            else:
+                constexprs = dict(ckv_desc=None, kpe_desc=None)
+            constexprs |= dict(HALF_L=256, R=64, DOT_FP32=False, **cfg)
+        cases.append((f"{label} splits={cfg['NUM_SPLITS']}", kernel, types, constexprs, warps, stages))
     cases.append(
         (
             "mla_decode_merge",
@@ -156,7 +178,66 @@ def _cases():
             1,
         )
     )
+    cases += _pointwise_cases(bf16, f32, i32)
     return cases
+
+
+def _pointwise_cases(bf16: str, f32: str, i32: str) -> list:
+    """The small fused kernels of a layer (kernels/rms_norm, rope, mla_kv_write, router, silu_mul)."""
+    from kernels import mla_kv_write, rms_norm, rope, router, silu_mul
+
+    return [
+        (
+            f"rms_norm add={add}",
+            rms_norm.rms_norm_kernel,
+            dict(x_ptr=bf16, r_ptr=bf16, w_ptr=bf16, out_ptr=bf16, sum_ptr=bf16, eps="fp32"),
+            dict(ADD=add, BLOCK=8192),
+            8,
+            1,
+        )
+        for add in (False, True)
+    ] + [
+        (
+            "rope",
+            rope.rope_kernel,
+            dict(x_ptr=bf16, cos_ptr=f32, sin_ptr=f32),
+            dict(BLOCK_N=64, R=64),
+            4,
+            1,
+        ),
+        (
+            "mla_kv_write",
+            mla_kv_write.mla_kv_write_kernel,
+            dict(
+                kv_a_ptr=bf16,
+                w_ptr=bf16,
+                cos_ptr=f32,
+                sin_ptr=f32,
+                cache_ptr=bf16,
+                slots_ptr="*i64",
+                eps="fp32",
+            ),
+            dict(BLOCK_L=512, BLOCK_F=32),
+            4,
+            1,
+        ),
+        (
+            "grouped_topk",
+            router.grouped_topk_kernel,
+            dict(logits_ptr=f32, bias_ptr=f32, weights_ptr=f32, ids_ptr="*i64", route_scale="fp32"),
+            dict(TOPK_GROUPS=4, TOP_K=8, NORMALIZE=True, BLOCK_G=8, BLOCK_GS=32, BLOCK_K=8),
+            4,
+            1,
+        ),
+        (
+            "silu_mul",
+            silu_mul.silu_mul_kernel,
+            dict(gu_ptr=bf16, h_ptr=bf16),
+            dict(BLOCK=1024),
+            4,
+            1,
+        ),
+    ]
 
 
 def _compile(kernel, types, constexprs, num_warps, num_stages):

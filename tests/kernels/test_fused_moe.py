@@ -11,6 +11,7 @@ from kernels.fp8_quant import quantize_weight_blocks
 from kernels.fused_moe import (
     _config,
     _fused_moe,
+    _kernel_tiles,
     fused_moe,
     fused_moe_ref,
     max_aligned_blocks,
@@ -145,6 +146,49 @@ def test_fused_moe_tile_variants_match_reference(block_t, swap_ab, fp8, device):
     assert _rel_err(out, want) <= (1e-4 if INTERPRET else 2e-2)
 
 
+VARIANTS = [
+    # GEMM 1's merged gate/up tile, scalar weight scales, grouped launch order (0: plain grid)
+    pytest.param(dict(MERGE_GU=True, SCALAR_WS=True, GROUP_T=0), id="merged-scalar"),
+    pytest.param(dict(MERGE_GU=True, SCALAR_WS=False, GROUP_T=3), id="merged-vector-group3"),
+    pytest.param(dict(MERGE_GU=False, SCALAR_WS=True, GROUP_T=1), id="split-scalar-group1"),
+    pytest.param(dict(MERGE_GU=False, SCALAR_WS=False, GROUP_T=2), id="split-vector-group2"),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("swap_ab", [True, False], ids=["swap", "tokens-as-M"])
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp32", "fp8"])
+def test_fused_moe_kernel_variants_match_reference(variant, swap_ab, fp8, device):
+    """The config switches of `_config` on a case where every one applies: H and I multiples of
+    128 (scalar weight scales valid), several token blocks and weight tiles per GEMM (grouped
+    order with a partial last group), an expert with no tokens."""
+    T, H, inter, E, K, total, expert_start = 24, 256, 256, 3, 2, 6, 1
+    x = torch.randn(T, H, device=device)
+    ids, weights = _routing(T, K, total, device, avoid=(expert_start + 1,))
+    w = _weights(E, H, inter, torch.float32, fp8, device)
+    tiles = dict(
+        BLOCK_T=16, BLOCK_K=128 if fp8 else 64, SWAP_AB=swap_ab, num_warps=4, num_stages=2, **variant
+    )
+    cfg = dict(gemm1=dict(tiles, BLOCK_W=128), gemm2=dict(tiles, BLOCK_W=64))
+    out = _fused_moe(
+        x, ids, weights, w["w13"], w["w2"], expert_start, w.get("w13_scale"), w.get("w2_scale"), cfg
+    )
+    want = fused_moe_ref(x, ids, weights, expert_start=expert_start, **w)
+    assert _rel_err(out, want) <= (1e-4 if INTERPRET else 2e-2)
+
+
+@pytest.mark.parametrize(
+    "gemm, H, inter, block_w, scalar",
+    [(1, 256, 256, 128, True), (1, 256, 96, 128, False), (2, 256, 96, 64, True), (2, 256, 256, 256, False)],
+)
+def test_kernel_tiles_keep_scalar_scales_only_where_valid(gemm, H, inter, block_w, scalar):
+    tiles = dict(BLOCK_T=16, BLOCK_W=block_w, BLOCK_K=128, SCALAR_WS=True, GROUP_T=8, MERGE_GU=True)
+    got, group_t = _kernel_tiles(tiles, gemm, H, inter, num_blocks=5)
+    assert got["SCALAR_WS"] is scalar and group_t == 5 and "GROUP_T" not in got
+    assert ("MERGE_GU" in got) == (gemm == 1)
+    assert _kernel_tiles(dict(tiles, GROUP_T=0), gemm, H, inter, num_blocks=7)[1] == 7
+
+
 def test_fused_moe_token_without_local_expert_gets_zeros(device):
     x = torch.randn(3, 64, device=device)
     ids = torch.tensor([[0, 1], [5, 6], [1, 7]], dtype=torch.int32, device=device)  # local experts: 0..3
@@ -225,3 +269,34 @@ def test_fused_moe_gpu_deepseek_shapes(T, fp8):
     assert _rel_err(out, want) <= 2e-2
     assert ((out.float() - want.float()).norm() / want.float().norm()).item() <= 1e-2
     assert torch.equal(out, fused_moe(x, ids, weights, expert_start=expert_start, **w)), "not deterministic"
+
+
+GPU_VARIANTS = {
+    "unmerged": lambda cfg, prefill: {g: dict(t, MERGE_GU=False) for g, t in cfg.items()},
+    "vector-scales": lambda cfg, prefill: {g: dict(t, SCALAR_WS=False) for g, t in cfg.items()},
+    "plain-grid": lambda cfg, prefill: {g: dict(t, GROUP_T=0) for g, t in cfg.items()},
+    "decode-g1-bt64": lambda cfg, prefill: (
+        cfg if prefill else dict(cfg, gemm1=dict(cfg["gemm1"], BLOCK_T=64, num_warps=8))
+    ),
+    "prefill-g2-bt128": lambda cfg, prefill: (
+        dict(cfg, gemm2=dict(cfg["gemm2"], BLOCK_T=128)) if prefill else cfg
+    ),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(GPU_VARIANTS))
+@pytest.mark.parametrize("T", [256, 4096])
+def test_fused_moe_gpu_variants_deepseek_shapes(T, variant):
+    """The variants bench/sweep_moe.py times, at DeepSeek-V3 shapes (FP8, rank 2 of 8): the
+    same bounds as the default tiles (see test_fused_moe_gpu_deepseek_shapes)."""
+    H, inter, E, K, total, expert_start = 7168, 2048, 32, 8, 256, 64
+    x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
+    ids = torch.rand(T, total, device="cuda").topk(K, dim=1).indices.to(torch.int32)  # [T, K]
+    weights = torch.rand(T, K, device="cuda") + 0.1
+    w = _weights(E, H, inter, torch.bfloat16, True, "cuda")
+    cfg = GPU_VARIANTS[variant](_config(T * K, E, True), T * K / E > 512)
+    out = _fused_moe(x, ids, weights, w["w13"], w["w2"], expert_start, w["w13_scale"], w["w2_scale"], cfg)
+    want = fused_moe_ref(x, ids, weights, expert_start=expert_start, **w)
+    assert _rel_err(out, want) <= 2e-2
+    assert ((out.float() - want.float()).norm() / want.float().norm()).item() <= 1e-2

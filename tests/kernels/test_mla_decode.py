@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernels import INTERPRET
-from kernels.mla_decode import mla_decode, mla_decode_ref
+from kernels.mla_decode import VARIANTS, _config, _mla_decode, mla_decode, mla_decode_ref, variant_config
 
 
 def _paged_cache(
@@ -62,14 +62,77 @@ def test_mla_decode_matches_reference(context_lens, P, N, L, R, num_splits, dtyp
     assert _rel_err(out, want) <= tol
 
 
+# The paged kernel's paths at tiny dims (L / 2 and R powers of two >= 16, P a multiple of BLOCK_N):
+# TMA descriptors or plain loads, scores with or without SPLIT_SCORES, full tiles and a masked tail.
+PAGED = [
+    dict(VARIANT="paged", TMA=True, SPLIT_SCORES=True),
+    dict(VARIANT="paged", TMA=True, SPLIT_SCORES=False),
+    dict(VARIANT="paged", TMA=False, SPLIT_SCORES=True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("variant", PAGED, ids=lambda v: f"tma{int(v['TMA'])}-split{int(v['SPLIT_SCORES'])}")
+@pytest.mark.parametrize(
+    "context_lens, P, L, R, block_n, num_splits",
+    [
+        # 2 pages a tile-multiple, a partial tail, one 1-token sequence, empty splits
+        pytest.param([1, 40, 32], 16, 32, 16, 16, 3, id="tails"),
+        pytest.param([70, 5, 33], 32, 64, 32, 16, 2, id="two-tiles-a-page"),
+        pytest.param([96, 17], 32, 32, 16, 32, 1, id="one-split"),
+    ],
+)
+def test_mla_decode_paged_kernel_matches_reference(
+    context_lens, P, L, R, block_n, num_splits, variant, dtype, device
+):
+    args = _paged_cache(context_lens, P, 16, L, R, dtype, device)
+    scale = (L + R) ** -0.5
+    cfg = dict(BLOCK_H=16, BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=4, num_stages=2, **variant)
+    out = _mla_decode(**args, softmax_scale=scale, cfg=cfg)  # [B, N, L]
+    want = mla_decode_ref(**args, softmax_scale=scale)
+    tol = {torch.float32: 1e-5 if INTERPRET else 1e-2, torch.float16: 5e-3}[dtype]
+    assert _rel_err(out, want) <= tol
+
+
+def test_mla_decode_config_picks_the_paged_kernel_where_it_fits():
+    deepseek = _config(128, 128, 512, 64, 64, 2, 16384, num_sms=132)
+    assert deepseek["VARIANT"] == "paged" and deepseek["TMA"] and deepseek["num_stages"] == 2
+    assert _config(4, 16, 32, 16, 16, 4, 64, num_sms=4)["VARIANT"] == "paged"  # tiny test model
+    assert _config(4, 20, 48, 8, 5, 4, 64, num_sms=4)["VARIANT"] == "generic"  # odd dims
+    assert variant_config(deepseek, "generic-64x1") == dict(
+        VARIANT="generic", BLOCK_H=64, BLOCK_N=64, NUM_SPLITS=1, num_warps=8, num_stages=1
+    )
+
+
+def test_mla_decode_paged_kernel_refuses_dims_it_does_not_take():
+    args = _paged_cache([3, 5], 5, 16, 48, 8, torch.float32, "cpu")
+    cfg = dict(BLOCK_H=16, BLOCK_N=16, NUM_SPLITS=1, num_warps=4, num_stages=1, **PAGED[0])
+    with pytest.raises(ValueError, match=r"paged kernel needs L / 2 and R powers of two in \[16, 256\]"):
+        _mla_decode(**args, softmax_scale=0.1, cfg=cfg)
+
+
 def test_mla_decode_ignores_pages_past_the_context(device):
-    """Garbage (inf) in the unused slots of a sequence's last page must not reach the output."""
-    args = _paged_cache([6, 3], 4, 16, 32, 16, torch.float32, device)
+    """Garbage (inf) in the unused slots of a sequence's last page must not reach the output,
+    with the generic kernel (P = 4) and the paged one (P = 16, which `_config` picks)."""
+    for P, lens in ((4, [6, 3]), (16, [22, 3])):
+        args = _paged_cache(lens, P, 16, 32, 16, torch.float32, device)
+        want = mla_decode_ref(**args, softmax_scale=0.1)
+        last_page = args["page_table"][0, 1].long()
+        args["kv_cache"][last_page, lens[0] - P :] = float("inf")
+        out = mla_decode(**args, softmax_scale=0.1, num_splits=2)
+        assert torch.isfinite(out).all()
+        assert _rel_err(out, want) <= (1e-5 if INTERPRET else 1e-2)
+
+
+@pytest.mark.parametrize("P", [4, 16])  # the generic kernel, the paged one
+def test_mla_decode_takes_strided_queries(P, device):
+    """q_nope as the model computes it (a [N, B, L] product seen as [B, N, L]) and q_pe as the
+    rope columns of a wider query, without copies."""
+    args = _paged_cache([22, 5, 40], P, 16, 32, 16, torch.float32, device)
     want = mla_decode_ref(**args, softmax_scale=0.1)
-    last_page = args["page_table"][0, 1].long()
-    args["kv_cache"][last_page, 2:] = float("inf")
-    out = mla_decode(**args, softmax_scale=0.1, num_splits=2)
-    assert torch.isfinite(out).all()
+    q_nope = args["q_nope"].transpose(0, 1).contiguous().transpose(0, 1)  # strides (L, B * L, 1)
+    wide = torch.cat([torch.randn_like(args["q_pe"]), args["q_pe"]], dim=-1)  # [B, N, 2R]
+    out = mla_decode(**(args | dict(q_nope=q_nope, q_pe=wide[..., 16:])), softmax_scale=0.1)
     assert _rel_err(out, want) <= (1e-5 if INTERPRET else 1e-2)
 
 
@@ -102,7 +165,10 @@ def test_mla_decode_rejects_bad_input():
             dict(context_lens=args["context_lens"][:1]),
             r"context_lens has shape \(1,\), expected \(2,\) \[B\]",
         ),
-        (dict(q_nope=args["q_nope"].transpose(0, 1)), r"q_nope must be contiguous"),
+        (
+            dict(q_nope=args["q_nope"].transpose(1, 2).contiguous().transpose(1, 2)),
+            r"q_nope must have a contiguous last dimension",
+        ),
         (dict(softmax_scale=0.0), r"softmax_scale is 0.0, expected a positive float"),
         (dict(num_splits=0), r"num_splits is 0, expected None \(choose from the shapes\) or an int >= 1"),
     ]
@@ -126,3 +192,23 @@ def test_mla_decode_gpu_deepseek_shapes(B, context):
     out = mla_decode(**args, softmax_scale=scale)
     assert _rel_err(out, mla_decode_ref(**args, softmax_scale=scale)) <= 2e-2
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("context", [2000, 16000])
+@pytest.mark.parametrize("B", [1, 32])
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_mla_decode_gpu_variants(name, B, context):
+    """Each sweep variant at DeepSeek-V3 shapes (bf16, N 128, L 512, R 64, P 64), with inf in the
+    slots past each context; tolerance as in test_mla_decode_gpu_deepseek_shapes."""
+    lens = (context - torch.randint(0, 200, (B,))).tolist()
+    args = _paged_cache(lens, 64, 128, 512, 64, torch.bfloat16, "cuda")
+    scale = 192**-0.5
+    want = mla_decode_ref(**args, softmax_scale=scale)
+    for b, n in enumerate(lens):
+        args["kv_cache"][args["page_table"][b, (n - 1) // 64].long(), (n - 1) % 64 + 1 :] = float("inf")
+    max_context = args["page_table"].shape[1] * 64
+    cfg = variant_config(_config(B, 128, 512, 64, 64, 2, max_context, num_sms=132), name)
+    out = _mla_decode(**args, softmax_scale=scale, cfg=cfg)
+    assert torch.isfinite(out).all()
+    assert _rel_err(out, want) <= 2e-2
