@@ -428,17 +428,12 @@ def _check_mla_decode_args(
     q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, num_splits
 ) -> None:
     op = "mla_decode"
-    check_tensor(op, "q_nope", q_nope, ndim=3, dims="[B, N, L]", dtypes=FLOAT_DTYPES, contiguous=False)
+    check_tensor(op, "q_nope", q_nope, ndim=3, dims="[B, N, L]", dtypes=FLOAT_DTYPES, contiguous="last")
     device = q_nope.device
     B, N, L = q_nope.shape
     check_tensor(
-        op, "q_pe", q_pe, ndim=3, dims="[B, N, R]", dtypes=(q_nope.dtype,), device=device, contiguous=False
+        op, "q_pe", q_pe, ndim=3, dims="[B, N, R]", dtypes=(q_nope.dtype,), device=device, contiguous="last"
     )
-    for name, q in (("q_nope", q_nope), ("q_pe", q_pe)):
-        if q.stride(2) != 1:
-            raise ValueError(
-                f"{op}: {name} must have a contiguous last dimension (strides {q.stride()}); call .contiguous()"
-            )
     if q_pe.shape[:2] != (B, N):
         raise ValueError(f"{op}: q_pe has shape {tuple(q_pe.shape)}, expected [B, N, R] with B, N = {B}, {N}")
     R = q_pe.shape[2]

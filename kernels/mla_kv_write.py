@@ -16,7 +16,7 @@ import triton.language as tl
 
 from kernels._validate import FLOAT_DTYPES, check_tensor
 from kernels.rms_norm import rms_norm_ref, rms_norm_row
-from kernels.rope import rope_ref_, rotate_pairs
+from kernels.rope import rope_ref_, rope_rows
 
 
 @triton.jit
@@ -28,14 +28,13 @@ def mla_kv_write_kernel(
     cache_ptr,  # [NP * P, C] contiguous rows
     slots_ptr,  # [T] int64
     L,
-    HALF,
     stride_a,
     eps,
     BLOCK_L: tl.constexpr,
-    BLOCK_F: tl.constexpr,
+    R: tl.constexpr,  # a power of two
 ):
     t = tl.program_id(0).to(tl.int64)
-    C = L + 2 * HALF
+    C = L + R
     slot = tl.load(slots_ptr + t)
     src = kv_a_ptr + t * stride_a
     dst = cache_ptr + slot * C
@@ -44,21 +43,16 @@ def mla_kv_write_kernel(
     latent = tl.load(src + cols, mask=l_mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=l_mask, other=0.0).to(tl.float32)
     tl.store(dst + cols, rms_norm_row(latent, w, L, eps, cache_ptr.dtype.element_ty), mask=l_mask)
-    freqs = tl.arange(0, BLOCK_F)
-    f_mask = freqs < HALF
-    cos = tl.load(cos_ptr + t * HALF + freqs, mask=f_mask, other=0.0)
-    sin = tl.load(sin_ptr + t * HALF + freqs, mask=f_mask, other=0.0)
-    even = tl.load(src + L + 2 * freqs, mask=f_mask, other=0.0).to(tl.float32)
-    odd = tl.load(src + L + 2 * freqs + 1, mask=f_mask, other=0.0).to(tl.float32)
-    even, odd = rotate_pairs(even, odd, cos, sin)
-    tl.store(dst + L + 2 * freqs, even.to(cache_ptr.dtype.element_ty), mask=f_mask)
-    tl.store(dst + L + 2 * freqs + 1, odd.to(cache_ptr.dtype.element_ty), mask=f_mask)
+    freqs = tl.arange(0, R // 2)
+    cos = tl.load(cos_ptr + t * (R // 2) + freqs)[None, :]  # [1, R/2]
+    sin = tl.load(sin_ptr + t * (R // 2) + freqs)[None, :]
+    rope_cols = L + tl.arange(0, R)[None, :]  # [1, R]
+    k_pe = tl.load(src + rope_cols).to(tl.float32)
+    tl.store(dst + rope_cols, rope_rows(k_pe, cos, sin, 1, R).to(cache_ptr.dtype.element_ty))
 
 
 def _check_args(op, kv_a, weight, eps, cos, sin, kv_cache, slot_mapping) -> None:
-    check_tensor(op, "kv_a", kv_a, ndim=2, dims="[T, L + R]", dtypes=FLOAT_DTYPES, contiguous=False)
-    if kv_a.stride(1) != 1:
-        raise ValueError(f"{op}: kv_a must have a contiguous last dimension (strides {kv_a.stride()})")
+    check_tensor(op, "kv_a", kv_a, ndim=2, dims="[T, L + R]", dtypes=FLOAT_DTYPES, contiguous="last")
     device = kv_a.device
     T = kv_a.shape[0]
     check_tensor(
@@ -66,10 +60,12 @@ def _check_args(op, kv_a, weight, eps, cos, sin, kv_cache, slot_mapping) -> None
     )
     C = kv_cache.shape[2]
     L = weight.shape[0] if isinstance(weight, torch.Tensor) else -1
-    if kv_a.shape[1] != C or not 0 < L < C or (C - L) % 2:
+    R = C - L
+    if kv_a.shape[1] != C or not 0 < L < C or R < 2 or R & (R - 1):
         raise ValueError(
             f"{op}: kv_a [T, L + R] = {tuple(kv_a.shape)}, kv_cache {tuple(kv_cache.shape)} and weight [L] "
-            f"{tuple(getattr(weight, 'shape', ()))} disagree: need kv_a.shape[1] == kv_cache.shape[2] = L + R, R even"
+            f"{tuple(getattr(weight, 'shape', ()))} disagree: need kv_a.shape[1] == kv_cache.shape[2] = L + R, "
+            "R a power of two (DeepSeek: 64)"
         )
     check_tensor(op, "weight", weight, shape=(L,), dims="[L]", dtypes=FLOAT_DTYPES, device=device)
     for name, t in (("cos", cos), ("sin", sin)):
@@ -100,8 +96,8 @@ def mla_kv_write(
     L = weight.shape[0]
     if T:
         mla_kv_write_kernel[(T,)](
-            kv_a, weight, cos, sin, kv_cache, slot_mapping, L, (C - L) // 2, kv_a.stride(0), eps,
-            BLOCK_L=triton.next_power_of_2(L), BLOCK_F=triton.next_power_of_2((C - L) // 2), num_warps=4,
+            kv_a, weight, cos, sin, kv_cache, slot_mapping, L, kv_a.stride(0), eps,
+            BLOCK_L=triton.next_power_of_2(L), R=C - L, num_warps=4,
         )  # fmt: skip
 
 

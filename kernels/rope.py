@@ -18,9 +18,14 @@ from kernels._validate import FLOAT_DTYPES, check_tensor
 
 
 @triton.jit
-def rotate_pairs(even, odd, cos, sin):
-    """Rotate float32 pairs (even, odd) by (cos, sin) of matching shapes: (even', odd')."""
-    return even * cos - odd * sin, even * sin + odd * cos
+def rope_rows(x, cos, sin, ROWS: tl.constexpr, R: tl.constexpr):
+    """Rotate the interleaved pairs of each row of x [ROWS, R] (float32, R a power of two) by
+    cos/sin [1, R/2]. Callers load each row contiguously (vectorized) and the pairs are split in
+    registers: loading the even and the odd elements separately (stride 2) measured 47 us for
+    256 tokens x 128 heads on an H100, against 3.2 us this way."""
+    even, odd = tl.split(tl.reshape(x, (ROWS, R // 2, 2)))  # [ROWS, R/2] each
+    even, odd = even * cos - odd * sin, even * sin + odd * cos
+    return tl.reshape(tl.join(even, odd), (ROWS, R))  # pairs interleaved again
 
 
 @triton.jit
@@ -34,31 +39,24 @@ def rope_kernel(
     BLOCK_N: tl.constexpr,
     R: tl.constexpr,
 ):
-    # Each head's R values are loaded as one contiguous (vectorized) row and split into the
-    # interleaved pairs in registers; loading the even and the odd elements separately (stride
-    # 2) measured 47 us for 256 tokens x 128 heads on an H100.
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     cols = tl.arange(0, R)  # [R]
     mask = (heads[:, None] < N) & (cols[None, :] < R)
     ptrs = x_ptr + t * stride_t + heads[:, None].to(tl.int64) * stride_n + cols[None, :]  # [BN, R]
     x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    even, odd = tl.split(tl.reshape(x, (BLOCK_N, R // 2, 2)))  # [BN, R/2] each
     freqs = tl.arange(0, R // 2)
     cos = tl.load(cos_ptr + t * (R // 2) + freqs)[None, :]  # [1, R/2]
     sin = tl.load(sin_ptr + t * (R // 2) + freqs)[None, :]
-    even, odd = rotate_pairs(even, odd, cos, sin)
-    y = tl.reshape(tl.join(even, odd), (BLOCK_N, R))  # pairs interleaved again
+    y = rope_rows(x, cos, sin, BLOCK_N, R)
     tl.store(ptrs, y.to(x_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_rope_args(op: str, x: object, cos: object, sin: object) -> torch.Tensor:
-    x = check_tensor(op, "x", x, ndim=3, dims="[T, N, R]", dtypes=FLOAT_DTYPES, contiguous=False)
+    x = check_tensor(op, "x", x, ndim=3, dims="[T, N, R]", dtypes=FLOAT_DTYPES, contiguous="last")
     T, _, R = x.shape
-    if R % 2 or x.stride(2) != 1:
-        raise ValueError(
-            f"{op}: x has shape {tuple(x.shape)} and strides {x.stride()}; R must be even and contiguous"
-        )
+    if R % 2:
+        raise ValueError(f"{op}: x has shape {tuple(x.shape)}; R must be even")
     for name, t in (("cos", cos), ("sin", sin)):
         check_tensor(
             op, name, t, shape=(T, R // 2), dims="[T, R/2]", dtypes=(torch.float32,), device=x.device

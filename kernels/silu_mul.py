@@ -28,13 +28,10 @@ def silu_mul_kernel(gu_ptr, h_ptr, inter, stride_gu, BLOCK: tl.constexpr):
 
 def _check(op: str, gate_up: object) -> torch.Tensor:
     gate_up = check_tensor(
-        op, "gate_up", gate_up, ndim=2, dims="[T, 2I]", dtypes=FLOAT_DTYPES, contiguous=False
+        op, "gate_up", gate_up, ndim=2, dims="[T, 2I]", dtypes=FLOAT_DTYPES, contiguous="last"
     )
-    if gate_up.shape[1] % 2 or gate_up.stride(1) != 1:
-        raise ValueError(
-            f"{op}: gate_up has shape {tuple(gate_up.shape)} and strides {gate_up.stride()}: "
-            "need an even width (gate then up) and a contiguous last dimension"
-        )
+    if gate_up.shape[1] % 2:
+        raise ValueError(f"{op}: gate_up has shape {tuple(gate_up.shape)}: need an even width (gate then up)")
     return gate_up
 
 

@@ -217,7 +217,7 @@ def _pointwise_cases(bf16: str, f32: str, i32: str) -> list:
                 slots_ptr="*i64",
                 eps="fp32",
             ),
-            dict(BLOCK_L=512, BLOCK_F=32),
+            dict(BLOCK_L=512, R=64),
             4,
             1,
         ),

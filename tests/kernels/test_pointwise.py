@@ -152,6 +152,9 @@ def test_mla_kv_write_refuses_mismatched_shapes(device):
         mla_kv_write(kv_a[:, :40], weight, 1e-6, cos, sin, cache, slots)
     with pytest.raises(ValueError, match=r"slot_mapping has dtype torch.int32"):
         mla_kv_write(kv_a, weight, 1e-6, cos, sin, cache, slots.int())
+    kv_a, weight, cos, sin, cache, slots = _kv_case(3, 32, 12, 8, 2, torch.float32, device)  # R = 12
+    with pytest.raises(ValueError, match="R a power of two"):
+        mla_kv_write(kv_a, weight, 1e-6, cos, sin, cache, slots)
 
 
 def _router_logits(T: int, E: int, device) -> tuple[torch.Tensor, torch.Tensor]:
