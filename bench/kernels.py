@@ -118,6 +118,39 @@ def moe_weights(fp8: bool, generator: torch.Generator):
     )
 
 
+def timing_row(
+    shape: dict,
+    seconds: float,
+    graph_seconds: float,
+    ref_seconds: float,
+    nbytes: int,
+    roof: float,
+    flops: float | None = None,
+) -> dict:
+    """One result row: `shape` (kernel name and its sizes), the eager and graph times, the work
+    counted, the roofline time and its ratios, and the speed-up over the torch reference."""
+    row = dict(shape, seconds=seconds, graph_seconds=graph_seconds, bytes=nbytes)
+    if flops is not None:
+        row["flops"] = flops
+    return row | {
+        "roofline_seconds": roof,
+        "roofline_ratio": roof / seconds,
+        "graph_roofline_ratio": roof / graph_seconds,
+        "ref_seconds": ref_seconds,
+        "speedup": ref_seconds / seconds,
+    }
+
+
+def mla_work(batch: int, context: int) -> dict:
+    """Bytes and FLOPs of one MLA decode call at DeepSeek-V3 dims: the K/V cache read (the
+    issue's roofline), q and the output, and the FLOPs of the scores and the weighted sum."""
+    return {
+        "kv_bytes": batch * context * (LATENT + ROPE) * 2,
+        "q_out_bytes": batch * HEADS * (2 * LATENT + ROPE) * 2,
+        "flops": 2 * batch * HEADS * context * (LATENT + ROPE + LATENT),
+    }
+
+
 def bench_moe(ceil: dict, per_rank: int, fp8: bool, reps: int, prefill: bool) -> dict:
     g = torch.Generator(device="cuda").manual_seed(per_rank)
     ids, weights, pairs = rank0_tokens(per_rank, g)
@@ -134,25 +167,18 @@ def bench_moe(ceil: dict, per_rank: int, fp8: bool, reps: int, prefill: bool) ->
     flops = 2 * pairs * 3 * INTER * H
     rate = ceil["fp8_flops_per_s"] if fp8 and "fp8_flops_per_s" in ceil else ceil["bf16_flops_per_s"]
     roof = max((wbytes + abytes) / ceil["copy_bytes_per_s"], flops / rate)
-    return {
+    shape = {
         "kernel": "fused_moe",
         "phase": "prefill" if prefill else "decode",
         "weights": "fp8" if fp8 else "bf16",
         "seqs_or_tokens_per_rank": per_rank,
         "tokens_received": t,
         "local_pairs": pairs,
-        "seconds": seconds,
-        "graph_seconds": graph_seconds,
-        "bytes": wbytes + abytes,
-        "flops": flops,
-        "roofline_seconds": roof,
-        "roofline_ratio": roof / seconds,
-        "graph_roofline_ratio": roof / graph_seconds,
+    }
+    return timing_row(shape, seconds, graph_seconds, ref_seconds, wbytes + abytes, roof, flops) | {
         "weight_bw_ratio": (wbytes / ceil["copy_bytes_per_s"]) / seconds,
         "graph_weight_bw_ratio": (wbytes / ceil["copy_bytes_per_s"]) / graph_seconds,
         "flop_rate_ratio": (flops / rate) / seconds,
-        "ref_seconds": ref_seconds,
-        "speedup": ref_seconds / seconds,
     }
 
 
@@ -169,23 +195,11 @@ def bench_mla(ceil: dict, batch: int, context: int, reps: int) -> dict:
     seconds = cuda_time(lambda: mla_decode(q, q_pe, kv, table, lens, scale), reps)
     graph_seconds = graph_time(lambda: mla_decode(q, q_pe, kv, table, lens, scale), reps)
     ref_seconds = cuda_time(lambda: mla_decode_ref(q, q_pe, kv, table, lens, scale), 3, warmup=1)
-    nbytes = batch * context * (LATENT + ROPE) * 2 + batch * HEADS * (2 * LATENT + ROPE) * 2
-    flops = 2 * batch * HEADS * context * (LATENT + ROPE + LATENT)
-    roof = max(nbytes / ceil["copy_bytes_per_s"], flops / ceil["bf16_flops_per_s"])
-    return {
-        "kernel": "mla_decode",
-        "batch": batch,
-        "context": context,
-        "seconds": seconds,
-        "graph_seconds": graph_seconds,
-        "bytes": nbytes,
-        "flops": flops,
-        "roofline_seconds": roof,
-        "roofline_ratio": roof / seconds,
-        "graph_roofline_ratio": roof / graph_seconds,
-        "ref_seconds": ref_seconds,
-        "speedup": ref_seconds / seconds,
-    }
+    work = mla_work(batch, context)
+    nbytes = work["kv_bytes"] + work["q_out_bytes"]
+    roof = max(nbytes / ceil["copy_bytes_per_s"], work["flops"] / ceil["bf16_flops_per_s"])
+    shape = {"kernel": "mla_decode", "batch": batch, "context": context}
+    return timing_row(shape, seconds, graph_seconds, ref_seconds, nbytes, roof, work["flops"])
 
 
 def bench_fp8_gemm(ceil: dict, name: str, n: int, k: int, t: int, reps: int) -> dict:
@@ -203,22 +217,8 @@ def bench_fp8_gemm(ceil: dict, name: str, n: int, k: int, t: int, reps: int) -> 
     roof = max(
         nbytes / ceil["copy_bytes_per_s"], flops / ceil.get("fp8_flops_per_s", ceil["bf16_flops_per_s"])
     )
-    return {
-        "kernel": "fp8_gemm",
-        "weight": name,
-        "n": n,
-        "k": k,
-        "tokens": t,
-        "seconds": seconds,
-        "graph_seconds": graph_seconds,
-        "bytes": nbytes,
-        "flops": flops,
-        "roofline_seconds": roof,
-        "roofline_ratio": roof / seconds,
-        "graph_roofline_ratio": roof / graph_seconds,
-        "ref_seconds": ref_seconds,
-        "speedup": ref_seconds / seconds,
-    }
+    shape = {"kernel": "fp8_gemm", "weight": name, "n": n, "k": k, "tokens": t}
+    return timing_row(shape, seconds, graph_seconds, ref_seconds, nbytes, roof, flops)
 
 
 def bench_fp8_quant(ceil: dict, t: int, reps: int) -> dict:
@@ -228,18 +228,7 @@ def bench_fp8_quant(ceil: dict, t: int, reps: int) -> dict:
     ref_seconds = cuda_time(lambda: fp8_quant_ref(x), 3, warmup=1)
     nbytes = t * H * 3 + t * (H // 128) * 4
     roof = nbytes / ceil["copy_bytes_per_s"]
-    return {
-        "kernel": "fp8_quant",
-        "tokens": t,
-        "seconds": seconds,
-        "graph_seconds": graph_seconds,
-        "bytes": nbytes,
-        "roofline_seconds": roof,
-        "roofline_ratio": roof / seconds,
-        "graph_roofline_ratio": roof / graph_seconds,
-        "ref_seconds": ref_seconds,
-        "speedup": ref_seconds / seconds,
-    }
+    return timing_row({"kernel": "fp8_quant", "tokens": t}, seconds, graph_seconds, ref_seconds, nbytes, roof)
 
 
 def main() -> int:

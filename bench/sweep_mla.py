@@ -15,7 +15,6 @@ launch, or is wrong, is reported and skipped. Takes about 1-2 minutes, mostly Tr
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -28,6 +27,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(1, str(REPO / "bench"))
+
+from report import load_bench_kernels  # noqa: E402
+
 from kernels import num_sms  # noqa: E402
 from kernels.mla_decode import VARIANTS, _config, _mla_decode, mla_decode_ref, variant_config  # noqa: E402
 
@@ -36,15 +39,6 @@ SHAPES = ((32, 2000), (64, 2000), (128, 2000), (256, 2000), (32, 16000))
 # (variant, split multiplier): every variant at `_config`'s splits, two of them also at twice as many.
 CANDIDATES = [(name, 1) for name in VARIANTS] + [("tma-split-64x2", 2), ("tma-split-32x3", 2)]
 COPY_BYTES_PER_S, BF16_FLOPS_PER_S = 3.0e12, 782e12
-
-
-def _bench_kernels():
-    """bench/kernels.py as a module: its name clashes with the `kernels` package."""
-    sys.path.insert(0, str(REPO / "bench"))  # for its `from report import ...`
-    spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "bench" / "kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _inputs(lens: list[int], g: torch.Generator) -> dict:
@@ -97,7 +91,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench/sweep_mla.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    bench = _bench_kernels()
+    bench = load_bench_kernels()
     started = time.time()
     ceil = {"copy_bytes_per_s": COPY_BYTES_PER_S, "bf16_flops_per_s": BF16_FLOPS_PER_S}
     if args.measure_ceilings:
@@ -125,9 +119,8 @@ def main() -> int:
     for B, context in SHAPES:
         inputs = _inputs([context] * B, g)
         max_context = inputs["page_table"].shape[1] * PAGE
-        nbytes = B * context * (LATENT + ROPE) * 2
-        flops = 2 * B * HEADS * context * (LATENT + ROPE + LATENT)
-        roof = max(nbytes / ceil["copy_bytes_per_s"], flops / ceil["bf16_flops_per_s"])
+        work = bench.mla_work(B, context)
+        roof = max(work["kv_bytes"] / ceil["copy_bytes_per_s"], work["flops"] / ceil["bf16_flops_per_s"])
         for name, mult in candidates:
             label = name if mult == 1 else f"{name}/splits*{mult}"
             if label in failed:

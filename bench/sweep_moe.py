@@ -17,7 +17,6 @@ and skipped.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -29,16 +28,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 
-from report import cuda_time
+from report import cuda_time, load_bench_kernels
 
 from kernels.fp8_quant import fp8_quant, quantize_weight_blocks
 from kernels.fused_moe import _config, _fused_moe, _gemm1, _gemm2, fused_moe_ref, moe_align
 
-# bench/kernels.py, by path: as a module named `kernels` it would shadow the kernels package.
-_spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("kernels.py"))
-assert _spec is not None and _spec.loader is not None
-bench_kernels = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_kernels)
+bench_kernels = load_bench_kernels()
 
 DECODE_SEQS = (32, 128, 256)
 PREFILL_TOKENS = 16384
