@@ -22,15 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from report import cuda_time
 
-from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
-from kernels.fp8_quant import fp8_quant, fp8_quant_ref, quantize_weight_blocks
-from kernels.fused_moe import fused_moe, fused_moe_ref
-from kernels.mla_decode import mla_decode, mla_decode_ref
+from nmoe_serve.kernels.fp8_format import quantize_weight_blocks
+from nmoe_serve.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
+from nmoe_serve.kernels.fp8_quant import fp8_quant, fp8_quant_ref
+from nmoe_serve.kernels.fused_moe import fused_moe, fused_moe_ref
+from nmoe_serve.kernels.mla_decode import mla_decode, mla_decode_ref
 
 H, INTER, E, K, GROUPS, TOPK_GROUPS = 7168, 2048, 256, 8, 8, 4
 EP, HEADS, LATENT, ROPE, PAGE = 8, 128, 512, 64, 64

@@ -21,8 +21,6 @@ import time
 from pathlib import Path
 
 import httpx
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import new_figure, percentiles, print_table, save_figure, write_json
 
 

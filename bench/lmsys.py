@@ -18,12 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import new_figure, print_table, save_figure, write_json
 
 from nmoe_serve.llm import LLM

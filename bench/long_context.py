@@ -15,13 +15,10 @@ import argparse
 import asyncio
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
 import httpx
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import new_figure, print_table, save_figure, write_json
 
 

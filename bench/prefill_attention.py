@@ -21,11 +21,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from report import cuda_time, print_table, write_json
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 HEADS, QK_DIM, V_DIM = 128, 192, 128
 BACKENDS = {

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,12 +42,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(1, str(Path(__file__).resolve().parent))
-
 from report import cuda_time as _cuda_time
+from torch import nn
 
 from nmoe_serve.engine.plan import StepKind, StepPlan
 from nmoe_serve.model.args import DEEPSEEK_V3_HF_CONFIG, ModelArgs

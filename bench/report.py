@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,19 +27,6 @@ def percentiles(values: list[float], scale: float = 1.0) -> dict[str, float]:
         "max": ordered[-1] * scale,
         "count": len(values),
     }
-
-
-def load_bench_kernels():  # type: ignore[no-untyped-def]
-    """bench/kernels.py as a module named `bench_kernels` (imported as `kernels` it would shadow
-    the kernels package): the sweeps reuse its timers, ceilings, shapes and work counts."""
-    here = Path(__file__).resolve().parent
-    if str(here) not in sys.path:
-        sys.path.insert(0, str(here))  # for its own `from report import ...`
-    spec = importlib.util.spec_from_file_location("bench_kernels", here / "kernels.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def cuda_time(fn, reps: int, warmup: int = 3) -> float:  # type: ignore[no-untyped-def]

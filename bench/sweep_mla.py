@@ -24,15 +24,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-sys.path.insert(1, str(REPO / "bench"))
-
-from report import load_bench_kernels  # noqa: E402
-
-from kernels import num_sms  # noqa: E402
-from kernels.mla_decode import VARIANTS, _config, _mla_decode, mla_decode_ref, variant_config  # noqa: E402
+import kernels as bench
+from nmoe_serve.kernels import num_sms
+from nmoe_serve.kernels.mla_decode import VARIANTS, _config, _mla_decode, mla_decode_ref, variant_config
 
 HEADS, LATENT, ROPE, PAGE = 128, 512, 64, 64
 SHAPES = ((32, 2000), (64, 2000), (128, 2000), (256, 2000), (32, 16000))
@@ -91,7 +85,6 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench/sweep_mla.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    bench = load_bench_kernels()
     started = time.time()
     ceil = {"copy_bytes_per_s": COPY_BYTES_PER_S, "bf16_flops_per_s": BF16_FLOPS_PER_S}
     if args.measure_ceilings:

@@ -24,16 +24,12 @@ import traceback
 from pathlib import Path
 
 import torch
+from report import cuda_time
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(1, str(Path(__file__).resolve().parent))
-
-from report import cuda_time, load_bench_kernels
-
-from kernels.fp8_quant import fp8_quant, quantize_weight_blocks
-from kernels.fused_moe import _config, _fused_moe, _gemm1, _gemm2, fused_moe_ref, moe_align
-
-bench_kernels = load_bench_kernels()
+import kernels as bench_kernels  # bench/kernels.py: timers, ceilings, shapes
+from nmoe_serve.kernels.fp8_format import quantize_weight_blocks
+from nmoe_serve.kernels.fp8_quant import fp8_quant
+from nmoe_serve.kernels.fused_moe import _config, _fused_moe, _gemm1, _gemm2, fused_moe_ref, moe_align
 
 DECODE_SEQS = (32, 128, 256)
 PREFILL_TOKENS = 16384

@@ -18,15 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import INTERPRET, num_sms
-from kernels._validate import check_tensor
-from kernels.fp8_quant import (
-    FP8_DTYPE,
-    GROUP_SIZE,
-    WEIGHT_BLOCK,
-    dequantize_token_groups,
-    dequantize_weight_blocks,
-)
+from . import INTERPRET, num_sms
+from ._validate import check_tensor
+from .fp8_format import FP8_BLOCK, FP8_DTYPE, dequantize_token_groups, dequantize_weight_blocks
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -160,7 +154,7 @@ def _config(T: int, N: int, K: int, num_sms: int) -> dict:
     else:
         cfg = dict(BLOCK_T=128, BLOCK_W=128, SWAP_AB=False, num_warps=8, num_stages=3)
     tiles = triton.cdiv(T, cfg["BLOCK_T"]) * triton.cdiv(N, cfg["BLOCK_W"])
-    k_blocks = triton.cdiv(K, GROUP_SIZE)
+    k_blocks = triton.cdiv(K, FP8_BLOCK)
     target = 2 * num_sms if cfg["SWAP_AB"] else num_sms
     split = max(1, min(target // tiles, k_blocks // MIN_K_BLOCKS_PER_SPLIT))
     cfg["SPLIT_K"] = triton.cdiv(k_blocks, triton.cdiv(k_blocks, split))  # no empty splits
@@ -191,7 +185,7 @@ def fp8_gemm(
         raise ValueError(
             f"{op}: w_fp8 has shape {tuple(w_fp8.shape)}, expected [N, K] with K = {K} (x_fp8's K)"
         )
-    gk = triton.cdiv(K, GROUP_SIZE)
+    gk = triton.cdiv(K, FP8_BLOCK)
     check_tensor(
         op,
         "x_scales",
@@ -205,7 +199,7 @@ def fp8_gemm(
         op,
         "w_scale_inv",
         w_scale_inv,
-        shape=(triton.cdiv(N, WEIGHT_BLOCK), gk),
+        shape=(triton.cdiv(N, FP8_BLOCK), gk),
         dims="[ceil(N/128), ceil(K/128)]",
         dtypes=(torch.float32,),
         device=device,
@@ -227,7 +221,7 @@ def _fp8_gemm(x_fp8, x_scales, w_fp8, w_scale_inv, y, cfg) -> torch.Tensor:
     N = w_fp8.shape[0]
     cfg = dict(cfg)
     split = cfg.pop("SPLIT_K")
-    k_blocks = triton.cdiv(K, GROUP_SIZE)
+    k_blocks = triton.cdiv(K, FP8_BLOCK)
     out = y if split == 1 else torch.empty(split, T, N, dtype=torch.float32, device=y.device)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]) * triton.cdiv(N, cfg["BLOCK_W"]), split)
     fp8_gemm_kernel[grid](
@@ -246,8 +240,8 @@ def _fp8_gemm(x_fp8, x_scales, w_fp8, w_scale_inv, y, cfg) -> torch.Tensor:
         w_scale_inv.stride(0),
         N,
         T * N,
-        BLOCK_K=GROUP_SIZE,
-        SCALE_BLOCK_N=WEIGHT_BLOCK,
+        BLOCK_K=FP8_BLOCK,
+        SCALE_BLOCK_N=FP8_BLOCK,
         GROUP_T=8,
         DOT_FP32=INTERPRET,
         **cfg,

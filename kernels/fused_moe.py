@@ -44,21 +44,18 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import INTERPRET
-from kernels._validate import FLOAT_DTYPES, check_tensor
-from kernels.fp8_gemm import scaled_dot
-from kernels.fp8_quant import (
+from . import INTERPRET
+from ._validate import FLOAT_DTYPES, check_tensor
+from .fp8_format import (
     AMAX_EPS,
+    FP8_BLOCK,
     FP8_DTYPE,
     FP8_MAX,
-    GROUP_SIZE,
-    WEIGHT_BLOCK,
     dequantize_token_groups,
     dequantize_weight_blocks,
-    fp8_quant,
-    fp8_quant_ref,
-    quantize_rows,
 )
+from .fp8_gemm import scaled_dot
+from .fp8_quant import fp8_quant, fp8_quant_ref, quantize_rows
 
 ID_DTYPES = (torch.int32, torch.int64)
 ALIGN_SUB = 256  # pairs per inner step of the align kernels
@@ -603,13 +600,13 @@ def _check_fused_moe_args(x, topk_ids, topk_weights, w13, w2, expert_start, w13_
     check_tensor(op, "w2", w2, shape=(E, H, inter), dims="[E, H, I]", dtypes=(w13.dtype,), device=device)
     if not isinstance(expert_start, int) or expert_start < 0:
         raise ValueError(f"{op}: expert_start is {expert_start!r}, expected an int >= 0")
-    gh, gi = triton.cdiv(H, WEIGHT_BLOCK), triton.cdiv(inter, WEIGHT_BLOCK)
+    gh, gi = triton.cdiv(H, FP8_BLOCK), triton.cdiv(inter, FP8_BLOCK)
     if fp8:
         check_tensor(
             op,
             "w13_scale",
             w13_scale,
-            shape=(E, triton.cdiv(two_i, WEIGHT_BLOCK), gh),
+            shape=(E, triton.cdiv(two_i, FP8_BLOCK), gh),
             dims="[E, ceil(2I/128), ceil(H/128)]",
             dtypes=(torch.float32,),
             device=device,
@@ -695,10 +692,10 @@ def _kernel_tiles(tiles: dict, gemm: int, H: int, inter: int, num_blocks: int) -
     its up rows) lies inside one 128x128 scale block; EVEN_K drops the K mask."""
     tiles = dict(tiles)
     group_t = tiles.pop("GROUP_T")
-    scalar = tiles.get("SCALAR_WS", False) and WEIGHT_BLOCK % tiles["BLOCK_W"] == 0
+    scalar = tiles.get("SCALAR_WS", False) and FP8_BLOCK % tiles["BLOCK_W"] == 0
     if gemm == 1:
         tiles.setdefault("MERGE_GU", False)
-        scalar = scalar and inter % WEIGHT_BLOCK == 0
+        scalar = scalar and inter % FP8_BLOCK == 0
     else:
         tiles.pop("MERGE_GU", None)  # GEMM 1's switch; candidates may set it for both
     tiles["SCALAR_WS"] = scalar
@@ -717,7 +714,7 @@ def _gemm1(x_in, x_scales, w13, w13_scale, sorted_pair_ids, block_expert, top_k,
     if fp8:
         # The interpreter's fp32 -> fp8 cast is wrong (PITFALLS.md): GEMM 1 writes float32 there.
         h = torch.empty(num_pairs, inter, dtype=torch.float32 if INTERPRET else FP8_DTYPE, device=device)
-        h_scales = torch.empty(num_pairs, triton.cdiv(inter, GROUP_SIZE), dtype=torch.float32, device=device)
+        h_scales = torch.empty(num_pairs, triton.cdiv(inter, FP8_BLOCK), dtype=torch.float32, device=device)
         x_scales_arg, w_scales_arg, h_scales_arg = x_scales, w13_scale, h_scales
     else:
         h = torch.empty(num_pairs, inter, dtype=x_in.dtype, device=device)  # [A, I]
@@ -750,7 +747,7 @@ def _gemm1(x_in, x_scales, w13, w13_scale, sorted_pair_ids, block_expert, top_k,
         w_scales_arg.stride(1),
         h.stride(0),
         h_scales_arg.stride(0),
-        SCALE_BLOCK_N=WEIGHT_BLOCK,
+        SCALE_BLOCK_N=FP8_BLOCK,
         FP8=fp8,
         DOT_FP32=INTERPRET,
         FP8_MAX=FP8_MAX,
@@ -790,7 +787,7 @@ def _gemm2(h, h_scales, w2, w2_scale, sorted_pair_ids, block_expert, out_dtype, 
         w2_scale.stride(0),
         w2_scale.stride(1),
         y.stride(0),
-        SCALE_BLOCK_N=WEIGHT_BLOCK,
+        SCALE_BLOCK_N=FP8_BLOCK,
         FP8=fp8,
         DOT_FP32=INTERPRET,
         **tiles,

@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels import INTERPRET, num_sms
-from kernels._validate import FLOAT_DTYPES, check_tensor
+from . import INTERPRET, num_sms
+from ._validate import FLOAT_DTYPES, check_tensor
 
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 64

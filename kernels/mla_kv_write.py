@@ -14,9 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._validate import FLOAT_DTYPES, check_tensor
-from kernels.rms_norm import rms_norm_ref, rms_norm_row
-from kernels.rope import rope_ref_, rope_rows
+from ._validate import FLOAT_DTYPES, check_tensor
+from .rms_norm import rms_norm_ref, rms_norm_row
+from .rope import rope_ref_, rope_rows
 
 
 @triton.jit

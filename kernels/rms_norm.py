@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._validate import FLOAT_DTYPES, check_tensor
+from ._validate import FLOAT_DTYPES, check_tensor
 
 
 @triton.jit

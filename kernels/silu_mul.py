@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._validate import FLOAT_DTYPES, check_tensor
+from ._validate import FLOAT_DTYPES, check_tensor
 
 BLOCK = 1024
 

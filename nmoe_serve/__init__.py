@@ -15,13 +15,13 @@ _LAZY = {
     "LLM": "nmoe_serve.llm",
     "SamplingParams": "nmoe_serve.sampling.params",
     "ServeConfig": "nmoe_serve.config",
-    "RequestOutput": "nmoe_serve.engine.outputs",
-    "CompletionOutput": "nmoe_serve.engine.outputs",
+    "RequestOutput": "nmoe_serve.frontend.outputs",
+    "CompletionOutput": "nmoe_serve.frontend.outputs",
 }
 
 if TYPE_CHECKING:
     from nmoe_serve.config import ServeConfig
-    from nmoe_serve.engine.outputs import CompletionOutput, RequestOutput
+    from nmoe_serve.frontend.outputs import CompletionOutput, RequestOutput
     from nmoe_serve.llm import LLM
     from nmoe_serve.sampling.params import SamplingParams
 

@@ -34,10 +34,10 @@ def rank_weight_bytes(args: ModelArgs, ep_size: int, fp8_on_device: bool) -> int
         if spec.expert is not None and spec.expert >= per_rank:
             continue
         numel = math.prod(spec.shape)
-        if spec.quantizable and fp8_on_device and args.fp8_block:
+        if spec.quantizable and fp8_on_device and args.fp8:
             total += numel + 4 * math.ceil(spec.shape[0] / 128) * math.ceil(spec.shape[1] / 128)
         else:
-            total += numel * (4 if spec.float32 or spec.name.endswith("gate.weight") else 2)
+            total += numel * (4 if spec.float32 else 2)
     return total
 
 
@@ -66,7 +66,7 @@ def run_checks(config_path: str) -> list[Check]:
                 "model config",
                 True,
                 f"{path}/config.json: {args.n_layers} layers, "
-                f"{args.n_routed_experts} experts, {'FP8' if args.fp8_block else args.checkpoint_dtype}",
+                f"{args.n_routed_experts} experts, {'FP8' if args.fp8 else args.checkpoint_dtype}",
             )
         )
     except CheckpointConfigError as e:

@@ -16,11 +16,13 @@ from typing import Any
 
 from nmoe_serve.config import ServeConfig
 from nmoe_serve.engine.core import EngineCore
-from nmoe_serve.engine.executor import make_executor
-from nmoe_serve.engine.output_processor import OutputProcessor, child_request_ids, child_sampling
-from nmoe_serve.engine.outputs import RequestOutput
-from nmoe_serve.engine.settings import EngineSettings, resolve_settings
+from nmoe_serve.engine.executor import Executor
+from nmoe_serve.frontend.frontend import Frontend
+from nmoe_serve.frontend.generation import Generation
+from nmoe_serve.frontend.outputs import RequestOutput
+from nmoe_serve.parallel.executor import make_executor
 from nmoe_serve.sampling.params import SamplingParams
+from nmoe_serve.settings import EngineSettings, resolve_settings
 from nmoe_serve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -62,12 +64,27 @@ class LLM:
             )
         else:
             serve_config = ServeConfig.from_toml(config, overrides=options)
-        self.settings: EngineSettings = resolve_settings(serve_config)
-        self.engine = EngineCore(
-            self.settings, make_executor(self.settings, group=f"llm{os.getpid()}-{next(_GROUPS)}")
-        )
-        self.tokenizer = _load_tokenizer(self.settings.tokenizer_path)
+        import torch
+
+        settings = resolve_settings(serve_config, cuda_available=torch.cuda.is_available())
+        self._start(settings, make_executor(settings, group=f"llm{os.getpid()}-{next(_GROUPS)}"))
+
+    @classmethod
+    def from_executor(cls, settings: EngineSettings, executor: Executor) -> LLM:
+        """An LLM over ranks built elsewhere (e.g. RayExecutor with another actor class)."""
+        llm = cls.__new__(cls)
+        llm._start(settings, executor)
+        return llm
+
+    def _start(self, settings: EngineSettings, executor: Executor) -> None:
+        self.settings = settings
+        self.engine = EngineCore(settings.core, executor)
+        self.frontend = Frontend(settings)
         self._ids = itertools.count()
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.frontend.tokenizer
 
     def generate(
         self,
@@ -91,25 +108,31 @@ class LLM:
             raise ValueError(
                 f"got {len(params)} SamplingParams for {len(prompt_list)} prompts: pass one, or one per prompt"
             )
-        processor = OutputProcessor(self.tokenizer)
-        outputs: list[RequestOutput] = []
+        generations: list[Generation] = []
         try:
             for prompt, sampling in zip(prompt_list, params, strict=True):
                 text, token_ids = self._tokenize(prompt)
-                request_id = f"gen-{next(self._ids)}"
-                outputs.append(processor.add(request_id, text, token_ids, sampling))
-                for i, child in enumerate(child_request_ids(request_id, sampling.n)):
-                    self.engine.add_request(child, token_ids, child_sampling(sampling, i))
+                generation = self.frontend.generation(f"gen-{next(self._ids)}", [token_ids], sampling, [text])
+                generations.append(generation)
+                for completion in generation.completions:
+                    self.engine.add_request(
+                        completion.engine_id, completion.prompt_token_ids, completion.sampling
+                    )
+            completions = {c.engine_id: (g, c) for g in generations for c in g.completions}
             while self.engine.has_work():
-                _, stopped = processor.process(self.engine.step())
-                for child in stopped:
-                    self.engine.abort(child)
+                by_request: dict[str, list] = {}
+                for update in self.engine.step():
+                    by_request.setdefault(update.request_id, []).append(update)
+                for engine_id, updates in by_request.items():
+                    generation, completion = completions[engine_id]
+                    if generation.apply(completion, updates):  # a stop string ended it
+                        self.engine.abort(engine_id)
         except BaseException:
-            for out in outputs:
-                for child in child_request_ids(out.request_id, len(out.outputs)):
-                    self.engine.abort(child)
+            for generation in generations:
+                for completion in generation.completions:
+                    self.engine.abort(completion.engine_id)
             raise
-        return outputs
+        return [out for generation in generations for out in generation.outputs()]
 
     def shutdown(self) -> None:
         self.engine.shutdown()
@@ -130,7 +153,7 @@ class LLM:
                     f"text prompts need a tokenizer, and {self.settings.tokenizer_path} has no tokenizer.json: "
                     "pass token ids instead, or set model.tokenizer to a directory with tokenizer.json"
                 )
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self.frontend.encode(prompt)
         return None, _token_ids(prompt)
 
 
@@ -148,11 +171,3 @@ def _token_ids(value: Any) -> list[int]:
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
         raise ValueError("prompt_token_ids must be a list of integers")
     return ids
-
-
-def _load_tokenizer(path: Path) -> Tokenizer | None:
-    try:
-        return Tokenizer.from_pretrained(path)
-    except FileNotFoundError as e:
-        log.warning("no tokenizer (%s); token-id prompts still work", e)
-        return None

@@ -35,8 +35,7 @@ class FakeExperts:
 
 def transport_rank(rank: int, world: int, port: int, out_dir: str, rounds: list[dict]) -> None:
     """Run each round's exchange on this rank and save what it returned."""
-    from nmoe_serve.engine.plan import StepKind
-    from nmoe_serve.parallel.transport import AllToAllTransport, CollectiveLog, StepClock
+    from tests.parallel.recording import RecordingTransport
 
     try:
         torch.set_num_threads(1)
@@ -48,15 +47,14 @@ def transport_rank(rank: int, world: int, port: int, out_dir: str, rounds: list[
             timeout=datetime.timedelta(seconds=60),
         )
         experts_per_rank = rounds[0]["experts"] // world
-        clock, log = StepClock(), CollectiveLog()
-        transport = AllToAllTransport(0, rank, world, experts_per_rank, rounds[0]["capacity"], clock, log)
+        transport = RecordingTransport(rank, world, experts_per_rank, rounds[0]["capacity"])
         experts = FakeExperts(range(rank * experts_per_rank, (rank + 1) * experts_per_rank))
         results = []
         for step, r in enumerate(rounds):
-            clock.begin(step, StepKind.DECODE if r["fixed"] else StepKind.PREFILL)
+            transport.begin(step)
             x, ids, w = r["inputs"][rank]
-            results.append(transport.exchange(x, ids, w, experts))
-        torch.save({"results": results, "log": log.drain()}, Path(out_dir) / f"rank{rank}.pt")
+            results.append(transport.exchange(x, ids, w, experts, decode=r["fixed"]))
+        torch.save({"results": results, "log": transport.drain()}, Path(out_dir) / f"rank{rank}.pt")
         dist.destroy_process_group()
     except BaseException:
         (Path(out_dir) / f"rank{rank}.error").write_text(traceback.format_exc())

@@ -1,4 +1,4 @@
-"""Test helpers: hand-made step plans for driving a Worker without the scheduler."""
+"""Test helpers: hand-made step plans for driving a Worker without the scheduler, and settings."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import random
 
 import numpy as np
 
+from nmoe_serve.config import ServeConfig
 from nmoe_serve.engine.plan import StepKind, StepPlan
+from nmoe_serve.settings import EngineSettings, resolve_settings
 
 
 class ManualPlans:
@@ -56,3 +58,10 @@ class ManualPlans:
         )
         self.step_id += 1
         return plan
+
+
+def resolve(config: ServeConfig) -> EngineSettings:
+    """resolve_settings for a process whose ranks run here: CUDA where torch sees it."""
+    import torch
+
+    return resolve_settings(config, cuda_available=torch.cuda.is_available())

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from nmoe_serve.config import ConfigError
-from nmoe_serve.engine.scheduler import RequestRejected
+from nmoe_serve.engine.request import RequestRejected
 from nmoe_serve.llm import LLM
 from nmoe_serve.sampling.params import SamplingParams
 

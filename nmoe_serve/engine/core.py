@@ -1,65 +1,71 @@
-"""EngineCore: the scheduler and the executor, stepping together. No tokenizer, no text.
+"""EngineCore: the scheduler and the executor, stepping together. No tokenizer, no text, no torch.
 
-It takes token-id requests, runs one global step per `step()` call and returns the sampled
-tokens, ending requests on EOS, stop token ids and length. Text concerns (detokenization, stop
-strings) belong to the front end, which aborts a request when its text hits a stop string.
+It takes token-id requests, runs one global step at a time and returns the sampled tokens,
+ending requests on EOS, stop token ids and length. Text concerns (detokenization, stop strings,
+request validation) belong to the front end, which aborts a request when its text hits a stop
+string.
+
+A step has one body in two halves around the ranks' work: `schedule()` plans it, the caller runs
+the plans on the executor (blocking in `step()`, awaited by the Coordinator), and `complete()`
+takes the results, or `fail()` a StepFailed (every request ends with an error and the executor
+restarts its workers).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 from nmoe_serve.engine.executor import Executor, StepFailed
+from nmoe_serve.engine.plan import StepPlan, StepResult
 from nmoe_serve.engine.request import Request
-from nmoe_serve.engine.scheduler import RequestRejected, Scheduler, SchedulerLimits, TokenUpdate
-from nmoe_serve.engine.settings import EngineSettings
+from nmoe_serve.engine.scheduler import Scheduler, SchedulerLimits, TokenUpdate
 from nmoe_serve.sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class CoreSettings:
+    """What the engine core reads, resolved once (nmoe_serve.settings)."""
+
+    max_seq_len: int  # longest sequence, prompt + output
+    page_size: int  # tokens per KV page
+    max_num_seqs: int  # running sequences per rank (the decode batch)
+    max_prefill_tokens: int  # prompt tokens per rank per prefill step
+    max_prefill_steps_in_a_row: int
+    admission_watermark: float  # fraction of a rank's pages admission leaves free
+    eos_token_ids: tuple[int, ...]
+
+
 class EngineCore:
-    def __init__(self, settings: EngineSettings, executor: Executor) -> None:
+    def __init__(self, settings: CoreSettings, executor: Executor) -> None:
         self.settings, self.executor = settings, executor
-        config = settings.config
         pages = executor.pages_per_rank
         self.limits = SchedulerLimits(
             num_ranks=executor.num_ranks,
             pages_per_rank=pages,
-            page_size=config.cache.page_size,
+            page_size=settings.page_size,
             max_seq_len=settings.max_seq_len,
-            max_num_seqs=config.scheduler.max_num_seqs,
-            max_prefill_tokens=config.scheduler.max_prefill_tokens,
-            max_prefill_steps_in_a_row=config.scheduler.max_prefill_steps_in_a_row,
-            watermark_pages=int(config.scheduler.admission_watermark * pages),
+            max_num_seqs=settings.max_num_seqs,
+            max_prefill_tokens=settings.max_prefill_tokens,
+            max_prefill_steps_in_a_row=settings.max_prefill_steps_in_a_row,
+            watermark_pages=int(settings.admission_watermark * pages),
         )
         self.scheduler = Scheduler(self.limits)
-        self.eos_token_ids = frozenset(settings.args.eos_token_ids)
-        self.vocab_size = settings.args.vocab_size
-        self.last_step_seconds = 0.0
-        self.last_step_kind = "none"
+        self.eos_token_ids = frozenset(settings.eos_token_ids)
+        self._step_started = 0.0
         log.info(
             "engine core: %d rank(s) via %s executor, %d pages x %d tokens per rank",
             executor.num_ranks,
             executor.name,
             pages,
-            config.cache.page_size,
+            settings.page_size,
         )
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> Request:
-        """Queue a request; RequestRejected if it can never run (bad ids, too long for the context)."""
-        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
-        if bad:
-            raise RequestRejected(
-                f"prompt token ids must be integers in [0, {self.vocab_size}) for this model; got {bad[:5]}"
-            )
-        bad_stop = [t for t in sampling.stop_token_ids if t >= self.vocab_size]
-        if bad_stop:
-            raise RequestRejected(
-                f"stop_token_ids {bad_stop} are outside the vocabulary of {self.vocab_size}"
-            )
+        """Queue a request; RequestRejected if it can never run (see Scheduler.add)."""
         return self.scheduler.add(request_id, prompt_token_ids, sampling, self.eos_token_ids)
 
     def abort(self, request_id: str) -> bool:
@@ -68,43 +74,39 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def step(self) -> list[TokenUpdate]:
-        """Run one global step; [] when there is nothing to do."""
+    def schedule(self) -> list[StepPlan] | None:
+        """Plans of the next step (one per rank), or None when there is nothing to run."""
         plans = self.scheduler.schedule()
-        if plans is None:
-            return []
-        started = time.perf_counter()
-        self.last_step_kind = plans[0].kind.name.lower()
-        try:
-            results = self.executor.execute(plans)
-        except StepFailed as e:
-            raise self._recover(e) from e
-        self.last_step_seconds = time.perf_counter() - started
-        return self.scheduler.update(results)
+        self._step_started = time.perf_counter()
+        return plans
 
-    async def step_async(self) -> list[TokenUpdate]:
-        """step(), with the ranks' work awaited; requests may be added or aborted meanwhile."""
-        plans = self.scheduler.schedule()
-        if plans is None:
-            return []
-        started = time.perf_counter()
-        self.last_step_kind = plans[0].kind.name.lower()
-        try:
-            results = await self.executor.execute_async(plans)
-        except StepFailed as e:
-            raise self._recover(e) from e
-        except asyncio.CancelledError:  # the loop is shutting down mid-step: its results are lost
-            self.scheduler.fail_in_flight(workers_lost=False)
-            raise
-        self.last_step_seconds = time.perf_counter() - started
-        return self.scheduler.update(results)
+    def complete(self, results: list[StepResult]) -> tuple[list[TokenUpdate], float]:
+        """Take the step's results: (one update per sampled token, seconds since schedule())."""
+        seconds = time.perf_counter() - self._step_started
+        return self.scheduler.update(results), seconds
 
-    def _recover(self, error: StepFailed) -> StepFailed:
-        """End every request with an error, restart the workers, and say what failed."""
+    def fail(self, error: StepFailed) -> StepFailed:
+        """The step failed on the ranks: end every request with an error, restart the workers, and
+        return the error to raise, naming the requests that failed."""
         failed = self.scheduler.fail_in_flight()
         log.error("%s; ended %d request(s) with an error; restarting the workers", error, len(failed))
         self.executor.restart()
         return StepFailed(f"{error}; {len(failed)} request(s) failed: {', '.join(failed[:8])}", failed)
+
+    def abandon(self) -> None:
+        """The step in flight was given up (its caller was cancelled): its results are lost."""
+        self.scheduler.fail_in_flight(workers_lost=False)
+
+    def step(self) -> list[TokenUpdate]:
+        """Run one global step, blocking; [] when there is nothing to do."""
+        plans = self.schedule()
+        if plans is None:
+            return []
+        try:
+            results = self.executor.execute(plans)
+        except StepFailed as e:
+            raise self.fail(e) from e
+        return self.complete(results)[0]
 
     def shutdown(self) -> None:
         self.executor.shutdown()

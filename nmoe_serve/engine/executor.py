@@ -1,13 +1,14 @@
-"""Executors run one step's plans on the workers: in-process for one rank; Ray actors for N ranks."""
+"""What the engine asks of the ranks: the Executor protocol, and StepFailed.
+
+The engine never builds ranks; it is handed an executor (nmoe_serve.parallel.executor makes
+them: one worker in process, or Ray worker actors).
+"""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from typing import Protocol
 
 from nmoe_serve.engine.plan import StepPlan, StepResult
-from nmoe_serve.engine.settings import EngineSettings
 
 
 class StepFailed(RuntimeError):
@@ -21,10 +22,11 @@ class StepFailed(RuntimeError):
 class Executor(Protocol):
     name: str
     num_ranks: int
-    pages_per_rank: int
+    pages_per_rank: int  # KV pages of each rank (the smallest, where they differ)
+    restarts: int  # times the workers were replaced after a failed step
 
     def execute(self, plans: list[StepPlan]) -> list[StepResult]:
-        """Run plans[r] on rank r; results in rank order."""
+        """Run plans[r] on rank r; results in rank order. Raises StepFailed (bounded wait)."""
         ...
 
     async def execute_async(self, plans: list[StepPlan]) -> list[StepResult]:
@@ -35,48 +37,8 @@ class Executor(Protocol):
         """Replace the workers after a failed step (all their state is gone)."""
         ...
 
+    def worker_stats(self) -> list[dict[str, float]]:
+        """Each rank's own counters (KV pages, requests it holds), in rank order."""
+        ...
+
     def shutdown(self) -> None: ...
-
-
-class InProcessExecutor:
-    """One worker in this process (ep_size = 1)."""
-
-    name = "in-process"
-
-    def __init__(self, settings: EngineSettings) -> None:
-        from nmoe_serve.topology import Topology
-        from nmoe_serve.worker.worker import Worker
-
-        self.num_ranks = 1
-        self.settings = settings
-        self.worker = Worker(settings, Topology(rank=0, world_size=1))
-        self.pages_per_rank = self.worker.num_pages
-        self._lock = threading.Lock()  # one step at a time, even if an abandoned one is still running
-
-    def execute(self, plans: list[StepPlan]) -> list[StepResult]:
-        with self._lock:
-            try:
-                return [self.worker.execute(plans[0])]
-            except Exception as e:
-                raise StepFailed(f"step {plans[0].step_id} failed: {type(e).__name__}: {e}") from e
-
-    async def execute_async(self, plans: list[StepPlan]) -> list[StepResult]:
-        return await asyncio.to_thread(self.execute, plans)
-
-    def restart(self) -> None:
-        from nmoe_serve.topology import Topology
-        from nmoe_serve.worker.worker import Worker
-
-        self.worker = Worker(self.settings, Topology(rank=0, world_size=1))
-
-    def shutdown(self) -> None:
-        pass
-
-
-def make_executor(settings: EngineSettings, group: str = "0") -> Executor:
-    """In-process for ep_size 1; Ray worker actors in a placement group otherwise."""
-    if settings.ep_size == 1:
-        return InProcessExecutor(settings)
-    from nmoe_serve.parallel.ray_executor import RayExecutor
-
-    return RayExecutor(settings, group)

@@ -8,7 +8,7 @@ with zero sequences (T = 0) and still runs the step, so collectives stay aligned
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -91,4 +91,3 @@ class StepResult:
     top_token_ids: np.ndarray | None = None  # [S, k] int64
     top_logprobs: np.ndarray | None = None  # [S, k] float32
     num_top: np.ndarray | None = None  # [S] int32, alternatives each row asked for (-1: no logprobs)
-    timings: dict[str, float] = field(default_factory=dict)

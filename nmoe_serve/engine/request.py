@@ -8,6 +8,33 @@ from dataclasses import dataclass, field
 from nmoe_serve.sampling.params import SamplingParams
 
 
+class RequestRejected(ValueError):
+    """A request that can never be served with this configuration; the message says why."""
+
+
+def output_budget(prompt_len: int, max_tokens: int | None, max_seq_len: int) -> int:
+    """The tokens a request may generate: max_tokens, or (None) up to the context limit.
+
+    Raises RequestRejected for an empty prompt or one that does not fit the context with its
+    max_tokens. The front end calls this before admission (to answer 400 at once) and the
+    scheduler when it queues the request: one rule, one place."""
+    if prompt_len == 0:
+        raise RequestRejected("the prompt is empty: send at least one token")
+    if prompt_len >= max_seq_len:
+        raise RequestRejected(
+            f"the prompt has {prompt_len} tokens, which leaves no room to generate within the context "
+            f"limit of {max_seq_len} tokens (max_seq_len): shorten the prompt"
+        )
+    budget = max_seq_len - prompt_len if max_tokens is None else max_tokens
+    if prompt_len + budget > max_seq_len:
+        raise RequestRejected(
+            f"the prompt ({prompt_len} tokens) plus max_tokens ({budget}) exceeds the context limit of "
+            f"{max_seq_len} tokens (max_seq_len): lower max_tokens to at most {max_seq_len - prompt_len} "
+            "or shorten the prompt"
+        )
+    return budget
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # queued, or preempted and queued again; holds no pages
     RUNNING = "running"  # on a rank, holding pages (prefilling or decoding)

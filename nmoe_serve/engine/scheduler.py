@@ -31,11 +31,8 @@ import numpy as np
 
 from nmoe_serve.engine.page_pool import PagePool
 from nmoe_serve.engine.plan import NewRequest, StepKind, StepPlan, StepResult
-from nmoe_serve.engine.request import FinishReason, Request, RequestStatus
-
-
-class RequestRejected(ValueError):
-    """A request that can never be served with this configuration; the message says why."""
+from nmoe_serve.engine.request import FinishReason, Request, RequestRejected, RequestStatus, output_budget
+from nmoe_serve.sampling.params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -89,26 +86,20 @@ class Scheduler:
     # ---- requests in and out -------------------------------------------------------------------
 
     def add(
-        self, request_id: str, prompt_token_ids: list[int], sampling, eos_token_ids: frozenset[int]
-    ) -> Request:  # type: ignore[no-untyped-def]
-        """Queue a request, or raise RequestRejected if it can never run."""
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        eos_token_ids: frozenset[int],
+    ) -> Request:
+        """Queue a request, or raise RequestRejected if it can never run (its id is taken, it does
+        not fit the context, or it needs more KV pages than a rank has). Token ids are the front
+        end's to check (nmoe_serve.frontend.validation)."""
         if request_id in self.requests:
             raise RequestRejected(f"request id {request_id!r} is already in use")
         prompt_len = len(prompt_token_ids)
-        if prompt_len == 0:
-            raise RequestRejected("the prompt is empty: send at least one token")
         limit = self.limits.max_seq_len
-        if prompt_len >= limit:
-            raise RequestRejected(
-                f"the prompt has {prompt_len} tokens, which leaves no room to generate within the context limit "
-                f"of {limit} tokens (max_seq_len): shorten the prompt"
-            )
-        max_tokens = sampling.max_tokens if sampling.max_tokens is not None else limit - prompt_len
-        if prompt_len + max_tokens > limit:
-            raise RequestRejected(
-                f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the context limit of "
-                f"{limit} tokens (max_seq_len): lower max_tokens to at most {limit - prompt_len} or shorten the prompt"
-            )
+        max_tokens = output_budget(prompt_len, sampling.max_tokens, limit)
         if self.limits.pages_for(prompt_len + max_tokens) > self.limits.pages_per_rank:
             raise RequestRejected(
                 f"the request needs up to {self.limits.pages_for(prompt_len + max_tokens)} KV pages but a rank has "

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FP8_BLOCK = 128
-
 # The fields of DeepSeek-V3's own config.json that the model reads (FP8 checkpoint): the shape
 # benchmarks and memory estimates of the full-size model start from.
 DEEPSEEK_V3_HF_CONFIG: dict[str, Any] = {
@@ -117,7 +115,7 @@ class ModelArgs:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     checkpoint_dtype: str = "bfloat16"  # torch_dtype of the non-quantized tensors
-    fp8_block: tuple[int, int] | None = None  # weight_block_size when the checkpoint is FP8
+    fp8: bool = False  # FP8 e4m3 weights in 128x128 blocks (kernels/fp8_format.py)
 
     @property
     def qk_head_dim(self) -> int:
@@ -253,7 +251,7 @@ class ModelArgs:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             checkpoint_dtype=dtype,
-            fp8_block=_fp8_block(hf, source),
+            fp8=_is_fp8(hf, source),
         )
 
 
@@ -305,18 +303,19 @@ def _rope_args(hf: dict[str, Any], reader: _Reader, max_pos: int) -> RopeArgs:
     )
 
 
-def _fp8_block(hf: dict[str, Any], source: str) -> tuple[int, int] | None:
+def _is_fp8(hf: dict[str, Any], source: str) -> bool:
+    """Whether config.json declares FP8 weights; refuses every quantization but DeepSeek-V3's."""
     quant = hf.get("quantization_config")
     if not quant:
-        return None
+        return False
     method = quant.get("quant_method")
     fmt = quant.get("fmt", "e4m3")
     block = quant.get("weight_block_size")
-    if method != "fp8" or fmt != "e4m3" or list(block or ()) != [FP8_BLOCK, FP8_BLOCK]:
+    if method != "fp8" or fmt != "e4m3" or list(block or ()) != [128, 128]:
         raise CheckpointConfigError(
             f"{source}: quantization_config={quant!r} is not supported: nmoe_serve reads FP8 e4m3 checkpoints "
             "with weight_block_size [128, 128] (quant_method 'fp8'), or unquantized ones"
         )
     if quant.get("activation_scheme", "dynamic") != "dynamic":
         raise CheckpointConfigError(f"{source}: only activation_scheme 'dynamic' is supported")
-    return FP8_BLOCK, FP8_BLOCK
+    return True

@@ -6,13 +6,12 @@ attention (so chunked prefill continues from pages written by earlier steps); de
 MLA over the latent cache. Module and parameter names follow the HF checkpoint, so a checkpoint
 tensor maps to the parameter of the same name (routed experts are stacked, see Experts).
 
-The layer implementations come from a ModelBackend, read only here in the constructors: the
-torch reference (CPU) or the kernel family (GPU: FP8 weights through fp8_quant + fp8_gemm,
-fused_moe, mla_decode). The forward passes have no configuration branches.
+The layer implementations come from a ModelBackend, read only here in the constructors: every
+layer calls the backend's ops (the kernels' torch references on the CPU, the Triton kernels on the
+GPU, where FP8 weights run through fp8_quant + fp8_gemm), and the MoE layers reach their experts
+through the transport the model is built with. The forward passes have no configuration branches.
 
-Legend: T tokens, H hidden, N heads, D qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim,
-L kv_lora_rank, C = L + R (cache width), E routed experts, E_loc experts on this rank, K top-k,
-G expert groups, I intermediate, S cached tokens read by a prefill step, P page size.
+Shapes: the legend in docs/ARCHITECTURE.md (T, H, N, D, R, Dv, L, C, E, E_loc, K, G, I, S, P).
 """
 
 from __future__ import annotations
@@ -23,12 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nmoe_serve.model.args import FP8_BLOCK, ModelArgs
-from nmoe_serve.model.attention import AttentionBackend
-from nmoe_serve.model.backend import KernelOps, ModelBackend
+from nmoe_serve.kernels.fp8_format import FP8_BLOCK, FP8_DTYPE, dequantize_weight_blocks, scale_grid
+from nmoe_serve.model.args import ModelArgs
+from nmoe_serve.model.backend import KernelOps, ModelBackend, reference_backend
 from nmoe_serve.model.batch import StepBatch
-from nmoe_serve.model.fp8 import FP8_DTYPE, dequantize_blocks, scale_grid
-from nmoe_serve.model.rope import apply_rope
 from nmoe_serve.model.transport import ExpertTransport, SingleRankTransport
 
 
@@ -73,7 +70,7 @@ class Fp8Linear(nn.Module):
         super().__init__()
         self.ops, self.dtype = ops, dtype
         self.weight = _param((out_features, in_features), FP8_DTYPE, device)
-        grid = scale_grid((out_features, in_features), (FP8_BLOCK, FP8_BLOCK))
+        grid = scale_grid(out_features, in_features)
         self.weight_scale_inv = _param(grid, torch.float32, device)
         dense = (
             torch.empty(out_features, in_features, dtype=dtype, device=device) if keep_dequantized else None
@@ -88,8 +85,7 @@ class Fp8Linear(nn.Module):
 
     def refresh_dequantized(self) -> None:
         if self.dequantized is not None:
-            block = (FP8_BLOCK, FP8_BLOCK)
-            self.dequantized.copy_(dequantize_blocks(self.weight, self.weight_scale_inv, block, self.dtype))
+            self.dequantized.copy_(dequantize_weight_blocks(self.weight, self.weight_scale_inv, self.dtype))
 
     def dequantized_weight(self) -> torch.Tensor:
         if self.dequantized is None:
@@ -107,7 +103,6 @@ def make_linear(
 ) -> Linear | Fp8Linear:
     """A quantizable projection (one that FP8 checkpoints store as FP8) for `backend`."""
     if backend.fp8_linear:
-        assert backend.ops is not None
         return Fp8Linear(in_features, out_features, backend.ops, dtype, device, keep_dequantized)
     return Linear(in_features, out_features, dtype, device)
 
@@ -170,54 +165,27 @@ class StackedLinear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = _param((dim,), dtype, device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual): the residual stream's add fused with the next norm."""
-        total = x + residual
-        return self(total), total
-
-
-class KernelRMSNorm(RMSNorm):
-    """RMSNorm through the `rms_norm` / `add_rms_norm` kernels (one launch each); x is [T, dim]."""
+    """RMSNorm through the backend's `rms_norm` / `add_rms_norm` (one launch each); x is [T, dim]."""
 
     def __init__(
         self, dim: int, eps: float, ops: KernelOps, dtype: torch.dtype, device: torch.device
     ) -> None:
-        super().__init__(dim, eps, dtype, device)
-        self.ops = ops
+        super().__init__()
+        self.eps, self.ops = eps, ops
+        self.weight = _param((dim,), dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.rms_norm(x, self.weight, self.eps)
 
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual stream's add fused with the next norm."""
         return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def make_norm(
     dim: int, eps: float, backend: ModelBackend, dtype: torch.dtype, device: torch.device
 ) -> RMSNorm:
-    if backend.ops is None:
-        return RMSNorm(dim, eps, dtype, device)
-    return KernelRMSNorm(dim, eps, backend.ops, dtype, device)
-
-
-def rope_torch_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """apply_rope in place (x may be a strided view): the torch path's version of `rope_`."""
-    return x.copy_(apply_rope(x, cos, sin))
-
-
-def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return RMSNorm(dim, eps, backend.ops, dtype, device)
 
 
 class MLA(nn.Module):
@@ -255,13 +223,7 @@ class MLA(nn.Module):
             keep_dequantized=True,
         )
         self.o_proj = make_linear(args.n_heads * args.v_head_dim, args.dim, backend, dtype, device)
-        if backend.ops is None:
-            self.rope_ = rope_torch_
-            self.write_kv = self._write_kv_torch
-        else:
-            self.ops = backend.ops
-            self.rope_ = backend.ops.rope_
-            self.write_kv = self._write_kv_kernel
+        self.ops, self.prefill_attention = backend.ops, backend.prefill_attention
 
     def _query_lora(self, q_a: torch.Tensor) -> torch.Tensor:
         return self.q_b_proj(self.q_a_layernorm(q_a))
@@ -269,57 +231,45 @@ class MLA(nn.Module):
     def _query_direct(self, q: torch.Tensor) -> torch.Tensor:
         return q
 
-    def _write_kv_torch(self, kv_a: torch.Tensor, batch: StepBatch, kv_cache: torch.Tensor) -> None:
-        latent, k_pe = kv_a.split([self.latent, self.rope_dim], dim=-1)  # [T, L], [T, R]
-        latent = self.kv_a_layernorm(latent)
-        k_pe = apply_rope(k_pe, batch.rope_cos, batch.rope_sin)
-        kv_cache.view(-1, kv_cache.shape[-1])[batch.slot_mapping] = torch.cat([latent, k_pe], dim=-1)
-
-    def _write_kv_kernel(self, kv_a: torch.Tensor, batch: StepBatch, kv_cache: torch.Tensor) -> None:
+    def _write_kv(self, kv_a: torch.Tensor, batch: StepBatch, kv_cache: torch.Tensor) -> None:
+        """Normalise the latent, rope the shared key, write both to the step's cache slots."""
         norm = self.kv_a_layernorm
         self.ops.mla_kv_write(
             kv_a, norm.weight, norm.eps, batch.rope_cos, batch.rope_sin, kv_cache, batch.slot_mapping
         )
 
-    def forward(
-        self, x: torch.Tensor, batch: StepBatch, kv_cache: torch.Tensor, attention: AttentionBackend
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: StepBatch, kv_cache: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
-        q_in, kv_a = self.qkv_a_proj.split(self.qkv_a_proj(x))  # [T, q_lora or N*(D+R)], [T, L+R]
+        q_in, kv_a = self.qkv_a_proj.split(self.qkv_a_proj(x))  # [T, q_lora or N*(D+R)], [T, C]
         q = self.query(q_in).view(t, self.n_heads, self.nope + self.rope_dim)  # [T, N, D+R]
-        self.rope_(q[..., self.nope :], batch.rope_cos, batch.rope_sin)
-        self.write_kv(kv_a, batch, kv_cache)
+        self.ops.rope_(q[..., self.nope :], batch.rope_cos, batch.rope_sin)
+        self._write_kv(kv_a, batch, kv_cache)
         if batch.is_prefill:
-            out = self._prefill(q, kv_cache, batch, attention)
+            out = self._prefill(q, kv_cache, batch)
         else:
-            out = self._decode(q[..., : self.nope], q[..., self.nope :], kv_cache, batch, attention)
-        return self.o_proj(out.flatten(1))  # [T, N*V] -> [T, H]
+            out = self._decode(q[..., : self.nope], q[..., self.nope :], kv_cache, batch)
+        return self.o_proj(out.flatten(1))  # [T, N*Dv] -> [T, H]
 
-    def _prefill(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, batch: StepBatch, attention: AttentionBackend
-    ) -> torch.Tensor:
+    def _prefill(self, q: torch.Tensor, kv_cache: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         cached = kv_cache.view(-1, kv_cache.shape[-1])[batch.context_slots]  # [S, C]
         s = cached.shape[0]
         kv = self.kv_b_proj(cached[:, : self.latent]).view(s, self.n_heads, self.nope + self.v_dim)
-        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [S, N, D], [S, N, V]
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [S, N, D], [S, N, Dv]
         k_pe = cached[:, None, self.latent :].expand(s, self.n_heads, self.rope_dim)  # [S, N, R]
         k = torch.cat([k_nope, k_pe], dim=-1)  # [S, N, D+R]
-        return attention.prefill(q, k, v, batch, self.scale)  # [T, N, V]
+        return self.prefill_attention(q, k, v, batch, self.scale)  # [T, N, Dv]
 
     def _decode(
-        self,
-        q_nope: torch.Tensor,
-        q_pe: torch.Tensor,
-        kv_cache: torch.Tensor,
-        batch: StepBatch,
-        attention: AttentionBackend,
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, batch: StepBatch
     ) -> torch.Tensor:
         w = self.kv_b_proj.dequantized_weight().view(self.n_heads, self.nope + self.v_dim, self.latent)
-        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [N, D, L], [N, V, L]
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [N, D, L], [N, Dv, L]
         # Batched over heads; q_latent stays the [N, T, L] product seen as [T, N, L] (no copy).
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, N, L]
-        out_latent = attention.decode(q_latent, q_pe, kv_cache, batch, self.scale)  # [T, N, L]
-        return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, N, V]
+        out_latent = self.ops.mla_decode(
+            q_latent, q_pe, kv_cache, batch.page_table, batch.context_lens_t, self.scale
+        )  # [T, N, L]
+        return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, N, Dv]
 
 
 class MLP(nn.Module):
@@ -332,60 +282,31 @@ class MLP(nn.Module):
         parts = {"gate_proj": inter_dim, "up_proj": inter_dim}
         self.gate_up_proj = StackedLinear(dim, parts, backend, dtype, device)  # one GEMM, [T, 2I]
         self.down_proj = make_linear(inter_dim, dim, backend, dtype, device)
-        self.act = backend.ops.silu_mul if backend.ops is not None else silu_mul_torch
+        self.silu_mul = backend.ops.silu_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down_proj(self.silu_mul(self.gate_up_proj(x)))
 
 
 class Gate(nn.Module):
-    """noaux_tc router in float32: sigmoid scores; the correction bias picks the top `G_lim` groups
-    (each scored by its two best experts) and the top-k experts inside them; the weights are the
-    unbiased scores of the chosen experts, normalised and multiplied by route_scale."""
+    """noaux_tc router: logits from the gate weight (in the compute dtype, as DeepSeek-V3 stores it
+    in bf16; accumulated and returned in float32 by `router_logits`), then sigmoid scores; the
+    correction bias picks the top `G_lim` groups (each scored by its two best experts) and the
+    top-k experts inside them; the weights are the unbiased scores of the chosen experts,
+    normalised and multiplied by route_scale (`grouped_topk`)."""
 
-    def __init__(self, args: ModelArgs, device: torch.device) -> None:
+    def __init__(self, args: ModelArgs, ops: KernelOps, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
+        self.ops = ops
         self.top_k = args.n_activated_experts
         self.groups, self.limited = args.n_expert_groups, args.n_limited_groups
-        self.group_size = args.n_routed_experts // args.n_expert_groups
         self.normalize, self.route_scale = args.norm_topk_prob, args.route_scale
-        self.weight = _param((args.n_routed_experts, args.dim), torch.float32, device)
+        self.weight = _param((args.n_routed_experts, args.dim), dtype, device)
         self.e_score_correction_bias = _param((args.n_routed_experts,), torch.float32, device)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = x.shape[0]
-        scores = F.linear(x.float(), self.weight).sigmoid()  # [T, E]
-        biased = scores + self.e_score_correction_bias  # [T, E]
-        grouped = biased.view(t, self.groups, self.group_size)  # [T, G, E/G]
-        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
-        chosen_groups = group_scores.topk(self.limited, dim=-1).indices  # [T, G_lim]
-        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, chosen_groups, True)  # [T, G]
-        biased = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)  # [T, E]
-        topk_ids = biased.topk(self.top_k, dim=-1).indices  # [T, K]
-        weights = scores.gather(1, topk_ids)  # [T, K]
-        if self.normalize:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.route_scale, topk_ids
-
-
-class KernelGate(Gate):
-    """The router with its logits GEMM in the compute dtype (`router_logits`: float32
-    accumulation and output, from `weight_lowp`, the gate weight in that dtype, refreshed after
-    loading) and the selection in one kernel (`grouped_topk`)."""
-
-    weight_lowp: torch.Tensor
-
-    def __init__(self, args: ModelArgs, ops: KernelOps, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__(args, device)
-        self.ops = ops
-        lowp = torch.empty(self.weight.shape, dtype=dtype, device=device)
-        self.register_buffer("weight_lowp", lowp, persistent=False)
-
-    def refresh_lowp(self) -> None:
-        self.weight_lowp.copy_(self.weight)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.ops.router_logits(x, self.weight_lowp)  # [T, E] float32
+        """x [T, H] → (weights [T, K] float32, ids [T, K])."""
+        logits = self.ops.router_logits(x, self.weight)  # [T, E] float32
         return self.ops.grouped_topk(
             logits,
             self.e_score_correction_bias,
@@ -398,8 +319,8 @@ class KernelGate(Gate):
 
 
 class Experts(nn.Module):
-    """The routed experts this rank owns, stacked: w13 holds gate rows then up rows; forward is
-    the torch reference (a loop over the local experts: the CPU path).
+    """The routed experts this rank owns, stacked (w13 holds gate rows then up rows), run by the
+    backend's `fused_moe` (grouped GEMMs on the GPU, no host sync: graph-capturable).
 
     Checkpoint tensors `experts.E.{gate,up,down}_proj.weight` load into slot E - first_expert."""
 
@@ -407,12 +328,13 @@ class Experts(nn.Module):
         self,
         args: ModelArgs,
         owned: range,
+        ops: KernelOps,
         dtype: torch.dtype,
         device: torch.device,
         weight_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.owned = owned
+        self.owned, self.ops = owned, ops
         self.inter = args.moe_inter_dim
         wdtype = weight_dtype or dtype
         self.w13 = _param((len(owned), 2 * args.moe_inter_dim, args.dim), wdtype, device)  # [E_loc, 2I, H]
@@ -430,45 +352,10 @@ class Experts(nn.Module):
         raise KeyError(f"expert projection {proj!r} is not one of gate_proj, up_proj, down_proj")
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)  # [T, H]
-        local = topk_ids - self.owned.start  # [T, K]
-        tokens, slots = ((local >= 0) & (local < len(self.owned))).nonzero(as_tuple=True)  # [R], [R]
-        experts = local[tokens, slots]  # [R]
-        order = torch.argsort(experts, stable=True)
-        tokens, slots, experts = tokens[order], slots[order], experts[order]
-        counts = torch.bincount(experts, minlength=len(self.owned)).tolist()
-        start = 0
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            rows, ks = tokens[start : start + count], slots[start : start + count]
-            gate, up = F.linear(x[rows], self.w13[e]).chunk(2, dim=-1)  # [n, I] each
-            y = F.linear(F.silu(gate) * up, self.w2[e])  # [n, H]
-            out.index_add_(0, rows, (y.float() * topk_weights[rows, ks, None]).to(x.dtype))
-            start += count
-        return out
-
-
-class FusedExperts(Experts):
-    """The same stacked experts run by `fused_moe` (grouped GEMMs, no host sync: graph-capturable)."""
-
-    def __init__(
-        self,
-        args: ModelArgs,
-        owned: range,
-        ops: KernelOps,
-        dtype: torch.dtype,
-        device: torch.device,
-        weight_dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(args, owned, dtype, device, weight_dtype)
-        self.ops = ops
-
-    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         return self.ops.fused_moe(x.contiguous(), topk_ids, topk_weights, self.w13, self.w2, self.owned.start)
 
 
-class Fp8Experts(FusedExperts):
+class Fp8Experts(Experts):
     """Stacked experts with FP8 e4m3 weights and 128x128 block scales, run by `fused_moe`:
     w13_scale_inv [E_loc, 2I/128, ceil(H/128)] (gate blocks, then up blocks: I % 128 == 0) and
     w2_scale_inv [E_loc, ceil(H/128), I/128]."""
@@ -481,9 +368,8 @@ class Fp8Experts(FusedExperts):
                 f"FP8 experts need moe_intermediate_size to be a multiple of {FP8_BLOCK}, got {args.moe_inter_dim}"
             )
         super().__init__(args, owned, ops, dtype, device, weight_dtype=FP8_DTYPE)
-        block = (FP8_BLOCK, FP8_BLOCK)
-        g13 = scale_grid((2 * args.moe_inter_dim, args.dim), block)
-        g2 = scale_grid((args.dim, args.moe_inter_dim), block)
+        g13 = scale_grid(2 * args.moe_inter_dim, args.dim)
+        g2 = scale_grid(args.dim, args.moe_inter_dim)
         self.w13_scale_inv = _param((len(owned), *g13), torch.float32, device)
         self.w2_scale_inv = _param((len(owned), *g2), torch.float32, device)
 
@@ -515,37 +401,39 @@ class Fp8Experts(FusedExperts):
 def make_experts(
     args: ModelArgs, owned: range, backend: ModelBackend, dtype: torch.dtype, device: torch.device
 ) -> Experts:
-    if backend.ops is None:
-        return Experts(args, owned, dtype, device)
     if backend.fp8_experts:
         return Fp8Experts(args, owned, backend.ops, dtype, device)
-    return FusedExperts(args, owned, backend.ops, dtype, device)
+    return Experts(args, owned, backend.ops, dtype, device)
 
 
 class MoE(nn.Module):
     def __init__(
-        self, args: ModelArgs, owned: range, backend: ModelBackend, dtype: torch.dtype, device: torch.device
+        self,
+        args: ModelArgs,
+        owned: range,
+        backend: ModelBackend,
+        transport: ExpertTransport,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> None:
         super().__init__()
-        self.gate = (
-            Gate(args, device) if backend.ops is None else KernelGate(args, backend.ops, dtype, device)
-        )
+        self.gate = Gate(args, backend.ops, dtype, device)
         self.experts = make_experts(args, owned, backend, dtype, device)
         self.shared_experts = MLP(
             args.dim, args.moe_inter_dim * args.n_shared_experts, backend, dtype, device
         )
-        self.transport: ExpertTransport = SingleRankTransport()
+        self.transport = transport
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         weights, topk_ids = self.gate(x)  # [T, K], [T, K]
-        routed = self.transport.exchange(x, topk_ids, weights, self.experts)  # [T, H]
+        routed = self.transport.exchange(x, topk_ids, weights, self.experts, not batch.is_prefill)  # [T, H]
         return routed + self.shared_experts(x)
 
 
 class Block(nn.Module):
     """One decoder layer over the residual stream. forward takes the layer's normalised input
-    and the stream, and returns the MLP's output and the stream with the attention output
-    added: the caller adds that output in the next norm (`RMSNorm.add`), one fused launch."""
+    and the stream, and returns the feed-forward's output and the stream with the attention
+    output added: the caller adds that output in the next norm (`RMSNorm.add`), one fused launch."""
 
     def __init__(
         self,
@@ -553,6 +441,7 @@ class Block(nn.Module):
         layer: int,
         owned: range,
         backend: ModelBackend,
+        transport: ExpertTransport,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
@@ -561,35 +450,43 @@ class Block(nn.Module):
         self.self_attn = MLA(args, backend, dtype, device)
         self.post_attention_layernorm = make_norm(args.dim, args.rms_norm_eps, backend, dtype, device)
         self.mlp: nn.Module
+        self.feed_forward: Callable[[torch.Tensor, StepBatch], torch.Tensor]
         if args.is_moe_layer(layer):
-            self.mlp = MoE(args, owned, backend, dtype, device)
+            self.mlp = MoE(args, owned, backend, transport, dtype, device)
+            self.feed_forward = self._moe
         else:
             self.mlp = MLP(args.dim, args.inter_dim, backend, dtype, device)
+            self.feed_forward = self._dense
+
+    def _moe(self, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        return self.mlp(h, batch)
+
+    def _dense(self, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        return self.mlp(h)
 
     def forward(
-        self,
-        h: torch.Tensor,
-        residual: torch.Tensor,
-        batch: StepBatch,
-        kv_cache: torch.Tensor,
-        attention: AttentionBackend,
+        self, h: torch.Tensor, residual: torch.Tensor, batch: StepBatch, kv_cache: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """h = input_layernorm(residual) [T, H] → (mlp output [T, H], residual + attention output)."""
-        h, residual = self.post_attention_layernorm.add(
-            self.self_attn(h, batch, kv_cache, attention), residual
-        )
-        return self.mlp(h), residual
+        """h = input_layernorm(residual) [T, H] → (feed-forward output [T, H], residual + attention output)."""
+        h, residual = self.post_attention_layernorm.add(self.self_attn(h, batch, kv_cache), residual)
+        return self.feed_forward(h, batch), residual
 
 
 class Decoder(nn.Module):
     def __init__(
-        self, args: ModelArgs, owned: range, backend: ModelBackend, dtype: torch.dtype, device: torch.device
+        self,
+        args: ModelArgs,
+        owned: range,
+        backend: ModelBackend,
+        transport: ExpertTransport,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim, dtype=dtype, device=device)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(
-            Block(args, i, owned, backend, dtype, device) for i in range(args.n_layers)
+            Block(args, i, owned, backend, transport, dtype, device) for i in range(args.n_layers)
         )
         self.norm = make_norm(args.dim, args.rms_norm_eps, backend, dtype, device)
 
@@ -601,7 +498,8 @@ class Decoder(nn.Module):
 
 class DeepseekV3(nn.Module):
     """The causal LM. `owned` is the range of routed experts this rank holds (all of them with one
-    rank); `backend` picks the layer implementations (default: the torch reference)."""
+    rank); `backend` picks the layer implementations (default: the torch reference); `transport`
+    carries the MoE layers' tokens to their experts (default: all experts on this rank)."""
 
     def __init__(
         self,
@@ -610,13 +508,14 @@ class DeepseekV3(nn.Module):
         device: torch.device,
         owned: range | None = None,
         backend: ModelBackend | None = None,
+        transport: ExpertTransport | None = None,
     ) -> None:
         super().__init__()
         self.args = args
         self.owned = owned if owned is not None else range(args.n_routed_experts)
-        self.backend = backend or ModelBackend.reference()
-        self.attention: AttentionBackend = self.backend.attention
-        self.model = Decoder(args, self.owned, self.backend, dtype, device)
+        self.backend = backend or reference_backend()
+        self.transport = transport or SingleRankTransport()
+        self.model = Decoder(args, self.owned, self.backend, self.transport, dtype, device)
         self.lm_head = Linear(args.dim, args.vocab_size, dtype, device)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # type: ignore[assignment]
@@ -637,13 +536,11 @@ class DeepseekV3(nn.Module):
         return self.get_parameter(name).data
 
     def weights_loaded(self) -> None:
-        """Derive what is computed from the weights (kv_b_proj's dequantized copy, the router's
-        weight in the compute dtype); the loaders call this after filling the parameters."""
+        """Derive what is computed from the weights (kv_b_proj's dequantized copy); the loaders
+        call this after filling the parameters."""
         for module in self.modules():
             if isinstance(module, Fp8Linear):
                 module.refresh_dequantized()
-            elif isinstance(module, KernelGate):
-                module.refresh_lowp()
 
     def forward(
         self, input_ids: torch.Tensor, batch: StepBatch, kv_caches: list[torch.Tensor]
@@ -655,10 +552,10 @@ class DeepseekV3(nn.Module):
         for layer, next_norm, kv_cache in zip(
             self.model.layers, self.model.next_norms(), kv_caches, strict=True
         ):
-            out, residual = layer(h, residual, batch, kv_cache, self.attention)
+            out, residual = layer(h, residual, batch, kv_cache)
             h, residual = next_norm.add(out, residual)
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [S, H] → float32 logits [S, vocab]."""
+        """hidden [B, H] → float32 logits [B, vocab]."""
         return self.lm_head(hidden).float()

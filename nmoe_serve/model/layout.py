@@ -22,7 +22,6 @@ class TensorSpec:
     expert: int | None = None  # routed expert index, for expert-parallel sharding
 
 
-_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -85,11 +84,6 @@ def _mlp(prefix: str, dim: int, inter: int, expert: int | None = None) -> list[T
 
 def scale_name(weight_name: str) -> str:
     return weight_name.removesuffix(".weight") + ".weight_scale_inv"
-
-
-def expert_of(name: str) -> int | None:
-    m = _EXPERT.match(name)
-    return int(m.group(2)) if m else None
 
 
 def is_mtp_tensor(name: str, args: ModelArgs) -> bool:

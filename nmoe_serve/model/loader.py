@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from nmoe_serve.kernels.fp8_format import FP8_DTYPE, dequantize_weight_blocks, scale_grid
 from nmoe_serve.model.args import ModelArgs
 from nmoe_serve.model.deepseek_v3 import DeepseekV3
-from nmoe_serve.model.fp8 import FP8_DTYPE, dequantize_blocks, scale_grid
 from nmoe_serve.model.layout import TensorSpec, checkpoint_tensors, is_mtp_tensor, scale_name
 
 log = logging.getLogger(__name__)
@@ -120,9 +120,9 @@ def _check_names(args: ModelArgs, files: dict[str, Path], wanted: list[TensorSpe
         if spec.quantizable:
             known.add(scale_name(spec.name))
     missing = [s for s in wanted if s.name not in files]
-    if args.fp8_block:
+    if args.fp8:
         missing += [
-            TensorSpec(scale_name(s.name), scale_grid((s.shape[0], s.shape[1]), args.fp8_block), False)
+            TensorSpec(scale_name(s.name), scale_grid(s.shape[0], s.shape[1]), False)
             for s in wanted
             if s.quantizable and scale_name(s.name) not in files
         ]
@@ -155,29 +155,29 @@ def _load_one(  # type: ignore[no-untyped-def]
         )
     target = _target(model, spec)
     if tensor.dtype == FP8_DTYPE:
-        if not (spec.quantizable and args.fp8_block):
+        if not (spec.quantizable and args.fp8):
             raise CheckpointError(
                 f"{where} is float8 but config.json has no FP8 quantization_config for it; "
                 "FP8 checkpoints need quantization_config {quant_method: fp8, weight_block_size: [128, 128]}"
             )
         scale = _read(f, file, scale_name(spec.name), files)
-        grid = scale_grid((spec.shape[0], spec.shape[1]), args.fp8_block)
+        grid = scale_grid(spec.shape[0], spec.shape[1])
         if tuple(scale.shape) != grid:
             raise CheckpointError(
                 f"tensor {scale_name(spec.name)} has shape {list(scale.shape)} but a {list(spec.shape)} weight "
-                f"with {args.fp8_block[0]}x{args.fp8_block[1]} blocks needs {list(grid)} (ceil-divided)"
+                f"with 128x128 blocks needs {list(grid)} (ceil-divided)"
             )
         if target.dtype == FP8_DTYPE:
             target.copy_(tensor)
             _scale_target(model, spec).copy_(scale)
         else:
-            target.copy_(dequantize_blocks(tensor, scale, args.fp8_block, target.dtype))
+            target.copy_(dequantize_weight_blocks(tensor, scale, target.dtype))
         return
     if tensor.dtype not in FLOAT_DTYPES:
         raise CheckpointError(
             f"{where} has dtype {tensor.dtype}; expected bfloat16, float16, float32 or float8_e4m3fn"
         )
-    if args.fp8_block and spec.quantizable:
+    if args.fp8 and spec.quantizable:
         raise CheckpointError(
             f"{where} is {tensor.dtype} but config.json declares an FP8 checkpoint, where it must be float8_e4m3fn"
         )
@@ -213,7 +213,7 @@ def _nbytes(spec: TensorSpec, args: ModelArgs) -> int:
     numel = 1
     for d in spec.shape:
         numel *= d
-    return numel * (1 if (args.fp8_block and spec.quantizable) else 2)
+    return numel * (1 if (args.fp8 and spec.quantizable) else 2)
 
 
 DUMMY_CHUNK = 1 << 26  # elements drawn at a time for large parameters (bounds the float32 scratch)

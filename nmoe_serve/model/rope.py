@@ -1,7 +1,8 @@
 """Rotary embedding with YaRN for the `qk_rope_head_dim` part of MLA's queries and keys.
 
 DeepSeek checkpoints lay the rotary dimensions out as interleaved pairs (x0, x1), (x2, x3), ...,
-each pair rotated by one frequency. YaRN (when the checkpoint's rope_scaling says so) blends
+each pair rotated by one frequency (the rotation itself is the `rope_` op: kernels/rope.py and its
+torch reference). YaRN (when the checkpoint's rope_scaling says so) blends
 interpolated and original frequencies with a linear ramp over the dimensions and scales cos/sin
 by an attention factor; the softmax-scale part of YaRN lives in ModelArgs.softmax_scale.
 """
@@ -58,13 +59,3 @@ class RotaryEmbedding:
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # [T, R/2]
         return angles.cos() * self.factor, angles.sin() * self.factor
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [T, ..., R] by cos/sin [T, R/2]; float32 math, x's dtype out."""
-    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
-    cos, sin = cos.view(shape), sin.view(shape)
-    pairs = x.float().unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)

@@ -4,26 +4,30 @@
 and a multi-token-prediction layer (which loaders must skip), in bf16/float32 or FP8 e4m3 with
 128×128 block scales. Weights are drawn with variances that keep activations and logits of order
 one, so greedy decoding is not decided by rounding noise. `cached_tiny_checkpoint` builds one on
-first use into the user's cache directory, atomically, so concurrent workers can all ask for it.
+first use into the user's cache directory (`tiny_checkpoint_dir`), under a lock and atomically,
+so concurrent workers can all ask for it.
+
+Importing this module does not import torch (the settings of a tiny model are resolved from
+`tiny_hf_config` in processes without torch); the writers import it when they run.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import save_file
-
-from nmoe_serve.model.args import FP8_BLOCK, ModelArgs
-from nmoe_serve.model.fp8 import quantize_blocks
+from nmoe_serve.model.args import ModelArgs
 from nmoe_serve.model.layout import TensorSpec, checkpoint_tensors, layer_tensors, scale_name
 from nmoe_serve.tokenizer.tiny import TINY_BOS_ID, TINY_EOS_ID, TINY_VOCAB_SIZE, write_tiny_tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 # Bump when the files written for the same (seed, fp8) change, so caches rebuild.
 TINY_FORMAT_VERSION = 1
@@ -98,7 +102,7 @@ FP8_QUANTIZATION_CONFIG = {
     "activation_scheme": "dynamic",
     "fmt": "e4m3",
     "quant_method": "fp8",
-    "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+    "weight_block_size": [128, 128],
 }
 
 
@@ -116,13 +120,17 @@ def make_tiny_checkpoint(
     fp8: bool = False,
     overrides: dict[str, Any] | None = None,
     shard_bytes: int = 512 * 1024,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write a complete random DeepSeek-V3 checkpoint to `out` (created if needed) and return it.
 
     `overrides` replace fields of the tiny config.json (e.g. `{"q_lora_rank": None}`); vocab_size
-    must stay that of the tiny tokenizer. `dtype` is the dtype of the unquantized tensors.
+    must stay that of the tiny tokenizer. `dtype` is the dtype of the unquantized tensors
+    (default bfloat16).
     """
+    import torch
+
+    dtype = dtype or torch.bfloat16
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = tiny_hf_config(overrides, fp8)
@@ -146,22 +154,36 @@ def make_tiny_checkpoint(
     return out
 
 
+def tiny_checkpoint_dir(seed: int = 0, fp8: bool = False) -> Path:
+    """Where the tiny checkpoint for (seed, fp8) lives in the cache directory (built or not)."""
+    return cache_root() / f"tiny-v{TINY_FORMAT_VERSION}-seed{seed}-{'fp8' if fp8 else 'bf16'}"
+
+
 def cached_tiny_checkpoint(seed: int = 0, fp8: bool = False) -> Path:
-    """The tiny checkpoint for (seed, fp8) in the cache directory, built the first time it is asked for."""
-    target = cache_root() / f"tiny-v{TINY_FORMAT_VERSION}-seed{seed}-{'fp8' if fp8 else 'bf16'}"
+    """The tiny checkpoint for (seed, fp8) in the cache directory, built the first time it is
+    asked for. One process builds it while the others wait on a lock file; the build lands in
+    place by one rename, so a reader never sees half a checkpoint."""
+    target = tiny_checkpoint_dir(seed, fp8)
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".building-", dir=target.parent))
-    try:
-        make_tiny_checkpoint(staging, seed=seed, fp8=fp8)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").is_file():  # built while this process waited
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=target.name + ".building-", dir=target.parent))
         try:
-            os.rename(staging, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a lost race: a real failure
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            make_tiny_checkpoint(staging, seed=seed, fp8=fp8)
+            # Another process may still have won (a file system without working locks): keep its build.
+            if not (target / "config.json").is_file():
+                shutil.rmtree(target, ignore_errors=True)  # a leftover without config.json
+                try:
+                    os.rename(staging, target)
+                except OSError:
+                    if not (target / "config.json").is_file():  # not a lost race: a real failure
+                        raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -176,13 +198,17 @@ def cache_root() -> Path:
 def _random_tensors(
     args: ModelArgs, config: dict[str, Any], generator: torch.Generator, dtype: torch.dtype, fp8: bool
 ) -> Iterator[tuple[str, torch.Tensor]]:
+    import torch
+
+    from nmoe_serve.kernels.fp8_format import quantize_weight_blocks
+
     specs = checkpoint_tensors(args)
     for mtp in range(int(config.get("num_nextn_predict_layers") or 0)):
         specs += _mtp_tensors(args, args.n_layers + mtp)
     for spec in specs:
         value = _random_value(spec, generator)
         if fp8 and spec.quantizable:
-            weight, scale_inv = quantize_blocks(value, (FP8_BLOCK, FP8_BLOCK))
+            weight, scale_inv = quantize_weight_blocks(value)
             yield spec.name, weight
             yield scale_name(spec.name), scale_inv
         else:
@@ -205,6 +231,8 @@ def _mtp_tensors(args: ModelArgs, layer: int) -> list[TensorSpec]:
 
 
 def _random_value(spec: TensorSpec, generator: torch.Generator) -> torch.Tensor:
+    import torch
+
     name = spec.name
     if name.endswith("e_score_correction_bias"):
         return 0.05 * torch.randn(spec.shape, generator=generator)
@@ -217,6 +245,8 @@ def _random_value(spec: TensorSpec, generator: torch.Generator) -> torch.Tensor:
 
 
 def _write_shards(out: Path, tensors: dict[str, torch.Tensor], shard_bytes: int) -> None:
+    from safetensors.torch import save_file
+
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in tensors.items():

@@ -1,1 +1,1 @@
-"""Expert parallelism: MoE transports, worker actors, the Ray executor."""
+"""Executors: the ranks of an EP group in this process, or as Ray worker actors."""

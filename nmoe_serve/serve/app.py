@@ -2,8 +2,9 @@
 
 Serve config files point at it (`import_path: nmoe_serve.serve.app:build_app`) with args
 `config` (a TOML path, resolved against the working directory, then the repository) and optional
-`overrides` (engine options by name, as `LLM(...)` takes them). The config is read here, once,
-where `serve run` runs, and shipped to the replicas as a frozen object.
+`overrides` (engine options by name, as `LLM(...)` takes them). The config is read and resolved
+into EngineSettings here, once, where `serve run` builds the application, and shipped to the
+replicas as a frozen object.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ray.serve import Application
 from nmoe_serve.config import ConfigError, ServeConfig
 from nmoe_serve.serve.coordinator_deployment import CoordinatorDeployment
 from nmoe_serve.serve.ingress import Ingress
+from nmoe_serve.settings import resolve_settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,28 +44,27 @@ def load_config(args: AppArgs) -> ServeConfig:
     )
 
 
+def cuda_in_cluster() -> bool:
+    """Whether the Ray cluster the application goes to has GPUs (where device.kind = "auto" takes
+    CUDA). The builder runs where `serve run` builds the app, which need not be a GPU node."""
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
 def build_app(args: dict[str, Any]) -> Application:
-    """The Serve application for `args` = {"config": "configs/dev.toml", "overrides": {...}}."""
+    """The Serve application for `args` = {"config": "configs/dev.toml", "overrides": {...}}.
+
+    The settings are resolved here, once, and shipped to every replica."""
     config = load_config(AppArgs.model_validate(args))
-    gpu = config.device.kind == "cuda"
-    coordinator = serve.deployment(
-        name="Coordinator",
-        num_replicas=config.server.ep_groups,
-        # with ep_size > 1 the workers take the GPUs in their own placement group; with ep_size 1
-        # the rank runs inside the replica, which then needs the GPU itself
-        ray_actor_options={
-            "num_cpus": 0 if gpu else 0.5,
-            "num_gpus": 1 if gpu and config.parallel.ep_size == 1 else 0,
-        },
-        max_ongoing_requests=100_000,
-        health_check_period_s=10,
-        health_check_timeout_s=60,
-        graceful_shutdown_timeout_s=20,
-    )(CoordinatorDeployment).bind(config)
-    ingress = serve.deployment(
-        name="Ingress",
-        num_replicas=config.server.ingress_replicas,
-        ray_actor_options={"num_cpus": 0.5},
-        max_ongoing_requests=10_000,
-    )(Ingress).bind(coordinator, config)
-    return ingress
+    settings = resolve_settings(config, cuda_available=cuda_in_cluster())
+    coordinator = (
+        serve.deployment(CoordinatorDeployment)
+        .options(**CoordinatorDeployment.deployment_options(settings, config.server))
+        .bind(settings, config.server)
+    )
+    return (
+        serve.deployment(Ingress)
+        .options(**Ingress.deployment_options(config.server))
+        .bind(coordinator, settings, config.server)
+    )

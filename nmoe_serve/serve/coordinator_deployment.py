@@ -1,24 +1,33 @@
-"""The Coordinator deployment: one replica per EP group, each owning its placement group of workers.
+"""The Coordinator deployment: one replica per EP group, its workers in the replica's own bundles.
 
-The replica holds a Coordinator (scheduler, step loop, RayExecutor). Its `generate` streams a
-request's token updates to the ingress through a Serve handle with stream=True; when the ingress
-stops reading (client gone, stop string), Serve cancels the call here and the request is aborted.
+The replica declares its EP group's resources to Serve (`deployment_options`): bundle 0 for
+itself, bundles 1..N (one GPU each) for the N worker actors, in one STRICT_PACK placement group,
+so Serve places, restarts and removes the replica and its workers as one gang. The replica holds
+a Coordinator (scheduler, step loop, RayExecutor over those bundles; with ep_size 1 the rank
+runs inside the replica, which then holds the GPU itself). Its `generate` streams a request's
+token updates to the ingress through a Serve handle with stream=True; when the ingress stops
+reading (client gone, stop string), Serve cancels the call here and the request is aborted.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from ray import serve
 
-from nmoe_serve.config import ServeConfig
-from nmoe_serve.coordinator import Coordinator
+from nmoe_serve.config import ServerSection
+from nmoe_serve.engine.coordinator import Coordinator
 from nmoe_serve.engine.scheduler import TokenUpdate
+from nmoe_serve.parallel.executor import Bundles, make_executor, rank_bundle
 from nmoe_serve.sampling.params import SamplingParams
 from nmoe_serve.serve.metrics import EngineMetrics
+from nmoe_serve.settings import EngineSettings
 
 log = logging.getLogger(__name__)
+
+REPLICA_CPUS = 0.5  # the replica mostly waits on its ranks
 
 
 class Overloaded(RuntimeError):
@@ -33,35 +42,49 @@ def group_name() -> str:
 
 
 class CoordinatorDeployment:
-    """Wrapped by serve.deployment in app.py (so options come from the config)."""
+    """Wrapped by serve.deployment in app.py with `deployment_options`."""
 
-    def __init__(self, config: ServeConfig) -> None:
-        self.config = config
+    @staticmethod
+    def deployment_options(settings: EngineSettings, server: ServerSection) -> dict[str, Any]:
+        """Serve options of the deployment: one replica per EP group and the group's bundles."""
+        gpu = settings.device == "cuda"
+        if settings.ep_size == 1:  # the one rank runs in the replica
+            replica = {"CPU": 1.0, "GPU": 1.0} if gpu else {"CPU": REPLICA_CPUS}
+            bundles = [replica]
+        else:
+            replica = {"CPU": REPLICA_CPUS}
+            bundles = [replica] + [rank_bundle(settings) for _ in range(settings.ep_size)]
+        return {
+            "name": "Coordinator",
+            "num_replicas": server.ep_groups,
+            "ray_actor_options": {"num_cpus": replica["CPU"], "num_gpus": replica.get("GPU", 0.0)},
+            "placement_group_bundles": bundles,
+            "placement_group_strategy": "STRICT_PACK",
+            "max_ongoing_requests": 100_000,
+            "health_check_period_s": 10,
+            "health_check_timeout_s": 60,
+            "graceful_shutdown_timeout_s": 20,
+        }
+
+    def __init__(self, settings: EngineSettings, server: ServerSection) -> None:
+        import ray
+
+        self.max_waiting = server.max_waiting_requests
         self.group = group_name()
-        self.coordinator = Coordinator(config, group=self.group)
-        self.metrics = EngineMetrics(self.coordinator.settings.model_name, self.group)
-        self.coordinator.step_listeners.append(self._after_step)
+        bundles = None
+        if settings.ep_size > 1:
+            bundles = Bundles(ray.util.get_current_placement_group(), first=1)
+        executor = make_executor(settings, self.group, bundles=bundles)
+        self.coordinator = Coordinator(settings.core, executor, group=self.group)
+        self.metrics = EngineMetrics(settings.model_name, self.group)
+        self.coordinator.step_listeners.append(self.metrics.after_step)
         log.info("coordinator %s ready: %s", self.group, self.coordinator.stats())
-
-    def _after_step(self, kind: str, seconds: float, updates: list[TokenUpdate]) -> None:
-        scheduler = self.coordinator.engine.scheduler
-        self.metrics.after_step(
-            kind,
-            seconds,
-            len(updates),
-            scheduler.num_running,
-            scheduler.num_waiting,
-            scheduler.kv_usage(),
-            scheduler.num_preemptions,
-        )
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams
     ) -> AsyncIterator[list[TokenUpdate]]:
-        if self.coordinator.engine.scheduler.num_waiting >= self.config.server.max_waiting_requests:
-            raise Overloaded(
-                f"{self.config.server.max_waiting_requests} requests are already waiting in EP group {self.group}"
-            )
+        if self.coordinator.engine.scheduler.num_waiting >= self.max_waiting:
+            raise Overloaded(f"{self.max_waiting} requests are already waiting in EP group {self.group}")
         self.metrics.prompt_tokens.inc(len(prompt_token_ids))
         async for updates in self.coordinator.generate(request_id, prompt_token_ids, sampling):
             yield updates
@@ -74,20 +97,14 @@ class CoordinatorDeployment:
 
     async def scheduler_pages(self) -> dict[str, list[int]]:
         """Pages in use and free per rank (for tests and diagnostics)."""
-        pools = self.coordinator.engine.scheduler.pools
-        return {"used": [p.num_used for p in pools], "free": [p.num_free for p in pools]}
+        return self.coordinator.pages()
 
     async def worker_stats(self) -> list[dict[str, float]]:
-        executor = self.coordinator.engine.executor
-        if hasattr(executor, "call_all"):
-            return executor.call_all("stats")  # type: ignore[no-any-return]
-        return [executor.worker.stats()]  # type: ignore[attr-defined]
+        return self.coordinator.engine.executor.worker_stats()
 
     async def wait_idle(self, timeout_s: float = 60.0) -> None:
         await self.coordinator.wait_idle(timeout_s)
 
     async def check_health(self) -> None:
         """Serve's health check: fail when the step loop died (the group restarts on its own otherwise)."""
-        task = self.coordinator._loop_task
-        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
-            raise RuntimeError(f"the step loop of EP group {self.group} died: {task.exception()}")
+        self.coordinator.check_health()

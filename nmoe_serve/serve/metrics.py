@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
+from nmoe_serve.engine.coordinator import StepReport
+
 LATENCY_BUCKETS = [
     0.005,
     0.01,
@@ -86,22 +88,13 @@ class EngineMetrics:
             m.set_default_tags(self.tags)
         self._preemptions_seen = 0
 
-    def after_step(
-        self,
-        kind: str,
-        seconds: float,
-        tokens: int,
-        running: int,
-        waiting: int,
-        kv_usage: float,
-        preemptions: int,
-    ) -> None:
-        self.step_seconds.observe(seconds, {**self.tags, "kind": kind})
-        if tokens:
-            self.generation_tokens.inc(tokens)
-        self.running.set(running)
-        self.waiting.set(waiting)
-        self.kv_usage.set(kv_usage)
-        if preemptions > self._preemptions_seen:
-            self.preemptions.inc(preemptions - self._preemptions_seen)
-            self._preemptions_seen = preemptions
+    def after_step(self, report: StepReport) -> None:
+        self.step_seconds.observe(report.seconds, {**self.tags, "kind": report.kind})
+        if report.tokens:
+            self.generation_tokens.inc(report.tokens)
+        self.running.set(report.running)
+        self.waiting.set(report.waiting)
+        self.kv_usage.set(report.kv_usage)
+        if report.preemptions > self._preemptions_seen:
+            self.preemptions.inc(report.preemptions - self._preemptions_seen)
+            self._preemptions_seen = report.preemptions

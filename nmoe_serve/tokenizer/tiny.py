@@ -6,6 +6,8 @@ Everything is built from constants in this file, so two calls write byte-identic
 any machine.
 """
 
+from __future__ import annotations
+
 import itertools
 import json
 import pathlib
@@ -13,9 +15,13 @@ from collections import Counter
 from collections.abc import Mapping
 from functools import cache
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
+
+if TYPE_CHECKING:
+    from nmoe_serve.tokenizer.tokenizer import Tokenizer
 
 TINY_VOCAB_SIZE = 512
 """Number of tokens in the tiny tokenizer, special tokens included."""
@@ -256,3 +262,20 @@ def write_tiny_tokenizer(out_dir: pathlib.Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for file_name, content in tiny_tokenizer_files().items():
         (out_dir / file_name).write_text(content, encoding="utf-8")
+
+
+def tiny_tokenizer() -> Tokenizer:
+    """The tiny tokenizer, built in memory: the same as `Tokenizer.from_pretrained` on the files
+    `write_tiny_tokenizer` writes, for processes that must not wait for a checkpoint on disk."""
+    from nmoe_serve.tokenizer.tokenizer import Tokenizer
+
+    return Tokenizer(
+        HFTokenizer.from_str(tiny_tokenizer_files()["tokenizer.json"]),
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        add_bos_token=True,
+        add_eos_token=False,
+        chat_template=TINY_CHAT_TEMPLATE,
+        source="the tiny tokenizer",
+    )

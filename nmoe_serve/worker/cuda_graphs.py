@@ -2,8 +2,8 @@
 
 Decode steps have static shapes once the batch is padded: graphs are captured at start-up for a
 ladder of batch sizes (after a warm-up that compiles the kernels) and a decode batch of B
-sequences replays the smallest graph of size S >= max(B, 1). The graph reads its inputs from
-static buffers that each step overwrites; rows B..S-1 are padding: token 0 at position 0, one
+sequences replays the smallest graph of size Bg >= max(B, 1). The graph reads its inputs from
+static buffers that each step overwrites; rows B..Bg-1 are padding: token 0 at position 0, one
 token of context, writing and reading only the KV cache's scratch page, never sampled. A T = 0
 plan replays the size-1 graph with its one row padded, so an idle rank still runs every layer
 and, with expert parallelism, every collective of the fixed-capacity MoE exchange (captured in
@@ -12,8 +12,7 @@ the graph). Prefill steps, and decode batches larger than the largest graph, run
 With capture=False (the CPU, tests) the padded static-buffer forward runs eagerly instead of
 being replayed: the same inputs and padding, checkable without a GPU.
 
-Legend: B sequences in the plan, S graph batch size, W page-table width (pages of one
-max_seq_len sequence), H hidden.
+Shapes: the legend in docs/ARCHITECTURE.md (B, Bg the rows of a graph, W, H).
 """
 
 from __future__ import annotations
@@ -24,11 +23,10 @@ import time
 import numpy as np
 import torch
 
-from nmoe_serve.engine.plan import StepKind, StepPlan
+from nmoe_serve.engine.plan import StepPlan
 from nmoe_serve.model.batch import StepBatch
 from nmoe_serve.model.deepseek_v3 import DeepseekV3
 from nmoe_serve.model.rope import RotaryEmbedding
-from nmoe_serve.parallel.transport import CollectiveLog, StepClock
 from nmoe_serve.worker.step_batch import PlanError, build_step_batch, decode_inputs
 
 log = logging.getLogger(__name__)
@@ -87,8 +85,6 @@ class DecodeGraphs:
         device: torch.device,
         fallback: EagerSteps,
         capture: bool = True,
-        clock: StepClock | None = None,
-        collectives: CollectiveLog | None = None,
     ) -> None:
         if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
             raise ValueError(f"graph sizes must be increasing positive batch sizes, got {sizes}")
@@ -97,23 +93,21 @@ class DecodeGraphs:
         self.model, self.kv_layers, self.rope = model, kv_layers, rope
         self.page_size, self.sizes, self.device = page_size, sizes, device
         self.fallback, self.capture_graphs = fallback, capture
-        self.clock, self.collectives = clock, collectives
         self.scratch_page = scratch_page
         self.scratch_slot = scratch_page * page_size
         self.width = max_pages_per_seq
         rows = sizes[-1]
         with torch.inference_mode():
-            self.input_ids = torch.zeros(rows, dtype=torch.int64, device=device)  # [S]
-            self.positions = torch.zeros(rows, dtype=torch.int64, device=device)  # [S]
+            self.input_ids = torch.zeros(rows, dtype=torch.int64, device=device)  # [Bg]
+            self.positions = torch.zeros(rows, dtype=torch.int64, device=device)  # [Bg]
             self.slot_mapping = torch.full(
                 (rows,), self.scratch_slot, dtype=torch.int64, device=device
-            )  # [S]
-            self.context_lens = torch.ones(rows, dtype=torch.int32, device=device)  # [S]
-            self.page_table = torch.full((rows, self.width), -1, dtype=torch.int32, device=device)  # [S, W]
+            )  # [Bg]
+            self.context_lens = torch.ones(rows, dtype=torch.int32, device=device)  # [Bg]
+            self.page_table = torch.full((rows, self.width), -1, dtype=torch.int32, device=device)  # [Bg, W]
             self.page_table[:, 0] = scratch_page
             self.row_index = torch.arange(rows + 1, dtype=torch.int64, device=device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._collective_template: list[tuple[int, int, str]] = []
 
     def _batch(self, size: int) -> tuple[torch.Tensor, StepBatch]:
         """The model's inputs for a graph of `size` rows: views of the static buffers. The host
@@ -140,7 +134,7 @@ class DecodeGraphs:
 
     def _forward(self, size: int) -> torch.Tensor:
         input_ids, batch = self._batch(size)
-        return self.model(input_ids, batch, self.kv_layers)  # [S, H]
+        return self.model(input_ids, batch, self.kv_layers)  # [Bg, H]
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -148,9 +142,6 @@ class DecodeGraphs:
         if not self.capture_graphs:
             return
         started = time.monotonic()
-        if self.clock is not None:
-            self.clock.begin(-1, StepKind.DECODE)
-        logged = list(self.collectives.entries) if self.collectives is not None else []
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
             side = torch.cuda.Stream(self.device)
@@ -159,18 +150,11 @@ class DecodeGraphs:
                 for _ in range(2):  # compiles the kernels for this shape, settles the allocator
                     self._forward(size)
             torch.cuda.current_stream(self.device).wait_stream(side)
-            before = len(self.collectives.entries) if self.collectives is not None else 0
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 hidden = self._forward(size)
             self._graphs[size] = (graph, hidden)
-            if self.collectives is not None:
-                captured = list(self.collectives.entries)[before:]
-                self._collective_template = [(kind, layer, op) for _, kind, layer, op in captured]
         torch.cuda.synchronize(self.device)
-        if self.collectives is not None:  # start-up runs are not steps
-            self.collectives.entries.clear()
-            self.collectives.entries.extend(logged)
         log.info(
             "captured decode CUDA graphs at batch sizes %s in %.1f s",
             list(self.sizes),
@@ -188,9 +172,6 @@ class DecodeGraphs:
         if self.capture_graphs:
             graph, hidden = self._graphs[size]
             graph.replay()
-            if self.collectives is not None and self.clock is not None:
-                for kind, layer, op in self._collective_template:
-                    self.collectives.record(self.clock.step_id, kind, layer, op)
         else:
             hidden = self._forward(size)
         rows = torch.from_numpy(inputs["logits_rows"]).to(self.device)

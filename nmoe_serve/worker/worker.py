@@ -13,55 +13,58 @@ import time
 import torch
 
 from nmoe_serve.engine.plan import StepKind, StepPlan, StepResult
-from nmoe_serve.engine.settings import EngineSettings
 from nmoe_serve.model.backend import ModelBackend, choose_backend
 from nmoe_serve.model.deepseek_v3 import DeepseekV3
 from nmoe_serve.model.loader import fill_dummy, load_checkpoint
 from nmoe_serve.model.rope import RotaryEmbedding
-from nmoe_serve.parallel.transport import AllToAllTransport, CollectiveLog, StepClock
+from nmoe_serve.model.tiny import cached_tiny_checkpoint
+from nmoe_serve.model.transport import ExpertTransport, make_transport
 from nmoe_serve.sampling.sampler import Sampler
+from nmoe_serve.settings import EngineSettings
 from nmoe_serve.topology import Topology
 from nmoe_serve.worker.cuda_graphs import DecodeGraphs, EagerSteps, graph_batch_sizes
 from nmoe_serve.worker.kv_cache import KVCache, page_bytes
 
 log = logging.getLogger(__name__)
 
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
 
 class Worker:
     """One rank. With world_size > 1, torch.distributed must be initialised before construction
     (the Ray actor does it): the MoE layers then exchange tokens with the other ranks.
 
-    `backend` overrides the layer implementations chosen from the settings (tests)."""
+    `backend` and `transport` override the layer implementations and the MoE exchange chosen
+    from the settings and the topology (tests: a recording transport, the kernels' references)."""
 
     def __init__(
-        self, settings: EngineSettings, topology: Topology, backend: ModelBackend | None = None
+        self,
+        settings: EngineSettings,
+        topology: Topology,
+        backend: ModelBackend | None = None,
+        transport: ExpertTransport | None = None,
     ) -> None:
         self.settings, self.topology = settings, topology
         self.device = torch.device(settings.device)
-        args = settings.args
+        args, core = settings.args, settings.core
+        dtype = TORCH_DTYPES[settings.dtype]
         started = time.monotonic()
         self.model = DeepseekV3(
             args,
-            dtype=settings.torch_dtype,
+            dtype=dtype,
             device=self.device,
             owned=topology.owned_experts(args.n_routed_experts),
             backend=backend or choose_backend(settings.kernels, args),
+            transport=transport or make_transport(topology, args.n_routed_experts, core.max_num_seqs),
         )
-        if settings.load_format == "dummy":
-            fill_dummy(self.model, seed=settings.config.device.seed)
-        else:
-            load_checkpoint(self.model, settings.model_path)
+        self._load_weights()
         self.model.eval()
-        self.clock = StepClock()
-        self.collectives = CollectiveLog()
-        if topology.world_size > 1:
-            self._install_expert_parallel()
         self.rope = RotaryEmbedding(args.rope, self.device)
-        self.num_pages = self._kv_pages()
-        self.kv_cache = KVCache(args, self.num_pages, settings.page_size, settings.torch_dtype, self.device)
-        self.sampler = Sampler(args.vocab_size, self.device, seed=settings.config.device.seed + topology.rank)
+        self.num_pages = self._kv_pages(dtype)
+        self.kv_cache = KVCache(args, self.num_pages, core.page_size, dtype, self.device)
+        self.sampler = Sampler(args.vocab_size, self.device, seed=settings.seed + topology.rank)
         self.eos_token_id = args.eos_token_ids[0] if args.eos_token_ids else None
-        eager = EagerSteps(self.model, self.kv_cache.layers, self.rope, settings.page_size, self.device)
+        eager = EagerSteps(self.model, self.kv_cache.layers, self.rope, core.page_size, self.device)
         self.steps: dict[StepKind, EagerSteps | DecodeGraphs] = {
             StepKind.PREFILL: eager,
             StepKind.DECODE: eager,
@@ -75,13 +78,11 @@ class Worker:
                 self.kv_cache.layers,
                 self.kv_cache.scratch_page,
                 self.rope,
-                settings.page_size,
-                -(-settings.max_seq_len // settings.page_size),
+                core.page_size,
+                -(-core.max_seq_len // core.page_size),
                 graph_sizes,
                 self.device,
                 fallback=eager,
-                clock=self.clock,
-                collectives=self.collectives,
             )
             graphs.capture()
             self.steps[StepKind.DECODE] = graphs
@@ -92,58 +93,52 @@ class Worker:
             topology.world_size,
             self.model.owned,
             self.model.backend.describe(),
-            self.model.moe_layers()[0].transport.name if self.model.moe_layers() else "-",
+            self.model.transport.name,
             f"CUDA graphs {list(graph_sizes)}" if graph_sizes else "eager",
             self.num_pages,
-            settings.page_size,
+            core.page_size,
             self.kv_cache.nbytes / 1e6,
             time.monotonic() - started,
         )
 
-    def _install_expert_parallel(self) -> None:
-        per_rank = self.settings.args.n_routed_experts // self.topology.world_size
-        capacity = self.settings.config.scheduler.max_num_seqs
-        for layer, moe in enumerate(self.model.moe_layers()):
-            moe.transport = AllToAllTransport(
-                layer,
-                self.topology.rank,
-                self.topology.world_size,
-                per_rank,
-                capacity,
-                self.clock,
-                self.collectives,
-            )
+    def _load_weights(self) -> None:
+        settings = self.settings
+        if settings.load_format == "dummy":
+            fill_dummy(self.model, seed=settings.seed)
+            return
+        path = settings.model_path
+        if settings.tiny is not None:  # built here, on first use, by whichever rank gets the lock
+            path = cached_tiny_checkpoint(settings.tiny.seed, settings.tiny.fp8)
+        load_checkpoint(self.model, path)
 
-    def _kv_pages(self) -> int:
-        cache = self.settings.config.cache
-        if cache.num_pages is not None:
-            return cache.num_pages
-        per_page = page_bytes(self.settings.args, cache.page_size, self.settings.torch_dtype)
+    def _kv_pages(self, dtype: torch.dtype) -> int:
+        settings, core = self.settings, self.settings.core
+        if settings.num_pages is not None:
+            return settings.num_pages
+        per_page = page_bytes(settings.args, core.page_size, dtype)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             total = torch.cuda.get_device_properties(self.device).total_memory
-            budget = free - (1 - cache.memory_utilization) * total
+            budget = free - (1 - settings.memory_utilization) * total
         else:
-            budget = cache.cpu_kv_cache_gib * 2**30
+            budget = settings.cpu_kv_cache_gib * 2**30
         pages = int(budget // per_page) - 1  # one more is the scratch page
-        need = -(-self.settings.max_seq_len // cache.page_size)
+        need = -(-core.max_seq_len // core.page_size)
         if pages < need:
             raise RuntimeError(
                 f"rank {self.topology.rank}: memory left for the KV cache holds {max(pages, 0)} pages but one "
-                f"sequence of max_seq_len={self.settings.max_seq_len} needs {need}: raise "
+                f"sequence of max_seq_len={core.max_seq_len} needs {need}: raise "
                 "cache.memory_utilization (GPU) or cache.cpu_kv_cache_gib (CPU), or lower model.max_seq_len"
             )
         return pages
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
-        started = time.perf_counter()
         for request_id in plan.released:
             if request_id in self.sampler:  # a release may be repeated after an abandoned step
                 self.sampler.remove_request(request_id)
         for new in plan.new_requests:
             self.sampler.add_request(new.request_id, new.sampling, new.prompt_token_ids, new.output_token_ids)
-        self.clock.begin(plan.step_id, plan.kind)
         hidden, logits_rows = self.steps[plan.kind].run(plan)
         logits = self.model.compute_logits(hidden[logits_rows])
         sampled_ids = tuple(rid for rid, s in zip(plan.request_ids, plan.sample, strict=True) if s)
@@ -157,7 +152,6 @@ class Worker:
             top_token_ids=out.top_token_ids,
             top_logprobs=out.top_logprobs,
             num_top=out.num_top,
-            timings={"execute_s": time.perf_counter() - started},
         )
 
     def logits_for(self, plan: StepPlan, all_positions: bool = False) -> torch.Tensor:
@@ -165,7 +159,6 @@ class Worker:
 
         all_positions=True gives a row for every new token instead of one per sampled sequence."""
         with torch.inference_mode():
-            self.clock.begin(plan.step_id, plan.kind)
             hidden, logits_rows = self.steps[plan.kind].run(plan)
             rows = hidden if all_positions else hidden[logits_rows]
             return self.model.compute_logits(rows)

@@ -7,18 +7,21 @@ import asyncio
 import pytest
 
 from nmoe_serve.config import ServeConfig
-from nmoe_serve.coordinator import Coordinator, RequestFailed
+from nmoe_serve.engine.coordinator import Coordinator, RequestFailed
 from nmoe_serve.engine.executor import StepFailed
-from nmoe_serve.engine.scheduler import RequestRejected
+from nmoe_serve.engine.request import RequestRejected
 from nmoe_serve.llm import LLM
+from nmoe_serve.parallel.executor import make_executor
 from nmoe_serve.sampling.params import SamplingParams
+from tests.helpers import resolve
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def coordinator(dev_config_path) -> Coordinator:
-    return Coordinator(ServeConfig.from_toml(dev_config_path), group="test")
+    settings = resolve(ServeConfig.from_toml(dev_config_path))
+    return Coordinator(settings.core, make_executor(settings), group="test")
 
 
 async def collect(

@@ -1,6 +1,6 @@
 """Kernel tests run the Triton kernels in Triton's CPU interpreter when there is no CUDA GPU.
 
-TRITON_INTERPRET must be set before `@triton.jit` runs, i.e. before any `kernels` module is
+TRITON_INTERPRET must be set before `@triton.jit` runs, i.e. before any `nmoe_serve.kernels` module is
 imported; this conftest sets it first. Tests marked `gpu` are skipped without CUDA.
 """
 
@@ -13,9 +13,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-    # A test elsewhere may have imported `kernels` before this folder was collected; drop those
+    # A test elsewhere may have imported `nmoe_serve.kernels` before this folder was collected; drop those
     # modules so the imports below build interpreted kernels.
-    for name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
+    for name in [m for m in sys.modules if m == "nmoe_serve.kernels" or m.startswith("nmoe_serve.kernels.")]:
         del sys.modules[name]
 
 HERE = os.path.dirname(os.path.abspath(__file__))

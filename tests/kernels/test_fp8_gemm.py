@@ -6,9 +6,10 @@ Legend: T tokens, K reduction (hidden), N output features.
 import pytest
 import torch
 
-from kernels import INTERPRET
-from kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
-from kernels.fp8_quant import fp8_quant, quantize_weight_blocks
+from nmoe_serve.kernels import INTERPRET
+from nmoe_serve.kernels.fp8_format import quantize_weight_blocks
+from nmoe_serve.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
+from nmoe_serve.kernels.fp8_quant import fp8_quant
 
 
 def _operands(T: int, K: int, N: int, device):

@@ -6,16 +6,15 @@ Legend: T tokens, H hidden, G = ceil(H/128) groups.
 import pytest
 import torch
 
-from kernels.fp8_quant import (
+from nmoe_serve.kernels.fp8_format import (
     AMAX_EPS,
     FP8_DTYPE,
     FP8_MAX,
     dequantize_token_groups,
     dequantize_weight_blocks,
-    fp8_quant,
-    fp8_quant_ref,
     quantize_weight_blocks,
 )
+from nmoe_serve.kernels.fp8_quant import fp8_quant, fp8_quant_ref
 
 
 def _activations(T: int, H: int, dtype: torch.dtype, device) -> torch.Tensor:

@@ -6,9 +6,9 @@ Legend: T tokens, H hidden, I expert intermediate (`inter` in code), E local exp
 import pytest
 import torch
 
-from kernels import INTERPRET
-from kernels.fp8_quant import quantize_weight_blocks
-from kernels.fused_moe import (
+from nmoe_serve.kernels import INTERPRET
+from nmoe_serve.kernels.fp8_format import quantize_weight_blocks
+from nmoe_serve.kernels.fused_moe import (
     _config,
     _fused_moe,
     _kernel_tiles,

@@ -6,8 +6,15 @@ Legend: B sequences, N heads, L latent, R rope dim, P page size.
 import pytest
 import torch
 
-from kernels import INTERPRET
-from kernels.mla_decode import VARIANTS, _config, _mla_decode, mla_decode, mla_decode_ref, variant_config
+from nmoe_serve.kernels import INTERPRET
+from nmoe_serve.kernels.mla_decode import (
+    VARIANTS,
+    _config,
+    _mla_decode,
+    mla_decode,
+    mla_decode_ref,
+    variant_config,
+)
 
 
 def _paged_cache(

@@ -43,7 +43,7 @@ def test_args_from_the_tiny_checkpoint(tiny_fp32: Path):
     assert args.route_scale == 2.5 and args.norm_topk_prob
     assert args.max_position_embeddings == 4096
     assert args.checkpoint_dtype == "float32"
-    assert args.fp8_block is None
+    assert not args.fp8
     assert not args.tie_word_embeddings
     assert args.bos_token_id == tiny_hf_config()["bos_token_id"]
     assert args.eos_token_ids == (tiny_hf_config()["eos_token_id"],)
@@ -62,7 +62,7 @@ def test_args_from_the_tiny_checkpoint(tiny_fp32: Path):
 
 def test_fp8_config_gives_the_block_shape():
     config = tiny_hf_config(fp8=True)
-    assert ModelArgs.from_hf_config(config).fp8_block == (128, 128)
+    assert ModelArgs.from_hf_config(config).fp8
 
 
 def test_no_q_lora_rank_means_direct_query_projection():

@@ -28,21 +28,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kernels.fp8_quant import dequantize_weight_blocks
-from kernels.fused_moe import fused_moe_ref
 from nmoe_serve.config import ServeConfig
-from nmoe_serve.engine.settings import _device_paths, resolve_settings
+from nmoe_serve.kernels.fp8_format import FP8_DTYPE, dequantize_weight_blocks
+from nmoe_serve.kernels.fused_moe import fused_moe_ref
 from nmoe_serve.model.args import ModelArgs
-from nmoe_serve.model.attention import KernelAttention, SdpaPrefill, TorchAttention
+from nmoe_serve.model.attention import SdpaPrefill, TorchPrefill
 from nmoe_serve.model.backend import KernelOps, ModelBackend, choose_backend, kernel_backend, reference_ops
 from nmoe_serve.model.batch import StepBatch
-from nmoe_serve.model.deepseek_v3 import DeepseekV3, Experts, Fp8Experts, Fp8Linear, FusedExperts, Linear
-from nmoe_serve.model.fp8 import FP8_DTYPE, dequantize_blocks
+from nmoe_serve.model.deepseek_v3 import DeepseekV3, Experts, Fp8Experts, Fp8Linear, Linear
 from nmoe_serve.model.loader import fill_dummy
 from nmoe_serve.model.tiny import TINY_KERNEL_OVERRIDES, make_tiny_checkpoint, tiny_hf_config
+from nmoe_serve.settings import device_paths
 from nmoe_serve.topology import Topology
 from nmoe_serve.worker.worker import Worker
-from tests.helpers import ManualPlans
+from tests.helpers import ManualPlans, resolve
 
 CPU = torch.device("cpu")
 PAGE_SIZE, NUM_PAGES = 16, 64
@@ -92,7 +91,7 @@ def make_worker(path: Path, dtype: str, backend: ModelBackend | None = None) -> 
             "device": {"kind": "cpu"},
         }
     )
-    return Worker(resolve_settings(config), Topology(), backend=backend)
+    return Worker(resolve(config), Topology(), backend=backend)
 
 
 def step_logits(worker: Worker) -> torch.Tensor:
@@ -122,7 +121,8 @@ def kernel_layers(path: Path, ops: KernelOps) -> ModelBackend:
 
 def test_reference_backend_builds_the_torch_layers(fp8_kernel_dims: Path) -> None:
     backend = choose_backend("torch", ModelArgs.from_checkpoint(fp8_kernel_dims))
-    assert backend.ops is None and isinstance(backend.attention, TorchAttention)
+    assert backend.ops.name == "torch-ref" and isinstance(backend.prefill_attention, TorchPrefill)
+    assert not backend.fp8_linear and not backend.fp8_experts
     model = DeepseekV3(ModelArgs.from_checkpoint(fp8_kernel_dims), torch.float32, CPU, backend=backend)
     assert isinstance(model.model.layers[0].self_attn.qkv_a_proj.fused, Linear)
     assert type(model.moe_layers()[0].experts) is Experts
@@ -133,9 +133,8 @@ def test_kernel_backend_keeps_fp8_where_the_checkpoint_is_fp8(fp8_kernel_dims: P
     args = ModelArgs.from_checkpoint(fp8_kernel_dims)
     backend = kernel_backend(args, reference_ops())
     assert backend.fp8_linear and backend.fp8_experts
-    assert isinstance(backend.attention, KernelAttention)
     if importlib.util.find_spec("vllm_flash_attn") is None:
-        assert backend.attention.name == "mla_decode/sdpa"
+        assert backend.prefill_attention.name == "sdpa"
     model = DeepseekV3(args, torch.bfloat16, CPU, backend=backend)
     attn = model.model.layers[0].self_attn
     assert isinstance(attn.kv_b_proj, Fp8Linear) and attn.kv_b_proj.dequantized is not None
@@ -144,7 +143,7 @@ def test_kernel_backend_keeps_fp8_where_the_checkpoint_is_fp8(fp8_kernel_dims: P
     moe = model.moe_layers()[0]
     assert isinstance(moe.experts, Fp8Experts) and moe.experts.w13.dtype == FP8_DTYPE
     assert isinstance(moe.shared_experts.gate_up_proj.fused, Fp8Linear)
-    assert model.lm_head.weight.dtype == torch.bfloat16 and moe.gate.weight.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.bfloat16 and moe.gate.weight.dtype == torch.bfloat16
 
 
 def test_experts_are_dequantized_when_their_blocks_would_straddle_gate_and_up() -> None:
@@ -152,7 +151,7 @@ def test_experts_are_dequantized_when_their_blocks_would_straddle_gate_and_up() 
     backend = kernel_backend(args, reference_ops())
     assert backend.fp8_linear and not backend.fp8_experts
     experts = DeepseekV3(args, torch.bfloat16, CPU, backend=backend).moe_layers()[0].experts
-    assert type(experts) is FusedExperts and experts.w13.dtype == torch.bfloat16
+    assert type(experts) is Experts and experts.w13.dtype == torch.bfloat16
 
 
 def test_fp8_projections_stack_only_on_whole_scale_blocks(tmp_path: Path) -> None:
@@ -192,25 +191,24 @@ def test_unknown_kernels_choice_is_refused() -> None:
         choose_backend("cutlass", ModelArgs.from_hf_config(tiny_hf_config()))
 
 
-def _config(**device: object) -> ServeConfig:
-    return ServeConfig.from_dict(
-        {"model": {"tiny": {"seed": 0}}, "scheduler": {"max_num_seqs": 100}, "device": device}
-    )
-
-
 def test_device_paths_are_resolved_once() -> None:
-    assert _device_paths(_config(), "cuda", "bfloat16") == ("triton", 100)  # max_num_seqs
-    assert _device_paths(_config(), "cuda", "float16") == ("triton", 100)
-    assert _device_paths(_config(), "cuda", "float32") == ("torch", 0)  # kernels' fp32 dots are TF32
-    assert _device_paths(_config(), "cpu", "bfloat16") == ("torch", 0)
-    assert _device_paths(_config(kernels="torch"), "cuda", "bfloat16") == ("torch", 0)
-    assert _device_paths(_config(cuda_graphs=False), "cuda", "bfloat16") == ("triton", 0)
-    assert _device_paths(_config(cuda_graph_max_batch=40), "cuda", "bfloat16") == ("triton", 40)
-    assert _device_paths(_config(cuda_graph_max_batch=1000), "cuda", "bfloat16") == ("triton", 100)
+    def paths(
+        device: str, dtype: str, kernels: str = "auto", graphs: bool = True, graph_max: int | None = None
+    ):
+        return device_paths(device, dtype, kernels, graphs, graph_max, max_num_seqs=100)
+
+    assert paths("cuda", "bfloat16") == ("triton", 100)  # max_num_seqs
+    assert paths("cuda", "float16") == ("triton", 100)
+    assert paths("cuda", "float32") == ("torch", 0)  # kernels' fp32 dots are TF32
+    assert paths("cpu", "bfloat16") == ("torch", 0)
+    assert paths("cuda", "bfloat16", kernels="torch") == ("torch", 0)
+    assert paths("cuda", "bfloat16", graphs=False) == ("triton", 0)
+    assert paths("cuda", "bfloat16", graph_max=40) == ("triton", 40)
+    assert paths("cuda", "bfloat16", graph_max=1000) == ("triton", 100)
 
 
 def test_settings_on_the_cpu_take_the_reference(dev_config_path: Path) -> None:
-    settings = resolve_settings(ServeConfig.from_toml(dev_config_path))
+    settings = resolve(ServeConfig.from_toml(dev_config_path))
     assert (settings.kernels, settings.cuda_graph_max_batch) == ("torch", 0)
 
 
@@ -242,7 +240,7 @@ def test_fp8_weights_load_as_stored(fp8_kernel_dims: Path) -> None:
         assert torch.equal(experts.expert_scale(5, proj), stored[p + proj + ".weight_scale_inv"]), proj
     kv_b = model.model.layers[2].self_attn.kv_b_proj
     assert isinstance(kv_b, Fp8Linear)
-    want = dequantize_blocks(kv_b.weight, kv_b.weight_scale_inv, (128, 128), torch.bfloat16)
+    want = dequantize_weight_blocks(kv_b.weight, kv_b.weight_scale_inv, torch.bfloat16)
     assert torch.equal(kv_b.dequantized_weight(), want)
 
 
@@ -252,7 +250,7 @@ def test_fill_dummy_fills_fp8_weights_with_the_right_scale() -> None:
     fill_dummy(model, seed=2)
     for module in model.modules():
         if isinstance(module, Fp8Linear):
-            w = dequantize_blocks(module.weight, module.weight_scale_inv, (128, 128), torch.float32)
+            w = dequantize_weight_blocks(module.weight, module.weight_scale_inv, torch.float32)
             assert torch.isfinite(w).all()
             assert float(w.std()) == pytest.approx(w.shape[1] ** -0.5, rel=0.25)
             if module.dequantized is not None:
@@ -315,5 +313,5 @@ def test_sdpa_prefill_matches_the_reference_for_chunks_and_whole_prompts() -> No
         context_slots=torch.zeros(0),
         logits_rows=torch.zeros(0),
     )
-    want = TorchAttention().prefill(q, k, v, batch, 0.3)
+    want = TorchPrefill()(q, k, v, batch, 0.3)
     torch.testing.assert_close(SdpaPrefill()(q, k, v, batch, 0.3), want, atol=1e-5, rtol=1e-5)

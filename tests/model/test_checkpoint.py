@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +22,9 @@ from safetensors.torch import load_file, save_file
 import nmoe_serve.model.loader as loader
 import nmoe_serve.model.tiny as tiny
 from nmoe_serve.engine.plan import StepKind, StepPlan
+from nmoe_serve.kernels.fp8_format import FP8_MAX, dequantize_weight_blocks, quantize_weight_blocks
 from nmoe_serve.model.args import ModelArgs
 from nmoe_serve.model.deepseek_v3 import DeepseekV3
-from nmoe_serve.model.fp8 import FP8_MAX, dequantize_blocks, quantize_blocks
 from nmoe_serve.model.layout import is_mtp_tensor
 from nmoe_serve.model.loader import CheckpointError, checkpoint_files, fill_dummy, load_checkpoint
 from nmoe_serve.model.rope import RotaryEmbedding
@@ -223,7 +226,7 @@ def test_fp8_scale_grids_are_ceil_divided(fp8_partial: Path):
 
 def test_fp8_checkpoint_with_partial_blocks_loads_as_the_reference_dequantizes(fp8_partial: Path):
     model = loaded(fp8_partial)
-    assert model.args.fp8_block == (128, 128)
+    assert model.args.fp8
     assert model.checkpoint_tensor("model.layers.0.self_attn.kv_a_proj_with_mqa.weight").shape == (144, 160)
     assert_model_holds(model, expected_weights(fp8_partial))
 
@@ -231,7 +234,7 @@ def test_fp8_checkpoint_with_partial_blocks_loads_as_the_reference_dequantizes(f
 def test_quantize_then_dequantize_is_within_e4m3_precision():
     """Bound per element: |W' - W| <= 2**-4 |W| + 2**-10 s (+ float32 rounding), s = block amax / 448.
 
-    quantize_blocks divides each block by s, mapping its largest magnitude onto 448 (e4m3's largest
+    quantize_weight_blocks divides each block by s, mapping its largest magnitude onto 448 (e4m3's largest
     finite value); rounding to e4m3 (3 mantissa bits) errs by at most half an ulp: 2**-4 relative for
     normal values, and 2**-10 absolute below 2**-6 where e4m3 is subnormal (spacing 2**-9). Scaling
     back by s gives the bound; it implies the looser |W' - W| <= 2**-4 * block amax (+ 2**-10 s)."""
@@ -243,9 +246,9 @@ def test_quantize_then_dequantize_is_within_e4m3_precision():
     weight[256:, 128:] = 0.0
     weight[:128, 128:] *= torch.logspace(-6, 0, 72, dtype=torch.float64)
     weight = weight.to(torch.float32)
-    q, scale_inv = quantize_blocks(weight, (BLOCK, BLOCK))
+    q, scale_inv = quantize_weight_blocks(weight)
     assert q.dtype == torch.float8_e4m3fn and tuple(scale_inv.shape) == (3, 2)
-    back = dequantize_blocks(q, scale_inv, (BLOCK, BLOCK), torch.float32).to(torch.float64)
+    back = dequantize_weight_blocks(q, scale_inv, torch.float32).to(torch.float64)
     w = weight.to(torch.float64)
     s = torch.tensor(
         [
@@ -275,12 +278,12 @@ def test_quantize_then_dequantize_is_within_e4m3_precision():
 
 
 def test_dequantize_refuses_a_scale_grid_of_the_wrong_shape():
-    q, _ = quantize_blocks(torch.ones(300, 200), (BLOCK, BLOCK))
+    q, _ = quantize_weight_blocks(torch.ones(300, 200))
     with pytest.raises(
         ValueError,
-        match=r"weight_scale_inv has shape \(2, 2\) but a 300x200 weight with 128x128 blocks needs \(3, 2\)",
+        match=r"weight_scale_inv has shape \(2, 2\) but a weight of shape \(300, 200\) with 128x128 blocks needs \(3, 2\)",
     ):
-        dequantize_blocks(q, torch.ones(2, 2), (BLOCK, BLOCK), torch.float32)
+        dequantize_weight_blocks(q, torch.ones(2, 2), torch.float32)
 
 
 # --- shards, MTP, expert sharding ------------------------------------------------------------------
@@ -608,13 +611,38 @@ def test_cached_tiny_checkpoint_builds_once(tmp_path: Path, monkeypatch: pytest.
     assert first.parent == cache
     assert (first / "config.json").is_file() and (first / "tokenizer.json").is_file()
     assert ModelArgs.from_checkpoint(first).n_routed_experts == 16
-    assert list(cache.iterdir()) == [first]  # no staging directory left behind
+    # no staging directory left behind; the lock file stays (unlinking a lock races its waiters)
+    assert sorted(cache.iterdir()) == [first, cache / f"{first.name}.lock"]
 
     def must_not_build(*args, **kwargs):
         raise AssertionError("cached_tiny_checkpoint rebuilt a checkpoint it already had")
 
     monkeypatch.setattr(tiny, "make_tiny_checkpoint", must_not_build)
     assert cached_tiny_checkpoint(seed=2) == first
+
+
+def test_concurrent_processes_build_the_tiny_checkpoint_once(tmp_path: Path):
+    """Eight ranks asking at once (as the workers of a tiny EP group do): one builds, all load."""
+    code = (
+        "import sys, nmoe_serve.model.tiny as tiny\n"
+        "real = tiny.make_tiny_checkpoint\n"
+        "def counted(out, **kw):\n"
+        "    open(sys.argv[1] + '/built-' + str(__import__('os').getpid()), 'w').close()\n"
+        "    return real(out, **kw)\n"
+        "tiny.make_tiny_checkpoint = counted\n"
+        "print(tiny.cached_tiny_checkpoint(seed=5))\n"
+    )
+    env = {**os.environ, "NMOE_SERVE_CACHE": str(tmp_path / "cache")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)], env=env, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(8)
+    ]
+    paths = {p.communicate(timeout=300)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(paths) == 1 and (Path(paths.pop()) / "config.json").is_file()
+    assert len(list(tmp_path.glob("built-*"))) == 1
 
 
 def test_cached_tiny_checkpoint_keeps_one_per_seed_and_format(
@@ -648,4 +676,4 @@ def test_cached_tiny_checkpoint_accepts_losing_the_race(tmp_path: Path, monkeypa
     monkeypatch.setattr(tiny, "make_tiny_checkpoint", build_while_another_process_finishes_first)
     assert cached_tiny_checkpoint() == target
     assert json.loads((target / "config.json").read_text()) == {"by": "them"}
-    assert list(tmp_path.iterdir()) == [target]
+    assert sorted(tmp_path.iterdir()) == [target, tmp_path / f"{target.name}.lock"]

@@ -20,12 +20,11 @@ import pytest
 import torch
 
 from nmoe_serve.config import ServeConfig
-from nmoe_serve.engine.settings import resolve_settings
 from nmoe_serve.model.tiny import make_tiny_checkpoint
 from nmoe_serve.sampling.params import SamplingParams
 from nmoe_serve.topology import Topology
 from nmoe_serve.worker.worker import Worker
-from tests.helpers import ManualPlans
+from tests.helpers import ManualPlans, resolve
 
 transformers = pytest.importorskip("transformers")
 
@@ -82,7 +81,7 @@ def make_worker(path: Path) -> Worker:
             "device": {"kind": "cpu"},
         }
     )
-    return Worker(resolve_settings(config), Topology())
+    return Worker(resolve(config), Topology())
 
 
 def prompts(lengths: list[int], seed: int) -> list[list[int]]:

@@ -9,9 +9,13 @@ import time
 
 import pytest
 
+from nmoe_serve.config import ServeConfig
 from nmoe_serve.engine.executor import StepFailed
 from nmoe_serve.llm import LLM
+from nmoe_serve.parallel.executor import RayExecutor
 from nmoe_serve.sampling.params import SamplingParams
+from tests.helpers import resolve
+from tests.parallel.recording import RecordingWorkerActor
 
 ray = pytest.importorskip("ray")
 
@@ -39,7 +43,11 @@ def tokens(llm: LLM, prompts, params) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def ep8(dev_config_path):
-    llm = LLM(config=dev_config_path, ep_size=8, num_pages=10, **OPTIONS)
+    """EP 8 whose ranks record their collectives (tests/parallel/recording.py)."""
+    settings = resolve(
+        ServeConfig.from_toml(dev_config_path, overrides={"ep_size": 8, "num_pages": 10, **OPTIONS})
+    )
+    llm = LLM.from_executor(settings, RayExecutor(settings, "ep8-test", actor_class=RecordingWorkerActor))
     yield llm
     llm.shutdown()
     ray.shutdown()  # the local cluster these engines started

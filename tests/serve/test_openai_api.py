@@ -235,9 +235,9 @@ def test_error_statuses_and_the_server_keeps_serving(dev_server) -> None:
     error = _error(
         _post(dev_server, "/v1/completions", {"prompt": [5] * 2040, "max_tokens": 100}),
         400,
-        r"context is 2048 tokens.*2040 in the prompt \+ 100",
+        r"prompt \(2040 tokens\) plus max_tokens \(100\) exceeds the context limit of 2048 tokens.*at most 8",
     )
-    assert error["code"] == "context_length_exceeded"
+    assert error["code"] == "context_length_exceeded" and error["param"] == "max_tokens"
     _error(_post(dev_server, "/v1/completions", {"prompt": [99999], "max_tokens": 2}), 400, r"\[0, 512\)")
     _error(_post(dev_server, "/v1/chat/completions", {"messages": [], "max_tokens": 2}), 400, "messages")
     _error(_post(dev_server, "/v1/completions", b"x" * (17 * 2**20)), 413, "exceeds the limit")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from nmoe_serve.coordinator import RequestFailed
-from nmoe_serve.engine.scheduler import RequestRejected
+from nmoe_serve.engine.coordinator import RequestFailed
+from nmoe_serve.engine.request import RequestRejected
 from nmoe_serve.serve.coordinator_deployment import Overloaded
-from nmoe_serve.serve.ingress import _api_error
+from nmoe_serve.serve.ingress import api_error
 from nmoe_serve.serve.protocol import ChatCompletionRequest, CompletionRequest, validation_message
 
 
@@ -115,11 +115,11 @@ def test_chat_messages_and_limits() -> None:
 def test_engine_failures_map_to_statuses() -> None:
     from ray.serve.exceptions import BackPressureError
 
-    assert _api_error(RequestRejected("needs up to 9 KV pages"), 1).status == 400
-    busy = _api_error(Overloaded("12 waiting"), 2)
+    assert api_error(RequestRejected("needs up to 9 KV pages"), 1).status == 400
+    busy = api_error(Overloaded("12 waiting"), 2)
     assert (busy.status, busy.retry_after_s, busy.type) == (429, 2, "rate_limit_error")
-    full = _api_error(BackPressureError(num_queued_requests=5, max_queued_requests=5), 3)
+    full = api_error(BackPressureError(num_queued_requests=5, max_queued_requests=5), 3)
     assert (full.status, full.retry_after_s) == (503, 3)
-    failed = _api_error(RequestFailed("worker died"), 1)
+    failed = api_error(RequestFailed("worker died"), 1)
     assert failed.status == 500 and "retry" in failed.message
-    assert _api_error(KeyError("x"), 1).status == 500
+    assert api_error(KeyError("x"), 1).status == 500

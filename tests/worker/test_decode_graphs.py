@@ -16,7 +16,6 @@ import torch
 
 from nmoe_serve.config import ServeConfig
 from nmoe_serve.engine.plan import StepKind, StepPlan
-from nmoe_serve.engine.settings import resolve_settings
 from nmoe_serve.model.args import ModelArgs
 from nmoe_serve.model.attention import SdpaPrefill
 from nmoe_serve.model.backend import ModelBackend, kernel_backend, reference_ops
@@ -24,7 +23,7 @@ from nmoe_serve.topology import Topology
 from nmoe_serve.worker.cuda_graphs import DecodeGraphs, EagerSteps, graph_batch_sizes, graph_size_for
 from nmoe_serve.worker.step_batch import PlanError, decode_inputs
 from nmoe_serve.worker.worker import Worker
-from tests.helpers import ManualPlans
+from tests.helpers import ManualPlans, resolve
 
 PAGE_SIZE, NUM_PAGES, MAX_SEQ_LEN = 8, 64, 256
 
@@ -57,7 +56,7 @@ def make_worker(path: Path, backend: ModelBackend | None) -> Worker:
             "device": {"kind": "cpu"},
         }
     )
-    return Worker(resolve_settings(config), Topology(), backend=backend)
+    return Worker(resolve(config), Topology(), backend=backend)
 
 
 def padded(worker: Worker, sizes: tuple[int, ...]) -> DecodeGraphs:

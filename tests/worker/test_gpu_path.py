@@ -42,7 +42,6 @@ from safetensors.torch import load_file, save_file
 
 from nmoe_serve.config import ServeConfig
 from nmoe_serve.engine.plan import StepKind, StepPlan
-from nmoe_serve.engine.settings import resolve_settings
 from nmoe_serve.model.args import ModelArgs
 from nmoe_serve.model.attention import SdpaPrefill
 from nmoe_serve.model.backend import ModelBackend, kernel_backend, reference_ops
@@ -50,7 +49,7 @@ from nmoe_serve.model.tiny import TINY_KERNEL_OVERRIDES, make_tiny_checkpoint
 from nmoe_serve.topology import Topology
 from nmoe_serve.worker.cuda_graphs import DecodeGraphs
 from nmoe_serve.worker.worker import Worker
-from tests.helpers import ManualPlans
+from tests.helpers import ManualPlans, resolve
 from tests.model.test_backend import NUM_PAGES, PAGE_SIZE, step_logits
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -85,7 +84,7 @@ def logits_on(path, device: str, dtype: str, **device_options: object) -> torch.
             "device": {"kind": device, **device_options},
         }
     )
-    worker = Worker(resolve_settings(config), Topology())
+    worker = Worker(resolve(config), Topology())
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, 496, (n,), generator=g).tolist() for n in (40, 9, 77)]
     plans = ManualPlans(16, 64)
@@ -200,7 +199,7 @@ def gpu_worker(path, backend: ModelBackend | None = None, max_seq_len: int = 512
             "device": {"kind": "cuda", **device},
         }
     )
-    return Worker(resolve_settings(config), Topology(), backend=backend)
+    return Worker(resolve(config), Topology(), backend=backend)
 
 
 def rel_norm(a: torch.Tensor, b: torch.Tensor) -> float:

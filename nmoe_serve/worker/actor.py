@@ -12,12 +12,11 @@ import logging
 import os
 import socket
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from nmoe_serve.engine.plan import StepPlan, StepResult
-from nmoe_serve.engine.settings import EngineSettings
+from nmoe_serve.settings import EngineSettings
 from nmoe_serve.topology import Topology
 from nmoe_serve.worker.worker import Worker
 
@@ -65,8 +64,12 @@ class WorkerActor:
             port,
             os.getpid(),
         )
-        self.worker = Worker(self.settings, self.topology)
+        self.worker = self.make_worker()
         return self.worker.num_pages
+
+    def make_worker(self) -> Worker:
+        """This rank's Worker, built once the process group is up (subclasses may wrap it)."""
+        return Worker(self.settings, self.topology)
 
     def execute(self, plan: StepPlan) -> StepResult:
         assert self.worker is not None, "start() first"
@@ -76,26 +79,9 @@ class WorkerActor:
         assert self.worker is not None
         return self.worker.inventory()
 
-    def collective_log(self) -> list[tuple[int, int, int, str]]:
-        assert self.worker is not None
-        return self.worker.collectives.drain()
-
     def stats(self) -> dict[str, float]:
         assert self.worker is not None
         return self.worker.stats()
 
     def pid(self) -> int:
         return os.getpid()
-
-
-class NullWorkerActor(WorkerActor):
-    """A rank that runs no model: it checks nothing, computes nothing and samples token 0.
-
-    For measuring what the step channel itself costs (bench/step_overhead.py)."""
-
-    def start(self, host: str, port: int, timeout_s: float) -> int:
-        return self.settings.config.cache.num_pages or 4096
-
-    def execute(self, plan: StepPlan) -> StepResult:
-        sampled = tuple(rid for rid, s in zip(plan.request_ids, plan.sample, strict=True) if s)
-        return StepResult(plan.step_id, self.topology.rank, sampled, np.zeros(len(sampled), np.int64))
