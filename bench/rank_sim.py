@@ -130,9 +130,9 @@ class LocalFeed:
         self.rows = torch.arange(received, device=device) % tokens_per_rank
         return {"tokens_received": received, "local_pairs": int((self.ids < local).sum())}
 
-    def exchange(self, x, topk_ids, topk_weights, experts):  # type: ignore[no-untyped-def]
-        y = experts(x[self.rows], self.ids, self.weights)  # [R, H]
-        # Summed in float32 (native float atomics); the engine's prefill combine (parallel/transport.py)
+    def exchange(self, x, topk_ids, topk_weights, experts, decode):  # type: ignore[no-untyped-def]
+        y = experts(x[self.rows], self.ids, self.weights)  # [Mr, H]
+        # Summed in float32 (native float atomics); the engine's prefill combine (model/transport.py)
         # sums in bf16, which this does not time.
         combined = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(
             0, self.rows, y.float()
@@ -416,7 +416,7 @@ def profile_layer(rank: Rank, plan: StepPlan, tokens_per_rank: int) -> list[dict
     next_norm = rank.model.model.next_norms()[rank.n_dense]
 
     def run() -> None:
-        out, total = layer(h, residual, batch, kv_layer, rank.model.attention)
+        out, total = layer(h, residual, batch, kv_layer)
         next_norm.add(out, total)
 
     run()
@@ -487,14 +487,17 @@ def build_rank(opts: argparse.Namespace, device: torch.device) -> Rank:
         flush=True,
     )
     backend = kernel_backend(args, triton_ops() if cuda else reference_ops(), SdpaPrefill())
+    feed = LocalFeed()
     model = DeepseekV3(
-        args, torch.bfloat16, device, owned=range(args.n_routed_experts // EP), backend=backend
+        args,
+        torch.bfloat16,
+        device,
+        owned=range(args.n_routed_experts // EP),
+        backend=backend,
+        transport=feed,
     )
     fill_dummy(model, seed=0)
     model.eval()
-    feed = LocalFeed()
-    for moe in model.moe_layers():
-        moe.transport = feed
     kv = KVCache(args, num_pages, PAGE, torch.bfloat16, device)
     for layer in kv.layers:  # filled pages: random latents of unit scale
         for start in range(0, layer.shape[0], 1024):

@@ -23,11 +23,11 @@ import numpy as np
 
 from nmoe_serve.config import ServeConfig
 from nmoe_serve.engine.core import EngineCore
-from nmoe_serve.engine.plan import StepResult
-from nmoe_serve.engine.settings import resolve_settings
-from nmoe_serve.parallel.ray_executor import RayExecutor
-from nmoe_serve.parallel.worker_actor import NullWorkerActor, WorkerActor
+from nmoe_serve.engine.plan import StepPlan, StepResult
+from nmoe_serve.parallel.executor import RayExecutor
 from nmoe_serve.sampling.params import SamplingParams
+from nmoe_serve.settings import resolve_settings
+from nmoe_serve.worker.actor import WorkerActor
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -44,11 +44,23 @@ def percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
+class NullWorkerActor(WorkerActor):
+    """A rank that runs no model: it checks nothing, computes nothing and samples token 0, so a
+    step's round trip is the channel itself (plan serialization, Ray actor calls, results)."""
+
+    def start(self, host: str, port: int, timeout_s: float) -> int:
+        return self.settings.num_pages or 4096
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        sampled = tuple(rid for rid, s in zip(plan.request_ids, plan.sample, strict=True) if s)
+        return StepResult(plan.step_id, self.topology.rank, sampled, np.zeros(len(sampled), np.int64))
+
+
 class InlineRanks:
     """Results made up in-process: every sampled sequence gets token 0."""
 
     def __init__(self, ranks: int, pages: int) -> None:
-        self.num_ranks, self.pages_per_rank, self.name = ranks, pages, "inline"
+        self.num_ranks, self.pages_per_rank, self.name, self.restarts = ranks, pages, "inline", 0
 
     def execute(self, plans):  # type: ignore[no-untyped-def]
         return [
@@ -73,14 +85,14 @@ def measure(case: str, ranks: int, seqs: int, steps: int) -> dict:
             "step_timeout_s": 120.0,
         },
     )
-    settings = resolve_settings(config)
+    settings = resolve_settings(config, cuda_available=False)
     if case == "scheduler":
         executor = InlineRanks(ranks, config.cache.num_pages)
     else:
         executor = RayExecutor(
             settings, group=f"bench-{case}", actor_class=NullWorkerActor if case == "null" else WorkerActor
         )
-    engine = EngineCore(settings, executor)
+    engine = EngineCore(settings.core, executor)
     sampling = SamplingParams(max_tokens=steps + 64, temperature=0.0, ignore_eos=True)
     for i in range(ranks * seqs):
         engine.add_request(f"r{i}", [1 + i % 100] * 16, sampling)

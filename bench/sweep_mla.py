@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python bench/sweep_mla.py --out mla_sweep.json [--only NAME ...] [--measure-ceilings]
 
-For each candidate (a named variant, at `_config`'s split count or a multiple of it): one small
+For each candidate (a named variant, at `default_config`'s split count or a multiple of it): one small
 correctness check against `mla_decode_ref` (bf16, N 128, L 512, R 64, P 64; lengths that leave a
 partial tile, an empty split and inf in the slots past a context), then the device time replayed
 from a CUDA graph (`graph_time` of bench/kernels.py) at B x context = 32/64/128/256 x 2000 and
@@ -26,11 +26,17 @@ import torch
 
 import kernels as bench
 from nmoe_serve.kernels import num_sms
-from nmoe_serve.kernels.mla_decode import VARIANTS, _config, _mla_decode, mla_decode_ref, variant_config
+from nmoe_serve.kernels.mla_decode import (
+    VARIANTS,
+    default_config,
+    mla_decode_ref,
+    mla_decode_with_config,
+    variant_config,
+)
 
 HEADS, LATENT, ROPE, PAGE = 128, 512, 64, 64
 SHAPES = ((32, 2000), (64, 2000), (128, 2000), (256, 2000), (32, 16000))
-# (variant, split multiplier): every variant at `_config`'s splits, two of them also at twice as many.
+# (variant, split multiplier): every variant at `default_config`'s splits, two of them also at twice as many.
 CANDIDATES = [(name, 1) for name in VARIANTS] + [("tma-split-64x2", 2), ("tma-split-32x3", 2)]
 COPY_BYTES_PER_S, BF16_FLOPS_PER_S = 3.0e12, 782e12
 
@@ -51,7 +57,7 @@ def _inputs(lens: list[int], g: torch.Generator) -> dict:
 
 def _candidate_cfg(name: str, split_mult: int, B: int, max_context: int) -> dict:
     cfg = variant_config(
-        _config(B, HEADS, LATENT, ROPE, PAGE, 2, max_context, num_sms(torch.device("cuda"))), name
+        default_config(B, HEADS, LATENT, ROPE, PAGE, 2, max_context, num_sms(torch.device("cuda"))), name
     )
     cfg["NUM_SPLITS"] = max(1, min(cfg["NUM_SPLITS"] * split_mult, math.ceil(max_context / 256), 64))
     return cfg
@@ -66,7 +72,7 @@ def _check(name: str, split_mult: int, g: torch.Generator) -> str | None:
         args["kv_cache"][args["page_table"][b, (n - 1) // PAGE].long(), (n - 1) % PAGE + 1 :] = float("inf")
     cfg = _candidate_cfg(name, split_mult, 4, args["page_table"].shape[1] * PAGE)
     cfg["NUM_SPLITS"] = 2 * split_mult  # B = 32's count: the compiled kernel serves both (fewer compiles)
-    out = _mla_decode(**args, softmax_scale=scale, cfg=cfg)
+    out = mla_decode_with_config(**args, softmax_scale=scale, cfg=cfg)
     err = ((out.float() - want.float()).abs().max() / want.float().abs().max()).item()
     if not err <= 2e-2:  # also catches NaN
         return f"wrong: max error {err:.3g} of the output's range (cfg {cfg})"
@@ -121,7 +127,9 @@ def main() -> int:
             cfg = _candidate_cfg(name, mult, B, max_context)
             try:
                 seconds = bench.graph_time(
-                    lambda cfg=cfg, inputs=inputs: _mla_decode(**inputs, softmax_scale=192**-0.5, cfg=cfg),
+                    lambda cfg=cfg, inputs=inputs: mla_decode_with_config(
+                        **inputs, softmax_scale=192**-0.5, cfg=cfg
+                    ),
                     args.reps,
                 )
             except Exception as e:

@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python bench/sweep_moe.py --out moe_sweep.json [--only default,baseline]
 
-Each candidate is a change to `fused_moe._config`'s tiles (the `_config` docstring says what
+Each candidate is a change to `fused_moe.default_config`'s tiles (the `default_config` docstring says what
 the switches do). For each, the sweep first checks the candidate's decode and prefill tiles
 against `fused_moe_ref` on a small random case, then times rank 0 of 8 (32 of 256 experts,
 H 7168, I 2048, top-8) fed the tokens that group-limited routing of all ranks sends it:
@@ -29,7 +29,14 @@ from report import cuda_time
 import kernels as bench_kernels  # bench/kernels.py: timers, ceilings, shapes
 from nmoe_serve.kernels.fp8_format import quantize_weight_blocks
 from nmoe_serve.kernels.fp8_quant import fp8_quant
-from nmoe_serve.kernels.fused_moe import _config, _fused_moe, _gemm1, _gemm2, fused_moe_ref, moe_align
+from nmoe_serve.kernels.fused_moe import (
+    default_config,
+    fused_moe_ref,
+    fused_moe_with_config,
+    moe_align,
+    moe_gemm1,
+    moe_gemm2,
+)
 
 DECODE_SEQS = (32, 128, 256)
 PREFILL_TOKENS = 16384
@@ -65,7 +72,7 @@ def _decode_bt64(stages: int):
     return change
 
 
-# name -> (phases it changes, change to `_config`'s output)
+# name -> (phases it changes, change to `default_config`'s output)
 CANDIDATES = {
     "baseline": (("decode", "prefill"), _all(MERGE_GU=False, SCALAR_WS=False, GROUP_T=0)),
     "default": (("decode", "prefill"), lambda cfg, phase: cfg),
@@ -84,7 +91,7 @@ CANDIDATES = {
 
 def candidate_config(name: str, num_pairs: int, phase: str) -> dict:
     _, change = CANDIDATES[name]
-    return change(_config(num_pairs, bench_kernels.E_LOCAL, fp8=True), phase)
+    return change(default_config(num_pairs, bench_kernels.E_LOCAL, fp8=True), phase)
 
 
 def _errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
@@ -109,7 +116,7 @@ def check_small(name: str) -> str | None:
     # Pair counts of decode at 32 and 256 seqs a rank and of prefill: each tile choice of _config.
     for phase, num_pairs in (("decode", 127 * 8), ("decode", 990 * 8), ("prefill", PREFILL_TOKENS * 8)):
         cfg = candidate_config(name, num_pairs, phase)
-        got = _fused_moe(x, ids, weights, w13, w2, start, s13, s2, cfg)
+        got = fused_moe_with_config(x, ids, weights, w13, w2, start, s13, s2, cfg)
         max_err, norm_err = _errors(got, want)
         if not (max_err <= 2e-2 and norm_err <= 1e-2):
             return (
@@ -125,11 +132,11 @@ def time_case(cfg: dict, inputs: dict, graph: bool, reps: int) -> tuple[float, f
     blocks1 = moe_align(ids, E, 0, cfg["gemm1"]["BLOCK_T"])
     blocks2 = moe_align(ids, E, 0, cfg["gemm2"]["BLOCK_T"])
     x8, xs = fp8_quant(x)
-    h, hs = _gemm1(x8, xs, w13, s13, *blocks1, K, cfg["gemm1"])
+    h, hs = moe_gemm1(x8, xs, w13, s13, *blocks1, K, cfg["gemm1"])
     calls = (
-        lambda: _fused_moe(x, ids, weights, w13, w2, 0, s13, s2, cfg),
-        lambda: _gemm1(x8, xs, w13, s13, *blocks1, K, cfg["gemm1"]),
-        lambda: _gemm2(h, hs, w2, s2, *blocks2, x.dtype, cfg["gemm2"]),
+        lambda: fused_moe_with_config(x, ids, weights, w13, w2, 0, s13, s2, cfg),
+        lambda: moe_gemm1(x8, xs, w13, s13, *blocks1, K, cfg["gemm1"]),
+        lambda: moe_gemm2(h, hs, w2, s2, *blocks2, x.dtype, cfg["gemm2"]),
     )
     if graph:
         return tuple(bench_kernels.graph_time(fn, reps) for fn in calls)  # type: ignore[return-value]
@@ -201,7 +208,7 @@ def main() -> int:
             row["local_pairs"] = case["pairs"]
             try:
                 args_ = (case["x"], case["ids"], case["weights"], w13, w2, 0, s13, s2, cfg)
-                out = _fused_moe(*args_)
+                out = fused_moe_with_config(*args_)
                 key = (phase, per_rank)
                 if name == "baseline":
                     baseline_out[key] = out

@@ -138,7 +138,7 @@ def fp8_gemm_reduce_kernel(
 MIN_K_BLOCKS_PER_SPLIT = 8
 
 
-def _config(T: int, N: int, K: int, num_sms: int) -> dict:
+def default_config(T: int, N: int, K: int, num_sms: int) -> dict:
     """Fixed tiles from the shapes (tuned on an H100, docs/PERF.md).
 
     T <= 64 is weight-bandwidth bound: 64-row weight tiles as the dot's M (SWAP_AB), and split-K
@@ -212,10 +212,12 @@ def fp8_gemm(
     y = torch.empty(T, N, dtype=out_dtype, device=device)  # [T, N]
     if T == 0 or N == 0:
         return y
-    return _fp8_gemm(x_fp8, x_scales, w_fp8, w_scale_inv, y, _config(T, N, K, num_sms(device)))
+    return fp8_gemm_with_config(
+        x_fp8, x_scales, w_fp8, w_scale_inv, y, default_config(T, N, K, num_sms(device))
+    )
 
 
-def _fp8_gemm(x_fp8, x_scales, w_fp8, w_scale_inv, y, cfg) -> torch.Tensor:
+def fp8_gemm_with_config(x_fp8, x_scales, w_fp8, w_scale_inv, y, cfg) -> torch.Tensor:
     """`fp8_gemm` on checked, non-empty arguments into y [T, N], with the tiles `cfg`."""
     T, K = x_fp8.shape
     N = w_fp8.shape[0]

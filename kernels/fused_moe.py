@@ -22,7 +22,7 @@ CUDA graph can capture the whole call):
 3. GEMM 2: one program per (block, H tile) writes w2[e] @ h per pair.
    Both GEMMs launch a 1-D grid ordered by `_block_and_tile` (groups of token blocks for L2
    reuse in prefill), and fold a weight tile's single 128x128 block scale into the token scales
-   (`_token_scaled_dot`); GEMM 1 can compute gate and up as one dot (`_config` says why).
+   (`_token_scaled_dot`); GEMM 1 can compute gate and up as one dot (`default_config` says why).
 4. Combine: one program per (token, H tile) sums its local pairs in k order, in fp32 with the
    routing weight applied there: deterministic, no atomics.
 
@@ -529,7 +529,7 @@ def moe_combine_kernel(
     tl.store(out_ptr + t * stride_out + offs_h, acc.to(out_ptr.dtype.element_ty), mask=h_mask)
 
 
-def _config(num_pairs: int, num_experts: int, fp8: bool) -> dict:
+def default_config(num_pairs: int, num_experts: int, fp8: bool) -> dict:
     """Fixed tiles per GEMM from the shapes (H100, docs/PERF.md; bench/sweep_moe.py times the
     alternatives).
 
@@ -645,12 +645,14 @@ def fused_moe(
     expert gets zeros. T = 0 returns an empty [0, H] without launching.
     """
     fp8 = _check_fused_moe_args(x, topk_ids, topk_weights, w13, w2, expert_start, w13_scale, w2_scale)
-    cfg = _config(topk_ids.numel(), w13.shape[0], fp8)
-    return _fused_moe(x, topk_ids, topk_weights, w13, w2, expert_start, w13_scale, w2_scale, cfg)
+    cfg = default_config(topk_ids.numel(), w13.shape[0], fp8)
+    return fused_moe_with_config(x, topk_ids, topk_weights, w13, w2, expert_start, w13_scale, w2_scale, cfg)
 
 
-def _fused_moe(x, topk_ids, topk_weights, w13, w2, expert_start, w13_scale, w2_scale, cfg) -> torch.Tensor:
-    """`fused_moe` on checked arguments with the tiles `cfg` (as `_config` returns: one dict of
+def fused_moe_with_config(
+    x, topk_ids, topk_weights, w13, w2, expert_start, w13_scale, w2_scale, cfg
+) -> torch.Tensor:
+    """`fused_moe` on checked arguments with the tiles `cfg` (as `default_config` returns: one dict of
     tiles per GEMM)."""
     T, H = x.shape
     E = w13.shape[0]
@@ -666,8 +668,8 @@ def _fused_moe(x, topk_ids, topk_weights, w13, w2, expert_start, w13_scale, w2_s
         x_in, x_scales = fp8_quant(x)  # [T, H] fp8, [T, GH]
     else:
         x_in, x_scales = x, None
-    h, h_scales = _gemm1(x_in, x_scales, w13, w13_scale, *blocks1, K, cfg["gemm1"])
-    y = _gemm2(h, h_scales, w2, w2_scale, *blocks2, x.dtype, cfg["gemm2"])  # [A, H]
+    h, h_scales = moe_gemm1(x_in, x_scales, w13, w13_scale, *blocks1, K, cfg["gemm1"])
+    y = moe_gemm2(h, h_scales, w2, w2_scale, *blocks2, x.dtype, cfg["gemm2"])  # [A, H]
     block_h = min(1024, triton.next_power_of_2(H))
     moe_combine_kernel[(T, triton.cdiv(H, block_h))](
         y,
@@ -686,7 +688,7 @@ def _fused_moe(x, topk_ids, topk_weights, w13, w2, expert_start, w13_scale, w2_s
     return out
 
 
-def _kernel_tiles(tiles: dict, gemm: int, H: int, inter: int, num_blocks: int) -> tuple[dict, int]:
+def kernel_tiles(tiles: dict, gemm: int, H: int, inter: int, num_blocks: int) -> tuple[dict, int]:
     """A config's tiles for GEMM `gemm` (1 or 2) as the kernel takes them: (launch options and
     constexprs, group_t). SCALAR_WS stays on only where each weight tile (GEMM 1: its gate and
     its up rows) lies inside one 128x128 scale block; EVEN_K drops the K mask."""
@@ -703,7 +705,7 @@ def _kernel_tiles(tiles: dict, gemm: int, H: int, inter: int, num_blocks: int) -
     return tiles, min(group_t or num_blocks, num_blocks)
 
 
-def _gemm1(x_in, x_scales, w13, w13_scale, sorted_pair_ids, block_expert, top_k, tiles):
+def moe_gemm1(x_in, x_scales, w13, w13_scale, sorted_pair_ids, block_expert, top_k, tiles):
     """h [A, I] = silu(x @ w13[e, :I]^T) * (x @ w13[e, I:]^T) per local pair, and its scales [A, GI]
     on the FP8 path (None otherwise)."""
     T, H = x_in.shape
@@ -722,7 +724,7 @@ def _gemm1(x_in, x_scales, w13, w13_scale, sorted_pair_ids, block_expert, top_k,
         # Dummies: the kernels touch scale pointers only on the FP8 path.
         x_scales_arg = w_scales_arg = h_scales_arg = torch.empty(1, 1, 1, dtype=torch.float32, device=device)
     num_blocks = block_expert.numel()
-    tiles, group_t = _kernel_tiles(tiles, 1, H, inter, num_blocks)
+    tiles, group_t = kernel_tiles(tiles, 1, H, inter, num_blocks)
     grid = (num_blocks * triton.cdiv(inter, tiles["BLOCK_W"]),)
     fused_moe_gemm1_kernel[grid](
         x_in,
@@ -757,7 +759,7 @@ def _gemm1(x_in, x_scales, w13, w13_scale, sorted_pair_ids, block_expert, top_k,
     return (h.to(FP8_DTYPE) if fp8 else h), h_scales
 
 
-def _gemm2(h, h_scales, w2, w2_scale, sorted_pair_ids, block_expert, out_dtype, tiles):
+def moe_gemm2(h, h_scales, w2, w2_scale, sorted_pair_ids, block_expert, out_dtype, tiles):
     """y [A, H] = h @ w2[e]^T per local pair, in out_dtype."""
     num_pairs, inter = h.shape
     H = w2.shape[1]
@@ -766,7 +768,7 @@ def _gemm2(h, h_scales, w2, w2_scale, sorted_pair_ids, block_expert, out_dtype, 
     if not fp8:
         h_scales = w2_scale = torch.empty(1, 1, 1, dtype=torch.float32, device=h.device)
     num_blocks = block_expert.numel()
-    tiles, group_t = _kernel_tiles(tiles, 2, H, inter, num_blocks)
+    tiles, group_t = kernel_tiles(tiles, 2, H, inter, num_blocks)
     fused_moe_gemm2_kernel[(num_blocks * triton.cdiv(H, tiles["BLOCK_W"]),)](
         h,
         h_scales,
@@ -821,6 +823,7 @@ def fused_moe_ref(
         if tokens.numel() == 0:
             continue
         if fp8:
+            assert w13_scale is not None and w2_scale is not None
             w13_e = dequantize_weight_blocks(w13[e], w13_scale[e])  # [2I, H]
             w2_e = dequantize_weight_blocks(w2[e], w2_scale[e])  # [H, I]
         else:

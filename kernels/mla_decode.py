@@ -17,7 +17,7 @@ program would need a [128, 512] fp32 accumulator, 256 registers a thread with 8 
 
 Two kernels: `mla_decode_paged_kernel` for caches whose pages hold whole tiles (DeepSeek's
 P = 64; TMA tiles, pipelined, the scores dot split across warpgroups), and `mla_decode_kernel`
-for any shape (masked loads, one page-table entry per token unless PAGE_ALIGNED). `_config`
+for any shape (masked loads, one page-table entry per token unless PAGE_ALIGNED). `default_config`
 chooses; `VARIANTS` names the alternatives that bench/sweep_mla.py times.
 
 Programs also split each sequence's context into S equal parts (S chosen from the shapes so
@@ -351,7 +351,9 @@ def mla_decode_merge_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_l, out.to(out_ptr.dtype.element_ty), mask=l_mask)
 
 
-def _config(B: int, N: int, L: int, R: int, P: int, itemsize: int, max_context: int, num_sms: int) -> dict:
+def default_config(
+    B: int, N: int, L: int, R: int, P: int, itemsize: int, max_context: int, num_sms: int
+) -> dict:
     """Tiles and kernel for a launch; the sweep (bench/sweep_mla.py) times the alternatives.
 
     Measured on an H100 (docs/PERF.md) for the generic kernel: BLOCK_H = 64 heads (two head
@@ -382,9 +384,9 @@ def _config(B: int, N: int, L: int, R: int, P: int, itemsize: int, max_context: 
     return cfg
 
 
-# Named alternatives to `_config`'s choice, applied over it by `variant_config`: bench/sweep_mla.py
+# Named alternatives to `default_config`'s choice, applied over it by `variant_config`: bench/sweep_mla.py
 # times each at DeepSeek-V3 shapes and tests/kernels/test_compiles_for_hopper.py compiles each for
-# sm_90. "generic-64x1" is the measured baseline; "tma-split-64x2" is `_config`'s guess.
+# sm_90. "generic-64x1" is the measured baseline; "tma-split-64x2" is `default_config`'s guess.
 VARIANTS: dict[str, dict] = {
     "generic-64x1": dict(VARIANT="generic", BLOCK_N=64, num_stages=1),
     "ptr-split-64x2": dict(VARIANT="paged", TMA=False, SPLIT_SCORES=True, BLOCK_N=64, num_stages=2),
@@ -398,7 +400,7 @@ VARIANTS: dict[str, dict] = {
 
 
 def variant_config(cfg: dict, name: str) -> dict:
-    """`cfg` (from `_config`) with the kernel and tiles of `VARIANTS[name]`, splits kept."""
+    """`cfg` (from `default_config`) with the kernel and tiles of `VARIANTS[name]`, splits kept."""
     return {k: v for k, v in cfg.items() if k not in ("TMA", "SPLIT_SCORES")} | VARIANTS[name]
 
 
@@ -483,14 +485,18 @@ def mla_decode(
     _check_mla_decode_args(q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, num_splits)
     B, N, _ = q_nope.shape
     L, R, P = q_nope.shape[2], q_pe.shape[2], kv_cache.shape[1]
-    cfg = _config(B, N, L, R, P, q_nope.element_size(), page_table.shape[1] * P, num_sms(q_nope.device))
+    cfg = default_config(
+        B, N, L, R, P, q_nope.element_size(), page_table.shape[1] * P, num_sms(q_nope.device)
+    )
     if num_splits is not None:
         cfg["NUM_SPLITS"] = num_splits
-    return _mla_decode(q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, cfg)
+    return mla_decode_with_config(q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, cfg)
 
 
-def _mla_decode(q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, cfg) -> torch.Tensor:
-    """`mla_decode` on checked arguments with the kernel and tiles `cfg` (as `_config` returns).
+def mla_decode_with_config(
+    q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, cfg
+) -> torch.Tensor:
+    """`mla_decode` on checked arguments with the kernel and tiles `cfg` (as `default_config` returns).
 
     cfg["VARIANT"]: "generic" (`mla_decode_kernel`) or "paged" (`mla_decode_paged_kernel`, with
     cfg["TMA"] and cfg["SPLIT_SCORES"]); a paged cfg for dims it does not take raises ValueError.

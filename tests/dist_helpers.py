@@ -35,7 +35,7 @@ class FakeExperts:
 
 def transport_rank(rank: int, world: int, port: int, out_dir: str, rounds: list[dict]) -> None:
     """Run each round's exchange on this rank and save what it returned."""
-    from tests.parallel.recording import RecordingTransport
+    from tests.recording import RecordingTransport
 
     try:
         torch.set_num_threads(1)

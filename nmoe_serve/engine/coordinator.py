@@ -139,13 +139,14 @@ class Coordinator:
                 self._stepping = True
                 updates, kind, seconds = await self._step()
             except StepFailed as e:
-                self._fail(e.failed_request_ids, lambda request_id, e=e: f"request {request_id} failed: {e}")
+                for request_id in e.failed_request_ids:
+                    self._end(request_id, RequestFailed(f"request {request_id} failed: {e}"))
                 continue
             except Exception as e:  # a bug in the engine itself: fail everyone rather than hang them
                 log.exception("coordinator step loop failed; ending every request")
                 self.engine.scheduler.fail_in_flight(workers_lost=False)
-                message = f"engine error: {type(e).__name__}: {e}"
-                self._fail(list(self._streams), lambda _, message=message: message)
+                for request_id in list(self._streams):
+                    self._end(request_id, RequestFailed(f"engine error: {type(e).__name__}: {e}"))
                 continue
             finally:
                 self._stepping = False
@@ -178,11 +179,10 @@ class Coordinator:
             if queue is not None:
                 queue.put_nowait(items)
 
-    def _fail(self, request_ids: list[str], message: Callable[[str], str]) -> None:
-        for request_id in request_ids:
-            queue = self._streams.get(request_id)
-            if queue is not None:
-                queue.put_nowait(RequestFailed(message(request_id)))
+    def _end(self, request_id: str, error: RequestFailed) -> None:
+        queue = self._streams.get(request_id)
+        if queue is not None:
+            queue.put_nowait(error)
 
     def _report(self, kind: str, seconds: float, tokens: int) -> None:
         self.steps += 1

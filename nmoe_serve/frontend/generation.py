@@ -127,11 +127,6 @@ class Generation:
                 return True
         return False
 
-    def finish(self, completion: Completion, reason: FinishReason) -> None:
-        """End a completion the engine ended without a token (abort, error)."""
-        if not completion.output.finished:
-            completion.output.finish_reason = reason.value
-
     def token_text(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False) if self.tokenizer else str(token)
 

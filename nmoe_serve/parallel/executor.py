@@ -9,7 +9,8 @@ port on rank 0's node. Inside a Serve replica that declared the group's bundles
 group, so Serve places and removes the replica and its workers as one gang; elsewhere (the
 offline LLM, tests, benchmarks) the executor makes its own placement group.
 
-A step sends every rank its plan and waits for all results with a bounded wait. A worker that
+The ranks' code (torch) is imported where a rank is built, so a Coordinator replica of a group of
+Ray workers runs without torch. A step sends every rank its plan and waits for all results with a bounded wait. A worker that
 raises, dies or overruns the wait fails the step: every actor of the gang is killed (so no
 process is left waiting in a collective) and new ones are started before the next step.
 """
@@ -28,8 +29,6 @@ from nmoe_serve.engine.executor import Executor, StepFailed
 from nmoe_serve.engine.plan import StepPlan, StepResult
 from nmoe_serve.settings import EngineSettings
 from nmoe_serve.topology import Topology
-from nmoe_serve.worker.actor import WorkerActor
-from nmoe_serve.worker.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +46,13 @@ class InProcessExecutor:
     name = "in-process"
 
     def __init__(self, settings: EngineSettings) -> None:
+        from nmoe_serve.worker.worker import Worker
+
         self.num_ranks = 1
         self.settings = settings
         self.restarts = 0
-        self.worker = Worker(settings, Topology(rank=0, world_size=1))
+        self.make_worker = lambda: Worker(settings, Topology(rank=0, world_size=1))
+        self.worker = self.make_worker()
         self.pages_per_rank = self.worker.num_pages
         self._lock = threading.Lock()  # one step at a time, even if an abandoned one is still running
 
@@ -65,7 +67,7 @@ class InProcessExecutor:
         return await asyncio.to_thread(self.execute, plans)
 
     def restart(self) -> None:
-        self.worker = Worker(self.settings, Topology(rank=0, world_size=1))
+        self.worker = self.make_worker()
         self.restarts += 1
 
     def worker_stats(self) -> list[dict[str, float]]:
@@ -90,7 +92,7 @@ class RayExecutor:
         self,
         settings: EngineSettings,
         group: str = "0",
-        actor_class: type = WorkerActor,
+        actor_class: type | None = None,
         bundles: Bundles | None = None,
     ) -> None:
         """actor_class: the rank implementation (a WorkerActor, or a subclass: tests record the
@@ -98,6 +100,10 @@ class RayExecutor:
         bundles: the replica's own placement group (Serve); None makes one for this group."""
         import ray
 
+        if actor_class is None:
+            from nmoe_serve.worker.actor import WorkerActor
+
+            actor_class = WorkerActor
         self.settings, self.group, self.actor_class = settings, group, actor_class
         self.num_ranks = settings.ep_size
         self.step_timeout_s, self.start_timeout_s = settings.step_timeout_s, settings.start_timeout_s

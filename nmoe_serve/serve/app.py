@@ -58,13 +58,7 @@ def build_app(args: dict[str, Any]) -> Application:
     The settings are resolved here, once, and shipped to every replica."""
     config = load_config(AppArgs.model_validate(args))
     settings = resolve_settings(config, cuda_available=cuda_in_cluster())
-    coordinator = (
-        serve.deployment(CoordinatorDeployment)
-        .options(**CoordinatorDeployment.deployment_options(settings, config.server))
-        .bind(settings, config.server)
-    )
-    return (
-        serve.deployment(Ingress)
-        .options(**Ingress.deployment_options(config.server))
-        .bind(coordinator, settings, config.server)
-    )
+    coordinator_options = CoordinatorDeployment.deployment_options(settings, config.server)
+    coordinator = serve.deployment(**coordinator_options)(CoordinatorDeployment).bind(settings, config.server)
+    ingress = serve.deployment(**Ingress.deployment_options(config.server))(Ingress)
+    return ingress.bind(coordinator, settings, config.server)

@@ -23,15 +23,12 @@ from nmoe_serve.engine.scheduler import TokenUpdate
 from nmoe_serve.parallel.executor import Bundles, make_executor, rank_bundle
 from nmoe_serve.sampling.params import SamplingParams
 from nmoe_serve.serve.metrics import EngineMetrics
+from nmoe_serve.serve.protocol import Overloaded
 from nmoe_serve.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 
 REPLICA_CPUS = 0.5  # the replica mostly waits on its ranks
-
-
-class Overloaded(RuntimeError):
-    """Too many requests are queued in this EP group; the caller should retry later."""
 
 
 def group_name() -> str:

@@ -36,9 +36,14 @@ from nmoe_serve.frontend.frontend import Frontend
 from nmoe_serve.frontend.generation import Completion, Generation
 from nmoe_serve.frontend.openai import OpenAIShapes
 from nmoe_serve.frontend.validation import InvalidRequest
-from nmoe_serve.serve.coordinator_deployment import Overloaded
 from nmoe_serve.serve.metrics import FrontendMetrics
-from nmoe_serve.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_message
+from nmoe_serve.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Overloaded,
+    validation_message,
+)
 from nmoe_serve.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -307,12 +312,12 @@ class Ingress:
         started: float,
     ) -> AsyncIterator[str]:
         try:
-            for chunk in shapes.role_chunks(generation):
-                yield sse(chunk)
+            for opening in shapes.role_chunks(generation):
+                yield sse(opening)
             async for changed in events:
                 for completion in changed:
-                    if (chunk := shapes.delta(generation, completion)) is not None:
-                        yield sse(chunk)
+                    if (delta := shapes.delta(generation, completion)) is not None:
+                        yield sse(delta)
             if include_usage:
                 yield sse(shapes.usage_chunk(generation))
             self.metrics.e2e.observe(time.monotonic() - started)

@@ -36,6 +36,10 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class Overloaded(RuntimeError):
+    """Too many requests are queued in an EP group; the caller should retry later (429)."""
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False

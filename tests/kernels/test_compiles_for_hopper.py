@@ -48,7 +48,7 @@ def _cases():
         )
     ]
     for T in (1, 32, 256, 4096):
-        cfg = fp8_gemm._config(T, 1536, 7168, num_sms=132)
+        cfg = fp8_gemm.default_config(T, 1536, 7168, num_sms=132)
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         cfg.pop("SPLIT_K")
         cases.append(
@@ -73,10 +73,13 @@ def _cases():
     )
     for is_fp8 in (False, True):
         w = fp8 if is_fp8 else bf16
-        configs = [(f"T={T}", fused_moe._config(T * 8, 32, is_fp8)) for T in (1, 32, 128, 990, 4096)]
+        configs = [(f"T={T}", fused_moe.default_config(T * 8, 32, is_fp8)) for T in (1, 32, 128, 990, 4096)]
         if is_fp8:
             # The variants bench/sweep_moe.py times besides the defaults.
-            decode, prefill = fused_moe._config(256, 32, True), fused_moe._config(32768, 32, True)
+            decode, prefill = (
+                fused_moe.default_config(256, 32, True),
+                fused_moe.default_config(32768, 32, True),
+            )
             plain = dict(MERGE_GU=False, SCALAR_WS=False)
             configs += [
                 ("decode unmerged", {g: dict(t, **plain) for g, t in decode.items()}),
@@ -104,7 +107,7 @@ def _cases():
                     {},
                 ),
             ):
-                tiles, _ = fused_moe._kernel_tiles(cfg[f"gemm{gemm}"], gemm, 7168, 2048, num_blocks=64)
+                tiles, _ = fused_moe.kernel_tiles(cfg[f"gemm{gemm}"], gemm, 7168, 2048, num_blocks=64)
                 warps, stages = tiles.pop("num_warps"), tiles.pop("num_stages")
                 constexprs = dict(DOT_FP32=False, SCALE_BLOCK_N=128, FP8=is_fp8, **tiles, **extra)
                 cases.append(
@@ -144,7 +147,7 @@ def _cases():
     )
     mla_runs = [(B, name) for name in mla_decode.VARIANTS for B in (128,)] + [(1, None)]
     for B, name in mla_runs:
-        cfg = mla_decode._config(B, 128, 512, 64, 64, 2, 16384, num_sms=132)  # H100 SXM
+        cfg = mla_decode.default_config(B, 128, 512, 64, 64, 2, 16384, num_sms=132)  # H100 SXM
         label = f"mla_decode {cfg['VARIANT']} B={B}" if name is None else f"mla_decode {name} B={B}"
         if name is not None:
             cfg = mla_decode.variant_config(cfg, name)

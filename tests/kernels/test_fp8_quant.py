@@ -11,8 +11,6 @@ from nmoe_serve.kernels.fp8_format import (
     FP8_DTYPE,
     FP8_MAX,
     dequantize_token_groups,
-    dequantize_weight_blocks,
-    quantize_weight_blocks,
 )
 from nmoe_serve.kernels.fp8_quant import fp8_quant, fp8_quant_ref
 
@@ -72,16 +70,6 @@ def test_fp8_quant_empty_batch(device):
     q, s = fp8_quant(torch.randn(0, 300, device=device))
     assert q.shape == (0, 300) and q.dtype == FP8_DTYPE
     assert s.shape == (0, 3)
-
-
-def test_weight_blocks_round_trip_with_partial_edge_blocks(device):
-    w = torch.randn(2, 200, 150, device=device)  # [E, N, K]: edge blocks of 72 rows and 22 columns
-    w_fp8, scale_inv = quantize_weight_blocks(w)
-    assert w_fp8.shape == w.shape and w_fp8.dtype == FP8_DTYPE
-    assert scale_inv.shape == (2, 2, 2)
-    torch.testing.assert_close(scale_inv[1, 1, 1], w[1, 128:, 128:].abs().max() / FP8_MAX)
-    err = (dequantize_weight_blocks(w_fp8, scale_inv) - w).abs()
-    assert torch.all(err <= w.abs() * 2**-4 + scale_inv.max() * 2**-10)
 
 
 @pytest.mark.parametrize(

@@ -9,11 +9,11 @@ import torch
 from nmoe_serve.kernels import INTERPRET
 from nmoe_serve.kernels.fp8_format import quantize_weight_blocks
 from nmoe_serve.kernels.fused_moe import (
-    _config,
-    _fused_moe,
-    _kernel_tiles,
+    default_config,
     fused_moe,
     fused_moe_ref,
+    fused_moe_with_config,
+    kernel_tiles,
     max_aligned_blocks,
     moe_align,
     moe_align_ref,
@@ -134,12 +134,12 @@ def test_fused_moe_tile_variants_match_reference(block_t, swap_ab, fp8, device):
     x = torch.randn(T, H, device=device)
     ids, weights = _routing(T, K, total, device, avoid=(expert_start + 1,))
     w = _weights(E, H, inter, torch.float32, fp8, device)
-    cfg = _config(T * K, E, fp8)
+    cfg = default_config(T * K, E, fp8)
     cfg = dict(
         gemm1=dict(cfg["gemm1"], BLOCK_T=block_t, SWAP_AB=swap_ab),
         gemm2=dict(cfg["gemm2"], BLOCK_T=max(16, block_t // 2), SWAP_AB=swap_ab, BLOCK_W=64),
     )
-    out = _fused_moe(
+    out = fused_moe_with_config(
         x, ids, weights, w["w13"], w["w2"], expert_start, w.get("w13_scale"), w.get("w2_scale"), cfg
     )
     want = fused_moe_ref(x, ids, weights, expert_start=expert_start, **w)
@@ -159,7 +159,7 @@ VARIANTS = [
 @pytest.mark.parametrize("swap_ab", [True, False], ids=["swap", "tokens-as-M"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["fp32", "fp8"])
 def test_fused_moe_kernel_variants_match_reference(variant, swap_ab, fp8, device):
-    """The config switches of `_config` on a case where every one applies: H and I multiples of
+    """The config switches of `default_config` on a case where every one applies: H and I multiples of
     128 (scalar weight scales valid), several token blocks and weight tiles per GEMM (grouped
     order with a partial last group), an expert with no tokens."""
     T, H, inter, E, K, total, expert_start = 24, 256, 256, 3, 2, 6, 1
@@ -170,7 +170,7 @@ def test_fused_moe_kernel_variants_match_reference(variant, swap_ab, fp8, device
         BLOCK_T=16, BLOCK_K=128 if fp8 else 64, SWAP_AB=swap_ab, num_warps=4, num_stages=2, **variant
     )
     cfg = dict(gemm1=dict(tiles, BLOCK_W=128), gemm2=dict(tiles, BLOCK_W=64))
-    out = _fused_moe(
+    out = fused_moe_with_config(
         x, ids, weights, w["w13"], w["w2"], expert_start, w.get("w13_scale"), w.get("w2_scale"), cfg
     )
     want = fused_moe_ref(x, ids, weights, expert_start=expert_start, **w)
@@ -183,10 +183,10 @@ def test_fused_moe_kernel_variants_match_reference(variant, swap_ab, fp8, device
 )
 def test_kernel_tiles_keep_scalar_scales_only_where_valid(gemm, H, inter, block_w, scalar):
     tiles = dict(BLOCK_T=16, BLOCK_W=block_w, BLOCK_K=128, SCALAR_WS=True, GROUP_T=8, MERGE_GU=True)
-    got, group_t = _kernel_tiles(tiles, gemm, H, inter, num_blocks=5)
+    got, group_t = kernel_tiles(tiles, gemm, H, inter, num_blocks=5)
     assert got["SCALAR_WS"] is scalar and group_t == 5 and "GROUP_T" not in got
     assert ("MERGE_GU" in got) == (gemm == 1)
-    assert _kernel_tiles(dict(tiles, GROUP_T=0), gemm, H, inter, num_blocks=7)[1] == 7
+    assert kernel_tiles(dict(tiles, GROUP_T=0), gemm, H, inter, num_blocks=7)[1] == 7
 
 
 def test_fused_moe_token_without_local_expert_gets_zeros(device):
@@ -295,8 +295,10 @@ def test_fused_moe_gpu_variants_deepseek_shapes(T, variant):
     ids = torch.rand(T, total, device="cuda").topk(K, dim=1).indices.to(torch.int32)  # [T, K]
     weights = torch.rand(T, K, device="cuda") + 0.1
     w = _weights(E, H, inter, torch.bfloat16, True, "cuda")
-    cfg = GPU_VARIANTS[variant](_config(T * K, E, True), T * K / E > 512)
-    out = _fused_moe(x, ids, weights, w["w13"], w["w2"], expert_start, w["w13_scale"], w["w2_scale"], cfg)
+    cfg = GPU_VARIANTS[variant](default_config(T * K, E, True), T * K / E > 512)
+    out = fused_moe_with_config(
+        x, ids, weights, w["w13"], w["w2"], expert_start, w["w13_scale"], w["w2_scale"], cfg
+    )
     want = fused_moe_ref(x, ids, weights, expert_start=expert_start, **w)
     assert _rel_err(out, want) <= 2e-2
     assert ((out.float() - want.float()).norm() / want.float().norm()).item() <= 1e-2

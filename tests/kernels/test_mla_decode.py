@@ -9,10 +9,10 @@ import torch
 from nmoe_serve.kernels import INTERPRET
 from nmoe_serve.kernels.mla_decode import (
     VARIANTS,
-    _config,
-    _mla_decode,
+    default_config,
     mla_decode,
     mla_decode_ref,
+    mla_decode_with_config,
     variant_config,
 )
 
@@ -95,17 +95,17 @@ def test_mla_decode_paged_kernel_matches_reference(
     args = _paged_cache(context_lens, P, 16, L, R, dtype, device)
     scale = (L + R) ** -0.5
     cfg = dict(BLOCK_H=16, BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=4, num_stages=2, **variant)
-    out = _mla_decode(**args, softmax_scale=scale, cfg=cfg)  # [B, N, L]
+    out = mla_decode_with_config(**args, softmax_scale=scale, cfg=cfg)  # [B, N, L]
     want = mla_decode_ref(**args, softmax_scale=scale)
     tol = {torch.float32: 1e-5 if INTERPRET else 1e-2, torch.float16: 5e-3}[dtype]
     assert _rel_err(out, want) <= tol
 
 
 def test_mla_decode_config_picks_the_paged_kernel_where_it_fits():
-    deepseek = _config(128, 128, 512, 64, 64, 2, 16384, num_sms=132)
+    deepseek = default_config(128, 128, 512, 64, 64, 2, 16384, num_sms=132)
     assert deepseek["VARIANT"] == "paged" and deepseek["TMA"] and deepseek["num_stages"] == 2
-    assert _config(4, 16, 32, 16, 16, 4, 64, num_sms=4)["VARIANT"] == "paged"  # tiny test model
-    assert _config(4, 20, 48, 8, 5, 4, 64, num_sms=4)["VARIANT"] == "generic"  # odd dims
+    assert default_config(4, 16, 32, 16, 16, 4, 64, num_sms=4)["VARIANT"] == "paged"  # tiny test model
+    assert default_config(4, 20, 48, 8, 5, 4, 64, num_sms=4)["VARIANT"] == "generic"  # odd dims
     assert variant_config(deepseek, "generic-64x1") == dict(
         VARIANT="generic", BLOCK_H=64, BLOCK_N=64, NUM_SPLITS=1, num_warps=8, num_stages=1
     )
@@ -115,12 +115,12 @@ def test_mla_decode_paged_kernel_refuses_dims_it_does_not_take():
     args = _paged_cache([3, 5], 5, 16, 48, 8, torch.float32, "cpu")
     cfg = dict(BLOCK_H=16, BLOCK_N=16, NUM_SPLITS=1, num_warps=4, num_stages=1, **PAGED[0])
     with pytest.raises(ValueError, match=r"paged kernel needs L / 2 and R powers of two in \[16, 256\]"):
-        _mla_decode(**args, softmax_scale=0.1, cfg=cfg)
+        mla_decode_with_config(**args, softmax_scale=0.1, cfg=cfg)
 
 
 def test_mla_decode_ignores_pages_past_the_context(device):
     """Garbage (inf) in the unused slots of a sequence's last page must not reach the output,
-    with the generic kernel (P = 4) and the paged one (P = 16, which `_config` picks)."""
+    with the generic kernel (P = 4) and the paged one (P = 16, which `default_config` picks)."""
     for P, lens in ((4, [6, 3]), (16, [22, 3])):
         args = _paged_cache(lens, P, 16, 32, 16, torch.float32, device)
         want = mla_decode_ref(**args, softmax_scale=0.1)
@@ -215,7 +215,7 @@ def test_mla_decode_gpu_variants(name, B, context):
     for b, n in enumerate(lens):
         args["kv_cache"][args["page_table"][b, (n - 1) // 64].long(), (n - 1) % 64 + 1 :] = float("inf")
     max_context = args["page_table"].shape[1] * 64
-    cfg = variant_config(_config(B, 128, 512, 64, 64, 2, max_context, num_sms=132), name)
-    out = _mla_decode(**args, softmax_scale=scale, cfg=cfg)
+    cfg = variant_config(default_config(B, 128, 512, 64, 64, 2, max_context, num_sms=132), name)
+    out = mla_decode_with_config(**args, softmax_scale=scale, cfg=cfg)
     assert torch.isfinite(out).all()
     assert _rel_err(out, want) <= 2e-2

@@ -15,7 +15,7 @@ from nmoe_serve.llm import LLM
 from nmoe_serve.parallel.executor import RayExecutor
 from nmoe_serve.sampling.params import SamplingParams
 from tests.helpers import resolve
-from tests.parallel.recording import RecordingWorkerActor
+from tests.recording import RecordingWorkerActor
 
 ray = pytest.importorskip("ray")
 

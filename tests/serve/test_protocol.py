@@ -7,9 +7,8 @@ from pydantic import ValidationError
 
 from nmoe_serve.engine.coordinator import RequestFailed
 from nmoe_serve.engine.request import RequestRejected
-from nmoe_serve.serve.coordinator_deployment import Overloaded
 from nmoe_serve.serve.ingress import api_error
-from nmoe_serve.serve.protocol import ChatCompletionRequest, CompletionRequest, validation_message
+from nmoe_serve.serve.protocol import ChatCompletionRequest, CompletionRequest, Overloaded, validation_message
 
 
 def refusal(model, body: dict) -> str:
