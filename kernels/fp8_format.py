@@ -2,8 +2,8 @@
 quantization and dequantization, shared by the loader, the tiny-checkpoint writer, the kernels'
 references and the tests.
 
-Weights W [N, K] are stored as `weight` (float8_e4m3fn, [N, K]) and `weight_scale_inv`
-(float32, [ceil(N/128), ceil(K/128)]) with W ≈ weight · scale_inv per 128×128 block. Block counts
+Weights W [Dout, Din] are stored as `weight` (float8_e4m3fn, [Dout, Din]) and `weight_scale_inv`
+(float32, [G_out, G_in]) with W ≈ weight · scale_inv per 128×128 block. Block counts
 are ceil-divided, so the last row and column of blocks may be partial (DeepSeek-V3's
 kv_a_proj_with_mqa is 576 × 7168: a 5 × 56 grid whose last row of blocks has 64 rows).
 Activations are quantized per token and per group of 128 along the reduced dimension (`fp8_quant`).
@@ -11,8 +11,8 @@ Activations are quantized per token and per group of 128 along the reduced dimen
 One scale rule for both: scale = max(amax, AMAX_EPS) / FP8_MAX. The floor keeps an all-zero block
 or group finite (its values quantize to 0; DeepSeek's own act_quant divides by zero there).
 
-Legend: docs/ARCHITECTURE.md ("Shapes"); here N, K are the rows and columns of a weight
-(y = x Wᵀ), GN = ceil(N/128), GK = ceil(K/128).
+Shapes: the legend in docs/ARCHITECTURE.md (a weight is [Dout, Din] for y = x Wᵀ, with
+G_out = ceil(Dout/128), G_in = ceil(Din/128) scale groups; T tokens).
 """
 
 import math
@@ -27,20 +27,20 @@ AMAX_EPS = 1e-10
 
 
 def scale_grid(rows: int, cols: int) -> tuple[int, int]:
-    """Shape (GN, GK) of the weight_scale_inv of a [rows, cols] weight."""
+    """Shape (G_out, G_in) of the weight_scale_inv of a [rows, cols] weight."""
     return math.ceil(rows / FP8_BLOCK), math.ceil(cols / FP8_BLOCK)
 
 
 def quantize_weight_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize w [..., N, K] per 128×128 block, as DeepSeek's FP8 checkpoints are stored.
+    """Quantize w [..., Dout, Din] per 128×128 block, as DeepSeek's FP8 checkpoints are stored.
 
-    Returns (w_fp8 [..., N, K] float8_e4m3fn, scale_inv [..., GN, GK] float32); edge blocks are
+    Returns (w_fp8 [..., Dout, Din] float8_e4m3fn, scale_inv [..., G_out, G_in] float32); edge blocks are
     partial."""
     *lead, n, k = w.shape
     gn, gk = scale_grid(n, k)
     padded = F.pad(w.float(), (0, gk * FP8_BLOCK - k, 0, gn * FP8_BLOCK - n))
     blocks = padded.reshape(*lead, gn, FP8_BLOCK, gk, FP8_BLOCK)
-    scale_inv = blocks.abs().amax(dim=(-3, -1)).clamp(min=AMAX_EPS) / FP8_MAX  # [..., GN, GK]
+    scale_inv = blocks.abs().amax(dim=(-3, -1)).clamp(min=AMAX_EPS) / FP8_MAX  # [..., G_out, G_in]
     y = (blocks / scale_inv[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
     y = y.reshape(*lead, gn * FP8_BLOCK, gk * FP8_BLOCK)[..., :n, :k]
     return y.to(FP8_DTYPE), scale_inv.contiguous()
@@ -49,7 +49,7 @@ def quantize_weight_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 def dequantize_weight_blocks(
     w_fp8: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """w_fp8 [..., N, K] with scale_inv [..., GN, GK] → [..., N, K] in `dtype`, computed in float32.
+    """w_fp8 [..., Dout, Din] with scale_inv [..., G_out, G_in] → [..., Dout, Din] in `dtype`, computed in float32.
 
     Raises ValueError when the scale grid does not fit the weight."""
     n, k = w_fp8.shape[-2:]
@@ -63,6 +63,6 @@ def dequantize_weight_blocks(
 
 
 def dequantize_token_groups(x_fp8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x_fp8 [T, K] with per-group scales [T, GK] → float32 [T, K]."""
+    """x_fp8 [T, Din] with per-group scales [T, G_in] → float32 [T, Din]."""
     k = x_fp8.shape[-1]
     return x_fp8.float() * scales.repeat_interleave(FP8_BLOCK, dim=-1)[..., :k]

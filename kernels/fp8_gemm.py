@@ -1,16 +1,16 @@
 """Block-scaled FP8 GEMM: y = (x_fp8 * x_scales) @ (w_fp8 * w_scale_inv)^T, fp32 accumulation.
 
-Legend: T tokens (rows of x), K reduction dimension (hidden), N output features, and
-GK = ceil(K/128), GN = ceil(N/128) scale blocks.
+Shapes: the legend in docs/ARCHITECTURE.md (T rows of x, Din the reduced dimension, Dout the
+output features, G_in = ceil(Din/128), G_out = ceil(Dout/128) scale groups).
 
-x is quantized per token and per group of 128 along K (`fp8_quant`), w per 128 x 128 block
-(DeepSeek's `weight_scale_inv`, edge blocks partial). BLOCK_K is 128, so each K step of the
+x is quantized per token and per group of 128 along Din (`fp8_quant`), w per 128 x 128 block
+(DeepSeek's `weight_scale_inv`, edge blocks partial). BLOCK_K is 128, so each step along Din of the
 kernel meets exactly one activation scale per row and one weight scale per column; the partial
 product of a step is scaled before it joins the fp32 accumulator (DeepSeek-V3 §3.3.2 keeps its
-accumulation in fp32 per 128-wide K group for the same reason).
+accumulation in fp32 per 128-wide group for the same reason).
 
 Decode (T <= 64) reads the weights once and computes little: the weight tile is the dot's M
-(`scaled_dot`, SWAP_AB) and K is split over several programs (split-K) so that enough of them
+(`scaled_dot`, SWAP_AB) and Din is split over several programs (split-K) so that enough of them
 stream the weights; a second kernel sums the fp32 partials in a fixed order (deterministic).
 """
 
@@ -27,13 +27,13 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 @triton.jit
 def scaled_dot(acc, w, x, w_scale, x_scale, SWAP_AB: tl.constexpr):
-    """acc + (w [BW, BK] @ x [BK, BT]) * w_scale [BW] * x_scale [BT]: one 128-wide K block of a
+    """acc + (w [BW, BK] @ x [BK, BT]) * w_scale [BW] * x_scale [BT]: one 128-wide block along Din of a
     block-scaled GEMM, the partial product scaled before it joins the fp32 accumulator.
 
     SWAP_AB: acc is [BW, BT] (weights as the dot's M: wgmma needs 64 rows a warpgroup, decode
     has a handful of tokens). Otherwise acc is [BT, BW], the transposed product, which large
     token tiles want: the per-token scales then vary along M, where each thread holds few rows,
-    instead of along N, where it holds many. Both operands are K-major either way (FP8 wgmma
+    instead of along Dout, where it holds many. Both operands are Din-major either way (FP8 wgmma
     requires it), so the transposes are views of shared memory.
     """
     if SWAP_AB:
@@ -45,11 +45,11 @@ def scaled_dot(acc, w, x, w_scale, x_scale, SWAP_AB: tl.constexpr):
 
 @triton.jit
 def fp8_gemm_kernel(
-    x_ptr,  # [T, K] fp8
-    xs_ptr,  # [T, GK] float32
-    w_ptr,  # [N, K] fp8
-    ws_ptr,  # [GN, GK] float32
-    y_ptr,  # [T, N] out, or [SPLIT_K, T, N] float32 partial sums when SPLIT_K > 1
+    x_ptr,  # [T, Din] fp8
+    xs_ptr,  # [T, G_in] float32
+    w_ptr,  # [Dout, Din] fp8
+    ws_ptr,  # [G_out, G_in] float32
+    y_ptr,  # [T, Dout] out, or [SPLIT_K, T, Dout] float32 partial sums when SPLIT_K > 1
     T,
     N,
     K,
@@ -121,8 +121,8 @@ def fp8_gemm_kernel(
 
 @triton.jit
 def fp8_gemm_reduce_kernel(
-    partial_ptr,  # [SPLIT_K, T * N] float32
-    y_ptr,  # [T * N]
+    partial_ptr,  # [SPLIT_K, T * Dout] float32
+    y_ptr,  # [T * Dout]
     numel,
     SPLIT_K: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -168,22 +168,22 @@ def fp8_gemm(
     w_scale_inv: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """y [T, N] = dequant(x_fp8, x_scales) @ dequant(w_fp8, w_scale_inv)^T in `out_dtype`.
+    """y [T, Dout] = dequant(x_fp8, x_scales) @ dequant(w_fp8, w_scale_inv)^T in `out_dtype`.
 
-    x_fp8: [T, K] float8_e4m3fn and x_scales: [T, ceil(K/128)] float32, as `fp8_quant` returns.
-    w_fp8: [N, K] float8_e4m3fn and w_scale_inv: [ceil(N/128), ceil(K/128)] float32, as in
+    x_fp8: [T, Din] float8_e4m3fn and x_scales: [T, G_in] float32, as `fp8_quant` returns.
+    w_fp8: [Dout, Din] float8_e4m3fn and w_scale_inv: [G_out, G_in] float32, as in
     DeepSeek checkpoints. All contiguous, on one device. out_dtype: bf16, fp16 or fp32.
-    T = 0 returns an empty [0, N] without launching.
+    T = 0 returns an empty [0, Dout] without launching.
     """
     op = "fp8_gemm"
-    check_tensor(op, "x_fp8", x_fp8, ndim=2, dims="[T, K]", dtypes=(FP8_DTYPE,))
+    check_tensor(op, "x_fp8", x_fp8, ndim=2, dims="[T, Din]", dtypes=(FP8_DTYPE,))
     device = x_fp8.device
     T, K = x_fp8.shape
-    check_tensor(op, "w_fp8", w_fp8, ndim=2, dims="[N, K]", dtypes=(FP8_DTYPE,), device=device)
+    check_tensor(op, "w_fp8", w_fp8, ndim=2, dims="[Dout, Din]", dtypes=(FP8_DTYPE,), device=device)
     N = w_fp8.shape[0]
     if w_fp8.shape[1] != K:
         raise ValueError(
-            f"{op}: w_fp8 has shape {tuple(w_fp8.shape)}, expected [N, K] with K = {K} (x_fp8's K)"
+            f"{op}: w_fp8 has shape {tuple(w_fp8.shape)}, expected [Dout, Din] with Din = {K} (x_fp8's)"
         )
     gk = triton.cdiv(K, FP8_BLOCK)
     check_tensor(
@@ -191,7 +191,7 @@ def fp8_gemm(
         "x_scales",
         x_scales,
         shape=(T, gk),
-        dims="[T, ceil(K/128)]",
+        dims="[T, G_in]",
         dtypes=(torch.float32,),
         device=device,
     )
@@ -200,7 +200,7 @@ def fp8_gemm(
         "w_scale_inv",
         w_scale_inv,
         shape=(triton.cdiv(N, FP8_BLOCK), gk),
-        dims="[ceil(N/128), ceil(K/128)]",
+        dims="[G_out, G_in]",
         dtypes=(torch.float32,),
         device=device,
     )
@@ -209,7 +209,7 @@ def fp8_gemm(
             f"{op}: out_dtype is {out_dtype}, expected one of: {', '.join(map(str, OUT_DTYPES))}"
         )
 
-    y = torch.empty(T, N, dtype=out_dtype, device=device)  # [T, N]
+    y = torch.empty(T, N, dtype=out_dtype, device=device)  # [T, Dout]
     if T == 0 or N == 0:
         return y
     return fp8_gemm_with_config(
@@ -218,7 +218,7 @@ def fp8_gemm(
 
 
 def fp8_gemm_with_config(x_fp8, x_scales, w_fp8, w_scale_inv, y, cfg) -> torch.Tensor:
-    """`fp8_gemm` on checked, non-empty arguments into y [T, N], with the tiles `cfg`."""
+    """`fp8_gemm` on checked, non-empty arguments into y [T, Dout], with the tiles `cfg`."""
     T, K = x_fp8.shape
     N = w_fp8.shape[0]
     cfg = dict(cfg)
@@ -264,6 +264,6 @@ def fp8_gemm_ref(
     out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """Torch reference of `fp8_gemm`: dequantize both operands to float32, matmul, cast."""
-    x = dequantize_token_groups(x_fp8, x_scales)  # [T, K]
-    w = dequantize_weight_blocks(w_fp8, w_scale_inv)  # [N, K]
+    x = dequantize_token_groups(x_fp8, x_scales)  # [T, Din]
+    w = dequantize_weight_blocks(w_fp8, w_scale_inv)  # [Dout, Din]
     return (x @ w.T).to(out_dtype)

@@ -1,7 +1,7 @@
 """Per-token-group FP8 (e4m3) activation quantization, as DeepSeek-V3 quantizes GEMM inputs.
 
-Legend: T tokens, H hidden (the quantized dimension), G = ceil(H / 128) groups per token,
-N and K the rows and columns of a weight (y = x @ w^T).
+Shapes: the legend in docs/ARCHITECTURE.md (T; H here is the quantized dimension, G_H =
+ceil(H / 128) groups per token).
 
 Each token row is cut into groups of FP8_BLOCK = 128 along H; the last group may be partial.
 Per group:
@@ -43,7 +43,7 @@ def quantize_rows(x, FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr):
 def fp8_quant_kernel(
     x_ptr,  # [T, H]
     q_ptr,  # [T, H] fp8 (float32 when interpreting; the wrapper casts)
-    s_ptr,  # [T, G] float32
+    s_ptr,  # [T, G_H] float32
     H,
     num_groups,
     stride_x,
@@ -73,7 +73,7 @@ def fp8_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize activations per token and per group of 128 along H to float8_e4m3fn.
 
     x: [T, H] bf16/fp16/fp32, contiguous. Returns (x_fp8 [T, H] float8_e4m3fn,
-    scales [T, ceil(H/128)] float32) with x ≈ x_fp8 * scales (per group). See the module
+    scales [T, G_H] float32) with x ≈ x_fp8 * scales (per group). See the module
     docstring for the scale rule and the all-zero group.
     """
     check_tensor("fp8_quant", "x", x, ndim=2, dims="[T, H]", dtypes=FLOAT_DTYPES)
@@ -82,7 +82,7 @@ def fp8_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # The interpreter's float32 -> fp8 cast is wrong (PITFALLS.md), so there the kernel writes the
     # clamped float32 values and torch does the (round-to-nearest-even) cast.
     q = torch.empty(T, H, dtype=torch.float32 if INTERPRET else FP8_DTYPE, device=x.device)  # [T, H]
-    scales = torch.empty(T, num_groups, dtype=torch.float32, device=x.device)  # [T, G]
+    scales = torch.empty(T, num_groups, dtype=torch.float32, device=x.device)  # [T, G_H]
     if T > 0 and H > 0:
         block_g = _block_groups(num_groups)
         grid = (T, triton.cdiv(num_groups, block_g))
@@ -108,11 +108,11 @@ def fp8_quant_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference of `fp8_quant` (same outputs, bit for bit)."""
     T, H = x.shape
     num_groups = triton.cdiv(H, FP8_BLOCK)
-    groups = F.pad(x.float(), (0, num_groups * FP8_BLOCK - H)).view(T, num_groups, FP8_BLOCK)  # [T, G, 128]
-    amax = groups.abs().amax(dim=-1).clamp(min=AMAX_EPS)  # [T, G]
+    groups = F.pad(x.float(), (0, num_groups * FP8_BLOCK - H)).view(T, num_groups, FP8_BLOCK)  # [T, G_H, 128]
+    amax = groups.abs().amax(dim=-1).clamp(min=AMAX_EPS)  # [T, G_H]
     # Divide by a tensor, not a Python float: CUDA torch turns `t / 448.0` into t * (1 / 448.0),
     # which is not round-to-nearest division and differs from the kernel by 1 ulp in about half
     # of the scales.
-    scales = amax / torch.full_like(amax, FP8_MAX)  # [T, G]
-    y = (groups / scales[..., None]).clamp(-FP8_MAX, FP8_MAX)  # [T, G, 128]
+    scales = amax / torch.full_like(amax, FP8_MAX)  # [T, G_H]
+    y = (groups / scales[..., None]).clamp(-FP8_MAX, FP8_MAX)  # [T, G_H, 128]
     return y.view(T, num_groups * FP8_BLOCK)[:, :H].to(FP8_DTYPE), scales

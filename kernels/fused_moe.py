@@ -1,8 +1,8 @@
 """Fused MoE over the experts one rank owns: grouped GEMMs with SiLU·mul fused, bf16 or FP8 weights.
 
-Legend: T tokens, H hidden, I expert intermediate (`inter` in code; ruff refuses the name I),
-E local experts (this rank's), K top-k, A = T*K token-expert pairs, S = max_blocks * BLOCK_T
-aligned slots, GH / GI = ceil(H/128) / ceil(I/128) quantization groups.
+Shapes: the legend in docs/ARCHITECTURE.md (T, H, I: `inter` in code, as ruff refuses the name I;
+E: here the rank's local experts; K, A = T*K pairs, A_pad = max_blocks * BLOCK_T aligned pair
+slots, G_H / G_I scale groups); Ch chunks of the align kernels.
 
     out[t] = Σ_k topk_weights[t, k] · w2[e] @ (silu(w13[e, :I] @ x[t]) · (w13[e, I:] @ x[t]))
              over the k whose global expert id e_k lies in [expert_start, expert_start + E)
@@ -33,10 +33,10 @@ Triton fell back to mma.sync with FP8 converted to fp16 (30% of the weight bandw
 keeps tokens as M (`fp8_gemm.scaled_dot` says why).
 
 Intermediates are indexed by pair id: h [A, I] and y [A, H] in the activation dtype (h in fp8
-with scales [A, GI] on the FP8 path); rows of foreign pairs are never written nor read.
+with scales [A, G_I] on the FP8 path); rows of foreign pairs are never written nor read.
 
-FP8 weights carry 128x128 block scales over the stacked rows: w13_scale [E, ceil(2I/128), GH]
-and w2_scale [E, GH, GI]. With I % 128 != 0 a block of w13 rows straddles gate and up, which
+FP8 weights carry 128x128 block scales over the stacked rows: w13_scale [E, ceil(2I/128), G_H]
+and w2_scale [E, G_H, G_I]. With I % 128 != 0 a block of w13 rows straddles gate and up, which
 separately quantized gate_proj / up_proj checkpoints cannot express; DeepSeek-V3 has I = 2048.
 """
 
@@ -79,7 +79,7 @@ def _local_bins(ids_ptr, offs, num_pairs, expert_start, num_experts):
 @triton.jit
 def moe_align_count_kernel(
     ids_ptr,  # [A] global expert ids
-    counts_ptr,  # [C, BLOCK_E] int32 out: local pairs per (chunk, expert)
+    counts_ptr,  # [Ch, BLOCK_E] int32 out: local pairs per (chunk, expert)
     num_pairs,
     expert_start,
     num_experts,
@@ -100,9 +100,9 @@ def moe_align_count_kernel(
 @triton.jit
 def moe_align_scatter_kernel(
     ids_ptr,  # [A] global expert ids
-    counts_ptr,  # [C, BLOCK_E] int32
-    sorted_pair_ids_ptr,  # [S] int32 out
-    block_expert_ptr,  # [S / BLOCK_T] int32 out
+    counts_ptr,  # [Ch, BLOCK_E] int32
+    sorted_pair_ids_ptr,  # [A_pad] int32 out
+    block_expert_ptr,  # [A_pad / BLOCK_T] int32 out
     num_pairs,
     expert_start,
     num_experts,
@@ -161,8 +161,8 @@ def moe_align(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Group token-expert pairs by local expert, each expert's run padded to a multiple of block_t.
 
-    topk_ids: [T, K] global expert ids, contiguous. Returns (sorted_pair_ids [S] int32,
-    block_expert [S / block_t] int32) with S = max_aligned_blocks(T*K, E, block_t) * block_t.
+    topk_ids: [T, K] global expert ids, contiguous. Returns (sorted_pair_ids [A_pad] int32,
+    block_expert [A_pad / block_t] int32) with A_pad = max_aligned_blocks(T*K, E, block_t) * block_t.
     sorted_pair_ids holds pair ids t*K + k grouped by expert (in pair order within an expert)
     and T*K in padding slots; block_expert holds the local expert of each block, or -1 for
     blocks past the last expert's run. Experts with no pairs get no blocks. Two launches, no
@@ -171,14 +171,14 @@ def moe_align(
     device = topk_ids.device
     num_pairs = topk_ids.numel()
     num_blocks = max_aligned_blocks(num_pairs, num_experts, block_t)
-    sorted_pair_ids = torch.empty(num_blocks * block_t, dtype=torch.int32, device=device)  # [S]
-    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)  # [S / BT]
+    sorted_pair_ids = torch.empty(num_blocks * block_t, dtype=torch.int32, device=device)  # [A_pad]
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)  # [A_pad / BT]
     if num_pairs == 0:
         return sorted_pair_ids, block_expert
     chunk = max(ALIGN_SUB, triton.next_power_of_2(triton.cdiv(num_pairs, ALIGN_MAX_CHUNKS)))
     num_chunks = triton.cdiv(num_pairs, chunk)
     block_e = triton.next_power_of_2(num_experts)
-    counts = torch.empty(num_chunks, block_e, dtype=torch.int32, device=device)  # [C, BE]
+    counts = torch.empty(num_chunks, block_e, dtype=torch.int32, device=device)  # [Ch, BE]
     common = dict(CHUNK=chunk, SUB=ALIGN_SUB, BLOCK_E=block_e, num_warps=4)
     moe_align_count_kernel[(num_chunks,)](topk_ids, counts, num_pairs, expert_start, num_experts, **common)
     moe_align_scatter_kernel[(num_chunks,)](
@@ -225,7 +225,7 @@ def moe_align_ref(
     sorted_pair_ids.scatter_(0, dest, order.to(torch.int32))
 
     block_starts = torch.arange(num_blocks, device=device) * block_t
-    block_expert = torch.searchsorted(padded_ends, block_starts, right=True)  # [S / block_t]
+    block_expert = torch.searchsorted(padded_ends, block_starts, right=True)  # [A_pad / block_t]
     block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
     return sorted_pair_ids[:capacity], block_expert
 
@@ -275,13 +275,13 @@ def _block_and_tile(num_blocks, num_tiles, group_t):
 @triton.jit
 def fused_moe_gemm1_kernel(
     x_ptr,  # [T, H] activations (fp8 on the FP8 path)
-    xs_ptr,  # [T, GH] float32 (FP8 only)
+    xs_ptr,  # [T, G_H] float32 (FP8 only)
     w_ptr,  # [E, 2I, H] gate rows then up rows
-    ws_ptr,  # [E, ceil(2I/128), GH] float32 (FP8 only)
+    ws_ptr,  # [E, ceil(2I/128), G_H] float32 (FP8 only)
     h_ptr,  # [A, I] out: silu(gate) * up (fp8 on the FP8 path; float32 there when interpreting)
-    hs_ptr,  # [A, GI] out: float32 scales of h (FP8 only)
-    sorted_pair_ids_ptr,  # [S] int32
-    block_expert_ptr,  # [S / BLOCK_T] int32
+    hs_ptr,  # [A, G_I] out: float32 scales of h (FP8 only)
+    sorted_pair_ids_ptr,  # [A_pad] int32
+    block_expert_ptr,  # [A_pad / BLOCK_T] int32
     num_blocks,
     group_t,
     num_pairs,
@@ -423,12 +423,12 @@ def fused_moe_gemm1_kernel(
 @triton.jit
 def fused_moe_gemm2_kernel(
     h_ptr,  # [A, I] (fp8 on the FP8 path)
-    hs_ptr,  # [A, GI] float32 (FP8 only)
+    hs_ptr,  # [A, G_I] float32 (FP8 only)
     w_ptr,  # [E, H, I]
-    ws_ptr,  # [E, GH, GI] float32 (FP8 only)
+    ws_ptr,  # [E, G_H, G_I] float32 (FP8 only)
     y_ptr,  # [A, H] out, activation dtype
-    sorted_pair_ids_ptr,  # [S] int32
-    block_expert_ptr,  # [S / BLOCK_T] int32
+    sorted_pair_ids_ptr,  # [A_pad] int32
+    block_expert_ptr,  # [A_pad / BLOCK_T] int32
     num_blocks,
     group_t,
     num_pairs,
@@ -662,10 +662,10 @@ def fused_moe_with_config(
         return out
     # Each GEMM's token blocks; aligned once when both use the same BLOCK_T.
     block_t1, block_t2 = cfg["gemm1"]["BLOCK_T"], cfg["gemm2"]["BLOCK_T"]
-    blocks1 = moe_align(topk_ids, E, expert_start, block_t1)  # ([S], [S / BT])
+    blocks1 = moe_align(topk_ids, E, expert_start, block_t1)  # ([A_pad], [A_pad / BT])
     blocks2 = blocks1 if block_t2 == block_t1 else moe_align(topk_ids, E, expert_start, block_t2)
     if w13.dtype == FP8_DTYPE:
-        x_in, x_scales = fp8_quant(x)  # [T, H] fp8, [T, GH]
+        x_in, x_scales = fp8_quant(x)  # [T, H] fp8, [T, G_H]
     else:
         x_in, x_scales = x, None
     h, h_scales = moe_gemm1(x_in, x_scales, w13, w13_scale, *blocks1, K, cfg["gemm1"])
@@ -706,7 +706,7 @@ def kernel_tiles(tiles: dict, gemm: int, H: int, inter: int, num_blocks: int) ->
 
 
 def moe_gemm1(x_in, x_scales, w13, w13_scale, sorted_pair_ids, block_expert, top_k, tiles):
-    """h [A, I] = silu(x @ w13[e, :I]^T) * (x @ w13[e, I:]^T) per local pair, and its scales [A, GI]
+    """h [A, I] = silu(x @ w13[e, :I]^T) * (x @ w13[e, I:]^T) per local pair, and its scales [A, G_I]
     on the FP8 path (None otherwise)."""
     T, H = x_in.shape
     inter = w13.shape[1] // 2

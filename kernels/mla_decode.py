@@ -1,7 +1,7 @@
 """Paged MLA decode in the absorbed form, over the latent KV cache (split-K / flash-decoding).
 
-Legend: B decode sequences (one query token each), N heads, L latent (kv_lora_rank), R rope
-dim, P page size, S context splits, NP pages in the cache, MP page-table width.
+Shapes: the legend in docs/ARCHITECTURE.md (B decode sequences of one query token each, N, L, R,
+P, Sp context splits, NP, W).
 
     scores[b, n, j] = (q_nope[b, n] · c_kv[b, j] + q_pe[b, n] · k_pe[b, j]) * softmax_scale
     out[b, n]       = Σ_j softmax_j(scores[b, n]) · c_kv[b, j]           for j < context_lens[b]
@@ -20,10 +20,10 @@ P = 64; TMA tiles, pipelined, the scores dot split across warpgroups), and `mla_
 for any shape (masked loads, one page-table entry per token unless PAGE_ALIGNED). `default_config`
 chooses; `VARIANTS` names the alternatives that bench/sweep_mla.py times.
 
-Programs also split each sequence's context into S equal parts (S chosen from the shapes so
-that head blocks x S x B fills the SMs); each writes its normalized partial output and
+Programs also split each sequence's context into Sp equal parts (Sp chosen from the shapes so
+that head blocks x Sp x B fills the SMs); each writes its normalized partial output and
 log-sum-exp (equivalent to the running max, sum and accumulator) in float32, and a second
-kernel merges them. With S = 1 the first kernel writes the output directly.
+kernel merges them. With Sp = 1 the first kernel writes the output directly.
 
 context_lens[b] must be >= 1 (the engine never sends an empty sequence): a row with 0 tokens
 has no softmax; the kernel leaves NaN there and the reference raises.
@@ -48,10 +48,10 @@ def mla_decode_kernel(
     q_nope_ptr,  # [B, N, L]
     q_pe_ptr,  # [B, N, R]
     kv_ptr,  # [NP, P, L + R]
-    page_table_ptr,  # [B, MP] int32
+    page_table_ptr,  # [B, W] int32
     context_lens_ptr,  # [B] int32
-    o_ptr,  # [B, N, S, L] float32 partials, or the [B, N, L] output when S == 1
-    lse_ptr,  # [B, N, S] float32 log2-sum-exp of the scaled scores (unused when S == 1)
+    o_ptr,  # [B, N, Sp, L] float32 partials, or the [B, N, L] output when Sp == 1
+    lse_ptr,  # [B, N, Sp] float32 log2-sum-exp of the scaled scores (unused when Sp == 1)
     scale_log2,  # softmax_scale * log2(e)
     N,
     L,
@@ -169,10 +169,10 @@ def mla_decode_paged_kernel(
     kv_ptr,  # [NP, P, L + R]
     ckv_desc,  # TMA descriptor of c_kv, kv_cache viewed as [NP * P, L], block [BN, L / 2]; None: pointers
     kpe_desc,  # TMA descriptor of k_pe, kv_cache viewed as [NP * P, R], block [BN, R]; None: pointers
-    page_table_ptr,  # [B, MP] int32
+    page_table_ptr,  # [B, W] int32
     context_lens_ptr,  # [B] int32
-    o_ptr,  # [B, N, S, L] float32 partials, or the [B, N, L] output when S == 1
-    lse_ptr,  # [B, N, S] float32 log2-sum-exp of the scaled scores (unused when S == 1)
+    o_ptr,  # [B, N, Sp, L] float32 partials, or the [B, N, L] output when Sp == 1
+    lse_ptr,  # [B, N, Sp] float32 log2-sum-exp of the scaled scores (unused when Sp == 1)
     scale_log2,  # softmax_scale * log2(e)
     N,
     L,
@@ -244,7 +244,7 @@ def mla_decode_paged_kernel(
     acc1 = tl.zeros((BLOCK_H, HALF_L), dtype=tl.float32)  # latent [L/2, L)
     # The page of the next tile is loaded a step ahead, so that no load feeds this step's tile
     # load (the pipeliner would split its stages between the two loads).
-    page_row = page_table_ptr + b * stride_pt  # [MP] int32
+    page_row = page_table_ptr + b * stride_pt  # [W] int32
     next_page = tl.load(page_row + start // P, mask=start < full_end, other=0)
     for block_start in range(start, full_end, BLOCK_N):
         # The tile lies in one page: one page-table entry, BN contiguous rows of the cache.
@@ -317,8 +317,8 @@ def mla_decode_paged_kernel(
 
 @triton.jit
 def mla_decode_merge_kernel(
-    o_part_ptr,  # [B, N, S, L] float32
-    lse_ptr,  # [B, N, S] float32, log2 domain
+    o_part_ptr,  # [B, N, Sp, L] float32
+    lse_ptr,  # [B, N, Sp] float32, log2 domain
     out_ptr,  # [B, N, L]
     L,
     stride_pb,
@@ -341,7 +341,7 @@ def mla_decode_merge_kernel(
     lse = tl.load(lse_row + splits, mask=splits < NUM_SPLITS, other=float("-inf"))  # [BS]
     lse_max = tl.max(lse, axis=0)
     denom = tl.sum(tl.exp2(lse - lse_max), axis=0)  # empty splits weigh exp2(-inf) = 0
-    # One [BL] row per split, not an [S, L] tile: 64 x 512 floats would not fit in registers.
+    # One [BL] row per split, not an [Sp, L] tile: 64 x 512 floats would not fit in registers.
     acc = tl.zeros((BLOCK_L,), dtype=tl.float32)
     o_row = o_part_ptr + b * stride_pb + h * stride_ph + offs_l
     for split in range(NUM_SPLITS):
@@ -368,7 +368,7 @@ def default_config(
     do not suit the paged kernel (L / 2 or R not a power of two in [16, 256], P not a
     multiple of the tile) take the generic one.
 
-    Splits: one program per SM fits, so they make at most one wave: S = num_sms // (B x head
+    Splits: one program per SM fits, so they make at most one wave: Sp = num_sms // (B x head
     blocks), at least 1, each split at least MIN_TOKENS_PER_SPLIT tokens of the longest possible
     context (page-table width x P, a shape, so no host sync), at most MAX_SPLITS.
     """
@@ -514,8 +514,8 @@ def mla_decode_with_config(
         o_strides = (out.stride(0), out.stride(1), 0)
         lse_strides = (0, 0)
     else:
-        o = torch.empty(B, N, S, L, dtype=torch.float32, device=q_nope.device)  # [B, N, S, L]
-        lse = torch.empty(B, N, S, dtype=torch.float32, device=q_nope.device)  # [B, N, S]
+        o = torch.empty(B, N, S, L, dtype=torch.float32, device=q_nope.device)  # [B, N, Sp, L]
+        lse = torch.empty(B, N, S, dtype=torch.float32, device=q_nope.device)  # [B, N, Sp]
         o_strides = (o.stride(0), o.stride(1), o.stride(2))
         lse_strides = (lse.stride(0), lse.stride(1))
     # tl.dot wants K >= 16: a narrower latent or rope part (tiny test models) loads masked tiles.
@@ -638,11 +638,11 @@ def mla_decode_ref(
             f"got min {lo}, max {hi}"
         )
     pages_used = triton.cdiv(hi, P)
-    positions = torch.arange(pages_used * P, device=q_nope.device)  # [MP * P]
+    positions = torch.arange(pages_used * P, device=q_nope.device)  # [W * P]
     for b in range(B):
         kv = kv_cache[page_table[b, :pages_used].clamp(min=0).long()].reshape(-1, kv_cache.shape[2]).float()
-        c_kv, k_pe = kv[:, :L], kv[:, L:]  # [MP * P, L], [MP * P, R]
-        scores = (q_nope[b].float() @ c_kv.T + q_pe[b].float() @ k_pe.T) * softmax_scale  # [N, MP * P]
+        c_kv, k_pe = kv[:, :L], kv[:, L:]  # [W * P, L], [W * P, R]
+        scores = (q_nope[b].float() @ c_kv.T + q_pe[b].float() @ k_pe.T) * softmax_scale  # [N, W * P]
         scores = scores.masked_fill(positions >= context_lens[b], float("-inf"))
         out[b] = (torch.softmax(scores, dim=-1) @ c_kv).to(q_nope.dtype)
     return out

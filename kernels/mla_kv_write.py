@@ -1,6 +1,6 @@
 """Write a step's new tokens into MLA's paged latent cache: normalize, rotate, scatter, in one launch.
 
-Legend: T new tokens, L latent (kv_lora_rank), R rope dim, C = L + R, NP pages, P page size.
+Shapes: the legend in docs/ARCHITECTURE.md (T, L, R, C = L + R, NP, P).
 
 From the kv_a projection's output kv_a [T, C] (latent, then the shared rope key):
 

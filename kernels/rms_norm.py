@@ -1,6 +1,6 @@
 """RMSNorm, alone or fused with the residual add that precedes it (one launch instead of ~8).
 
-Legend: T tokens, H the normalized dimension.
+Shapes: the legend in docs/ARCHITECTURE.md (T; H here is the normalized dimension).
 
     rms_norm(x, w)             = w * round(x / sqrt(mean(x^2) + eps))
     add_rms_norm(x, r, w)      = (rms_norm(s, w), s)   with s = round(x + r)

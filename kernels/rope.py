@@ -1,6 +1,6 @@
 """Rotary embedding of interleaved pairs, in place, for MLA's rope part of the queries.
 
-Legend: T tokens, N heads, R rope dim (even), R/2 frequencies.
+Shapes: the legend in docs/ARCHITECTURE.md (T, N, R; R is even, R/2 frequencies).
 
     x[t, n, 2i], x[t, n, 2i+1] ← (e c - o s, e s + o c)    e, o = x[t, n, 2i], x[t, n, 2i+1]
                                                            c, s = cos[t, i], sin[t, i]

@@ -1,6 +1,6 @@
 """SwiGLU's activation on the fused gate/up projection: h = silu(gate) * up, one launch.
 
-Legend: T tokens, I intermediate size. gate_up [T, 2I] holds gate in its first I columns and up
+Shapes: the legend in docs/ARCHITECTURE.md (T, I). gate_up [T, 2I] holds gate in its first I columns and up
 in the last I (one GEMM over the stacked gate and up weights); h [T, I]. Roundings as torch's
 `F.silu(gate) * up` in gate's dtype: silu in float32 rounded, then the product rounded.
 """

@@ -32,7 +32,7 @@ class NewRequest:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What one rank computes in one step. Legend: B sequences, T = sum(query_lens) new tokens."""
+    """What one rank computes in one step (shapes: docs/ARCHITECTURE.md; T = sum(query_lens))."""
 
     step_id: int
     kind: StepKind
@@ -43,7 +43,7 @@ class StepPlan:
     query_lens: np.ndarray  # [B] int32, new tokens per sequence (1 in decode)
     context_lens: np.ndarray  # [B] int32, tokens in the cache after this step
     token_ids: np.ndarray  # [T] int64, the new tokens, sequence after sequence
-    page_table: np.ndarray  # [B, max_pages] int32, -1 past each sequence's pages
+    page_table: np.ndarray  # [B, W] int32, -1 past each sequence's pages
     sample: np.ndarray  # [B] bool, sample a token after this step (complete prefills, all decodes)
 
     @property
@@ -85,9 +85,9 @@ class StepResult:
 
     step_id: int
     rank: int
-    request_ids: tuple[str, ...]  # [S]
-    token_ids: np.ndarray  # [S] int64
-    logprobs: np.ndarray | None = None  # [S] float32, sampled token's logprob (rows that asked)
-    top_token_ids: np.ndarray | None = None  # [S, k] int64
-    top_logprobs: np.ndarray | None = None  # [S, k] float32
-    num_top: np.ndarray | None = None  # [S] int32, alternatives each row asked for (-1: no logprobs)
+    request_ids: tuple[str, ...]  # [B_s], the sampled sequences
+    token_ids: np.ndarray  # [B_s] int64
+    logprobs: np.ndarray | None = None  # [B_s] float32, sampled token's logprob (rows that asked)
+    top_token_ids: np.ndarray | None = None  # [B_s, k] int64
+    top_logprobs: np.ndarray | None = None  # [B_s, k] float32
+    num_top: np.ndarray | None = None  # [B_s] int32, alternatives each row asked for (-1: no logprobs)

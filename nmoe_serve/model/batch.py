@@ -1,8 +1,8 @@
 """StepBatch: one step's flat batch of tokens, as the layers see it.
 
 Built once per step by the worker from a StepPlan and passed down to every layer, so layer
-signatures stay tensors plus this one object. Legend: T new tokens in the step, B sequences,
-S cached tokens of all sequences together (prefill), R rope dim.
+signatures stay tensors plus this one object. Shapes: the legend in
+docs/ARCHITECTURE.md (T, B, S, R, W).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class StepBatch:
     cu_query_lens: torch.Tensor  # [B+1] int32, prefix sums of query_lens
     cu_context_lens: torch.Tensor  # [B+1] int32, prefix sums of context_lens
     context_lens_t: torch.Tensor  # [B] int32, context_lens on the device
-    page_table: torch.Tensor  # [B, max_pages] int32, -1 past each sequence's pages
+    page_table: torch.Tensor  # [B, W] int32, -1 past each sequence's pages
     context_slots: torch.Tensor  # [S] int64, KV slots of every cached token (prefill), else empty
     logits_rows: torch.Tensor  # [B_sampled] int64, rows of the step's hidden states to turn into logits
 

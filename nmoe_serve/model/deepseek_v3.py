@@ -78,9 +78,9 @@ class Fp8Linear(nn.Module):
         self.register_buffer("dequantized", dense, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [T, in]
-        x_fp8, x_scales = self.ops.fp8_quant(x2)  # [T, in] fp8, [T, ceil(in/128)]
-        y = self.ops.fp8_gemm(x_fp8, x_scales, self.weight, self.weight_scale_inv, x.dtype)  # [T, out]
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [T, Din]
+        x_fp8, x_scales = self.ops.fp8_quant(x2)  # [T, Din] fp8, [T, G_in]
+        y = self.ops.fp8_gemm(x_fp8, x_scales, self.weight, self.weight_scale_inv, x.dtype)  # [T, Dout]
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def refresh_dequantized(self) -> None:

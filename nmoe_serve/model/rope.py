@@ -5,6 +5,7 @@ each pair rotated by one frequency (the rotation itself is the `rope_` op: kerne
 torch reference). YaRN (when the checkpoint's rope_scaling says so) blends
 interpolated and original frequencies with a linear ramp over the dimensions and scales cos/sin
 by an attention factor; the softmax-scale part of YaRN lives in ModelArgs.softmax_scale.
+Shapes: the legend in docs/ARCHITECTURE.md (T, R).
 """
 
 from __future__ import annotations

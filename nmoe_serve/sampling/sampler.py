@@ -16,8 +16,9 @@ with a 64-bit mix of (seed, n). Its tokens therefore do not depend on the other 
 their order, or whether the request was preempted and re-added with its output so far. Requests
 without a seed share one generator of the Sampler.
 
-Shapes: S rows in the batch, V vocabulary, P rows with penalties, R rows that sample at a
-temperature, A rows that ask for logprobs, K top logprobs, C rows of the penalty tables.
+Shapes: the legend in docs/ARCHITECTURE.md: B rows in the batch (the sampled sequences), V, and
+the subsets B_p rows with penalties, B_t rows that sample at a temperature, B_l rows that ask for
+logprobs, B_c rows of the penalty tables; k top logprobs.
 """
 
 from __future__ import annotations
@@ -43,14 +44,14 @@ class SamplerOutput:
     """The tokens of one `Sampler.sample` call, as numpy arrays (cheap to send between processes).
 
     Attributes:
-        token_ids: [S] int64, the sampled token of each row.
-        logprobs: [S] float32, the sampled token's log-probability under the raw logits; NaN in rows
+        token_ids: [B] int64, the sampled token of each row.
+        logprobs: [B] float32, the sampled token's log-probability under the raw logits; NaN in rows
             that asked for no logprobs. None when no row asked.
-        top_token_ids: [S, K] int64, each row's most likely tokens, most likely first. K is the
+        top_token_ids: [B, k] int64, each row's most likely tokens, most likely first. k is the
             largest `logprobs` asked in the batch (capped at the vocabulary size); entries past a
             row's own count (`num_top`) are -1. None when no row asked.
-        top_logprobs: [S, K] float32, their log-probabilities; NaN past a row's own count.
-        num_top: [S] int32, how many top entries each row asked for; -1 where it asked for none.
+        top_logprobs: [B, k] float32, their log-probabilities; NaN past a row's own count.
+        num_top: [B] int32, how many top entries each row asked for; -1 where it asked for none.
     """
 
     token_ids: np.ndarray
@@ -87,8 +88,8 @@ class _PenaltyTables:
     def __init__(self, vocab_size: int, device: torch.device) -> None:
         self.vocab_size = vocab_size
         self.device = device
-        self.counts = torch.zeros(0, vocab_size, dtype=torch.int32, device=device)  # [C, V]
-        self.prompt_mask = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)  # [C, V]
+        self.counts = torch.zeros(0, vocab_size, dtype=torch.int32, device=device)  # [B_c, V]
+        self.prompt_mask = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)  # [B_c, V]
         self._free: list[int] = []
 
     def acquire(self, prompt_token_ids: torch.Tensor, output_token_ids: torch.Tensor) -> int:
@@ -209,7 +210,7 @@ class Sampler:
 
         Args:
             request_ids: the request of each row, each at most once.
-            logits: [S, V] float logits, on the Sampler's device; not modified.
+            logits: [B, V] float logits, on the Sampler's device; not modified.
             eos_token_id: the model's end-of-sequence token, masked while min_tokens is pending.
         """
         requests = self._batch(request_ids, logits, eos_token_id)
@@ -217,7 +218,7 @@ class Sampler:
             r.greedy and r.slot is None and r.params.logprobs is None and not r.min_tokens_pending
             for r in requests
         ):
-            token_ids = logits.argmax(dim=-1)  # [S]: the all-greedy batch is one argmax
+            token_ids = logits.argmax(dim=-1)  # [B]: the all-greedy batch is one argmax
         else:
             token_ids = self._sample_general(requests, logits, eos_token_id)
         output = SamplerOutput(token_ids=token_ids.cpu().numpy().astype(np.int64, copy=False))
@@ -229,7 +230,7 @@ class Sampler:
     def _sample_general(
         self, requests: list[_Request], logits: torch.Tensor, eos_token_id: int | None
     ) -> torch.Tensor:
-        x = logits.float()  # [S, V]
+        x = logits.float()  # [B, V]
         if x.data_ptr() == logits.data_ptr():
             x = x.clone()  # the caller's logits stay untouched
 
@@ -256,7 +257,7 @@ class Sampler:
         if blocked_rows:
             x[self._index(blocked_rows), self._index(blocked_ids)] = -torch.inf
 
-        token_ids = torch.empty(len(requests), dtype=torch.int64, device=x.device)  # [S]
+        token_ids = torch.empty(len(requests), dtype=torch.int64, device=x.device)  # [B]
         greedy = [i for i, r in enumerate(requests) if r.greedy]
         if greedy:
             rows = self._index(greedy)
@@ -269,18 +270,18 @@ class Sampler:
 
     def _sample_at_temperature(self, logits: torch.Tensor, requests: list[_Request]) -> torch.Tensor:
         params = [r.params for r in requests]
-        x = logits / self._floats([p.temperature for p in params])[:, None]  # [R, V]
+        x = logits / self._floats([p.temperature for p in params])[:, None]  # [B_t, V]
         if any(p.top_k > 0 for p in params) or any(p.top_p < 1.0 for p in params):
             top_k = [p.top_k if p.top_k > 0 else self.vocab_size for p in params]
             top_p = [p.top_p if p.top_p < 1.0 else torch.inf for p in params]
             x = apply_top_k_top_p(x, self._index(top_k), self._floats(top_p))
         if any(p.min_p > 0.0 for p in params):
             x = apply_min_p(x, self._floats([p.min_p for p in params]))
-        noise = self._exponential_noise(requests)  # [R, V]
+        noise = self._exponential_noise(requests)  # [B_t, V]
         return (x - noise.log()).argmax(dim=-1)
 
     def _exponential_noise(self, requests: list[_Request]) -> torch.Tensor:
-        noise = torch.empty(len(requests), self.vocab_size, device=self.device)  # [R, V]
+        noise = torch.empty(len(requests), self.vocab_size, device=self.device)  # [B_t, V]
         if any(r.params.seed is None for r in requests):
             noise.exponential_(generator=self._shared_generator)
         for i, r in enumerate(requests):
@@ -300,16 +301,16 @@ class Sampler:
         asking = np.flatnonzero(num_top >= 0)
         k = int(num_top.max())
         rows = self._index(asking.tolist())
-        logprobs = logits[rows].float().log_softmax(dim=-1)  # [A, V]
-        sampled = logprobs.gather(1, token_ids[rows][:, None])[:, 0]  # [A]
-        top_logprobs, top_ids = logprobs.topk(k, dim=-1, sorted=True)  # [A, K]
+        logprobs = logits[rows].float().log_softmax(dim=-1)  # [B_l, V]
+        sampled = logprobs.gather(1, token_ids[rows][:, None])[:, 0]  # [B_l]
+        top_logprobs, top_ids = logprobs.topk(k, dim=-1, sorted=True)  # [B_l, k]
 
         output.num_top = num_top
         output.logprobs = np.full(len(requests), np.nan, dtype=np.float32)
         output.logprobs[asking] = sampled.cpu().numpy()
         output.top_token_ids = np.full((len(requests), k), -1, dtype=np.int64)
         output.top_logprobs = np.full((len(requests), k), np.nan, dtype=np.float32)
-        meaningful = np.arange(k)[None, :] < num_top[asking][:, None]  # [A, K]
+        meaningful = np.arange(k)[None, :] < num_top[asking][:, None]  # [B_l, k]
         output.top_token_ids[asking] = np.where(meaningful, top_ids.cpu().numpy(), -1)
         output.top_logprobs[asking] = np.where(meaningful, top_logprobs.cpu().numpy(), np.nan)
 
@@ -386,14 +387,14 @@ def apply_penalties(
     """Repetition, then frequency and presence penalties, as SamplingParams documents them.
 
     Args:
-        logits: [P, V] float32.
-        counts: [P, V] occurrences of each token in the output.
-        prompt_mask: [P, V] bool, tokens in the prompt.
-        repetition, frequency, presence: [P] per-row penalties.
+        logits: [B_p, V] float32.
+        counts: [B_p, V] occurrences of each token in the output.
+        prompt_mask: [B_p, V] bool, tokens in the prompt.
+        repetition, frequency, presence: [B_p] per-row penalties.
     """
-    in_output = counts > 0  # [P, V]
-    seen = in_output | prompt_mask  # [P, V]
-    rep = repetition[:, None]  # [P, 1]
+    in_output = counts > 0  # [B_p, V]
+    seen = in_output | prompt_mask  # [B_p, V]
+    rep = repetition[:, None]  # [B_p, 1]
     logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     return logits - frequency[:, None] * counts - presence[:, None] * in_output
 
@@ -402,16 +403,16 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     """Mask (-inf) all but each row's top_k tokens, then all but the smallest set reaching top_p.
 
     Args:
-        logits: [R, V] float32, already divided by the temperature.
-        top_k: [R] int64, V to keep every token.
-        top_p: [R] float32, inf to keep every token. The most likely token is always kept.
+        logits: [B_t, V] float32, already divided by the temperature.
+        top_k: [B_t] int64, V to keep every token.
+        top_p: [B_t] float32, inf to keep every token. The most likely token is always kept.
     """
     # stable: ties keep vocabulary order, so the kept set never depends on the rest of the batch
-    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [R, V]
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [B_t, V]
     rank = torch.arange(logits.shape[-1], device=logits.device)  # [V]
     sorted_logits = sorted_logits.masked_fill(rank[None, :] >= top_k[:, None], -torch.inf)
-    probs = sorted_logits.softmax(dim=-1)  # [R, V]
-    mass_before = probs.cumsum(dim=-1) - probs  # [R, V], 0 for the most likely token
+    probs = sorted_logits.softmax(dim=-1)  # [B_t, V]
+    mass_before = probs.cumsum(dim=-1) - probs  # [B_t, V], 0 for the most likely token
     sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], -torch.inf)
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
@@ -423,10 +424,10 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     logit space, after any truncation.
 
     Args:
-        logits: [R, V] float32, already divided by the temperature.
-        min_p: [R] float32, 0 to keep every token.
+        logits: [B_t, V] float32, already divided by the temperature.
+        min_p: [B_t] float32, 0 to keep every token.
     """
-    threshold = logits.amax(dim=-1, keepdim=True) + min_p[:, None].log()  # [R, 1], -inf where min_p=0
+    threshold = logits.amax(dim=-1, keepdim=True) + min_p[:, None].log()  # [B_t, 1], -inf where min_p=0
     return logits.masked_fill(logits < threshold, -torch.inf)
 
 

@@ -6,6 +6,8 @@ multiplies them by zero probabilities, and 0 × NaN would be NaN).
 One page more than `num_pages` is allocated: the scratch page (index num_pages), which the
 scheduler never hands out. Padded rows of a CUDA-graph decode batch write their latents there
 and attend to it, so they never touch a request's pages.
+
+Shapes: the legend in docs/ARCHITECTURE.md (NP, P, C).
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ class KVCache:
         self.scratch_page = num_pages
         self.storage = torch.zeros(
             args.n_layers, num_pages + 1, page_size, args.kv_cache_dim, dtype=dtype, device=device
-        )  # [layers, pages + scratch, P, L+R]
-        self.layers = list(self.storage.unbind(0))  # per-layer views [pages, P, L+R]
+        )  # [layers, NP + 1 (the scratch page), P, C]
+        self.layers = list(self.storage.unbind(0))  # per-layer views [NP + 1, P, C]
 
     @property
     def nbytes(self) -> int:

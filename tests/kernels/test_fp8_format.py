@@ -12,7 +12,7 @@ BLOCK = 128
 
 
 def test_weight_blocks_round_trip_with_partial_edge_blocks(device):
-    w = torch.randn(2, 200, 150, device=device)  # [E, N, K]: edge blocks of 72 rows and 22 columns
+    w = torch.randn(2, 200, 150, device=device)  # [E, Dout, Din]: edge blocks of 72 rows and 22 columns
     w_fp8, scale_inv = quantize_weight_blocks(w)
     assert w_fp8.shape == w.shape and w_fp8.dtype == FP8_DTYPE
     assert scale_inv.shape == (2, 2, 2)

@@ -1,6 +1,6 @@
 """fp8_gemm (block-scaled FP8 GEMM) against its torch reference.
 
-Legend: T tokens, K reduction (hidden), N output features.
+Shapes: the legend in docs/ARCHITECTURE.md (T, Din, Dout).
 """
 
 import pytest
@@ -13,8 +13,8 @@ from nmoe_serve.kernels.fp8_quant import fp8_quant
 
 
 def _operands(T: int, K: int, N: int, device):
-    x = torch.randn(T, K, device=device)  # [T, K]
-    w = torch.randn(N, K, device=device) * torch.logspace(-2, 1, N, device=device)[:, None]  # [N, K]
+    x = torch.randn(T, K, device=device)  # [T, Din]
+    w = torch.randn(N, K, device=device) * torch.logspace(-2, 1, N, device=device)[:, None]  # [Dout, Din]
     return (*fp8_quant(x), *quantize_weight_blocks(w))
 
 
@@ -34,7 +34,7 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 )
 def test_fp8_gemm_matches_reference(T, K, N, out_dtype, device):
     x_fp8, x_scales, w_fp8, w_scale_inv = _operands(T, K, N, device)
-    y = fp8_gemm(x_fp8, x_scales, w_fp8, w_scale_inv, out_dtype=out_dtype)  # [T, N]
+    y = fp8_gemm(x_fp8, x_scales, w_fp8, w_scale_inv, out_dtype=out_dtype)  # [T, Dout]
     want = fp8_gemm_ref(x_fp8, x_scales, w_fp8, w_scale_inv, out_dtype=torch.float32)
     assert y.shape == (T, N) and y.dtype == out_dtype
     # Same products, different summation order. fp16 output adds its own rounding (2^-11), and

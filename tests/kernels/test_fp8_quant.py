@@ -1,6 +1,6 @@
 """fp8_quant (per-token-group FP8 quantization) against its torch reference.
 
-Legend: T tokens, H hidden, G = ceil(H/128) groups.
+Shapes: the legend in docs/ARCHITECTURE.md (T, H, G_H).
 """
 
 import pytest
@@ -51,7 +51,7 @@ def test_fp8_quant_all_zero_group_has_tiny_scale_and_zero_values(device):
 def test_fp8_quant_scale_maps_group_amax_to_fp8_max(device):
     x = _activations(4, 256, torch.float32, device)
     q, s = fp8_quant(x)
-    amax = x.view(4, 2, 128).abs().amax(-1)  # [T, G]
+    amax = x.view(4, 2, 128).abs().amax(-1)  # [T, G_H]
     torch.testing.assert_close(s, amax / FP8_MAX)
     assert torch.all(q.float().view(4, 2, 128).abs().amax(-1) == FP8_MAX)
 

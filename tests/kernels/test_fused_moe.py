@@ -1,6 +1,6 @@
 """fused_moe (local-expert MoE, bf16/fp16/fp32 and FP8 weights) and moe_align against references.
 
-Legend: T tokens, H hidden, I expert intermediate (`inter` in code), E local experts, K top-k, A = T*K pairs.
+Shapes: the legend in docs/ARCHITECTURE.md (T, H, I: `inter` in code, E: here local experts, K, A = T*K pairs).
 """
 
 import pytest

@@ -1,6 +1,6 @@
 """mla_decode (paged absorbed MLA decode, split-K) against its torch reference.
 
-Legend: B sequences, N heads, L latent, R rope dim, P page size.
+Shapes: the legend in docs/ARCHITECTURE.md (B, N, L, R, P).
 """
 
 import pytest

@@ -14,7 +14,7 @@ import torch
 from nmoe_serve.kernels.mla_kv_write import mla_kv_write, mla_kv_write_ref
 from nmoe_serve.kernels.rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
 from nmoe_serve.kernels.rope import rope_, rope_ref_
-from nmoe_serve.kernels.router import grouped_topk, grouped_topk_ref
+from nmoe_serve.kernels.router import grouped_topk, grouped_topk_ref, router_logits, router_logits_ref
 from nmoe_serve.kernels.silu_mul import silu_mul, silu_mul_ref
 
 BF16_ULPS = dict(rtol=2e-2, atol=2e-2)  # a few bf16 ulps at magnitudes ~1
@@ -197,6 +197,25 @@ def test_grouped_topk_refuses_impossible_configurations(device):
         grouped_topk(logits, bias, 4, 1, 5, True, 1.0)
     with pytest.raises(ValueError, match=r"logits has dtype torch\.bfloat16"):
         grouped_topk(logits.bfloat16(), bias, 4, 2, 2, True, 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_router_logits_match_the_float32_gemm(dtype):
+    """bf16/fp16 operands with float32 accumulation (torch's mm with out_dtype, CUDA only): the
+    same products as the float32 GEMM, summed in another order (DeepSeek-V3's gate is bf16)."""
+    device = torch.device("cuda")
+    x, w = torch.randn(9, 7168, device=device).to(dtype), torch.randn(256, 7168, device=device).to(dtype)
+    got = router_logits(x, w)
+    assert got.dtype == torch.float32 and got.shape == (9, 256)
+    torch.testing.assert_close(got, router_logits_ref(x, w), rtol=1e-4, atol=1e-3)
+
+
+def test_router_logits_refuse_mismatched_weights(device):
+    with pytest.raises(ValueError, match=r"weight is \(16, 128\) \[E, H\] but x has H = 256"):
+        router_logits(torch.randn(2, 256, device=device), torch.randn(16, 128, device=device))
+    with pytest.raises(ValueError, match="dtype"):
+        router_logits(torch.randn(2, 256, device=device), torch.randn(16, 256, device=device).bfloat16())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -21,7 +21,7 @@ FP8 (a tiny checkpoint with the dims the kernels serve, TINY_KERNEL_OVERRIDES). 
 turns a rounding-level change of its input into ~2% of its output (e4m3 roundings flip), so two
 FP8 paths that differ only in rounding end up ~10% apart at the logits (on the CPU, the same
 FP8 kernel layers in bf16 against float32 compute: 0.10 relative norm). The GPU path is compared
-with (a) the torch reference (FP8 dequantized to bf16, TorchAttention, eager) and (b) the same
+with (a) the torch reference (FP8 dequantized to bf16, the kernels' torch references, eager) and (b) the same
 kernel layers running the kernels' torch references, eager: relative norm <= 0.2 each (measured
 0.087 and 0.088), top-1 agreement >= 90% where the reference's top-2 margin exceeds 0.2 (measured
 98.6%). The per-kernel checks are tests/kernels. CUDA-graph decode against eager decode: with
@@ -148,10 +148,10 @@ def test_gpu_kernels_bf16_stay_within_the_bf16_rounding_gap(tiny_stable) -> None
 def test_sdpa_prefill_on_the_gpu_is_as_accurate_as_the_reference(
     heads: int, qk_dim: int, v_dim: int, query_lens: list[int], context_lens: list[int]
 ) -> None:
-    """bf16 SdpaPrefill (whichever fused kernel SDPA picks) and bf16 TorchAttention against
-    TorchAttention in float32 on the same inputs: the fused kernel may round differently but
+    """bf16 SdpaPrefill (whichever fused kernel SDPA picks) and bf16 TorchPrefill against
+    TorchPrefill in float32 on the same inputs: the fused kernel may round differently but
     must not be less accurate (relative norm error at most 2x the reference's, plus 1e-3)."""
-    from nmoe_serve.model.attention import TorchAttention
+    from nmoe_serve.model.attention import TorchPrefill
     from nmoe_serve.model.batch import StepBatch
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -175,8 +175,8 @@ def test_sdpa_prefill_on_the_gpu_is_as_accurate_as_the_reference(
         logits_rows=empty,
     )
     scale = qk_dim**-0.5
-    want = TorchAttention().prefill(q.float(), k.float(), v.float(), batch, scale)
-    ref_err = rel_norm(TorchAttention().prefill(q, k, v, batch, scale).float(), want)
+    want = TorchPrefill()(q.float(), k.float(), v.float(), batch, scale)
+    ref_err = rel_norm(TorchPrefill()(q, k, v, batch, scale).float(), want)
     sdpa_err = rel_norm(SdpaPrefill()(q, k, v, batch, scale).float(), want)
     print(f"\nSDPA bf16 error {sdpa_err:.2e}, reference bf16 error {ref_err:.2e}")
     assert sdpa_err <= 2 * ref_err + 1e-3
@@ -213,7 +213,7 @@ def test_fp8_gpu_path_matches_the_torch_reference(tiny_fp8_kernel_dims) -> None:
     assert gpu.model.backend.fp8_linear and gpu.model.backend.fp8_experts
     assert isinstance(gpu.steps[StepKind.DECODE], DecodeGraphs)
     reference = gpu_worker(tiny_fp8_kernel_dims, kernels="torch")
-    assert reference.model.backend.ops is None
+    assert reference.model.backend.ops.name == "torch-ref" and not reference.model.backend.fp8_linear
     args = ModelArgs.from_checkpoint(tiny_fp8_kernel_dims)
     refs = gpu_worker(
         tiny_fp8_kernel_dims, kernel_backend(args, reference_ops(), SdpaPrefill()), cuda_graphs=False
