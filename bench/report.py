@@ -61,10 +61,18 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+RESULT_MARKER = "BENCH-RESULT-JSON"
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write the result to `path` (its absolute path printed) and also print it on one line after
+    RESULT_MARKER: a `ray job submit` runs in a copy of the working directory that the submitter
+    never sees, but it streams the job's output back (and `ray job logs` keeps it)."""
     payload = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
+    path = path.expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
+    print(f"{RESULT_MARKER} {json.dumps(payload, separators=(',', ':'))}")
     print(f"wrote {path}")
 
 
@@ -83,6 +91,7 @@ def new_figure(rows: int = 1, cols: int = 1, size: tuple[float, float] = (10, 4)
 
 
 def save_figure(fig, path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = path.expanduser().resolve()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")

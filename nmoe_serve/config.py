@@ -140,6 +140,22 @@ class ServerSection(_Section):
     max_waiting_requests: int = Field(
         4096, ge=1, description="requests queued per EP group before new ones get 429 Too Many Requests"
     )
+    max_inflight_sequences: int | None = Field(
+        None,
+        ge=1,
+        description="engine requests (prompts x n) one ingress replica keeps in flight before new ones get "
+        "503; default: the groups' capacity (ep_groups x (ep_size x max_num_seqs + max_waiting_requests)) "
+        "shared among the ingress replicas",
+    )
+    max_sequences_per_request: int = Field(
+        256, ge=1, description="most engine requests (prompts x n) one HTTP request may ask for (400 above)"
+    )
+    default_max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="max_tokens of a chat request that sets none; unset: up to the end of the context, as "
+        "vLLM does (completions keep OpenAI's default of 16)",
+    )
     retry_after_s: int = Field(1, ge=1, description="the Retry-After seconds sent with 429 and 503")
     ingress_replicas: int = Field(1, ge=1, description="replicas of the HTTP ingress deployment")
     ep_groups: int = Field(1, ge=1, description="EP groups (coordinator replicas), one per 8-GPU node")

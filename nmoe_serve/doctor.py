@@ -1,21 +1,26 @@
 """`nmoe-serve doctor --config X`: preflight checks, each failure with its remedy.
 
-Checks the config, the model files, the tokenizer, Ray, the GPUs (count, memory), NCCL, and
-whether one rank's weights plus the KV cache for the configured batch and max_seq_len fit in the
-memory it may use. Prints one line per check and exits non-zero if any failed.
+Checks what the README says it checks: the config, the settings it resolves to, the model files,
+the tokenizer, Ray, the device (GPUs, their count and memory, NCCL), and whether one rank's
+weights plus the KV cache for the configured batch and max_seq_len fit in the memory it may use
+(on GPUs and on the CPU alike). Prints one line per check and exits non-zero if any failed.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from nmoe_serve.config import ConfigError, ServeConfig
 from nmoe_serve.model.args import CheckpointConfigError, ModelArgs
 from nmoe_serve.model.layout import checkpoint_tensors
+from nmoe_serve.settings import EngineSettings, resolve_settings
 
 GIB = 2**30
+RUNTIME_SLACK = 2 * GIB  # activations, CUDA graphs, allocator slack
 
 
 @dataclass
@@ -23,7 +28,7 @@ class Check:
     name: str
     ok: bool
     detail: str
-    remedy: str = ""
+    remedy: str = ""  # empty where the detail already says what to do
 
 
 def rank_weight_bytes(args: ModelArgs, ep_size: int, fp8_on_device: bool) -> int:
@@ -46,134 +51,169 @@ def kv_bytes_per_token(args: ModelArgs, dtype_bytes: int = 2) -> int:
 
 
 def run_checks(config_path: str) -> list[Check]:
-    checks: list[Check] = []
     try:
         config = ServeConfig.from_toml(config_path)
     except ConfigError as e:
-        return [Check("config", False, str(e), "fix the keys named above")]
-    checks.append(Check("config", True, f"{config_path} parses"))
-    model = config.model
-    if model.tiny is not None:
-        checks.append(
-            Check("model", True, f"tiny random checkpoint (seed {model.tiny.seed}), built on first use")
-        )
-        return checks + _runtime_checks(config, None)
-    path = Path(model.path or "").expanduser()
-    try:
-        args = ModelArgs.from_checkpoint(path)
-        checks.append(
-            Check(
-                "model config",
-                True,
-                f"{path}/config.json: {args.n_layers} layers, "
-                f"{args.n_routed_experts} experts, {'FP8' if args.fp8 else args.checkpoint_dtype}",
-            )
-        )
-    except CheckpointConfigError as e:
-        return [*checks, Check("model config", False, str(e), "point model.path at a DeepSeek-V3 checkpoint")]
-    if model.load_format == "dummy":
-        checks.append(Check("weights", True, "load_format = dummy: no weight files needed"))
-    else:
-        from nmoe_serve.model.loader import CheckpointError, checkpoint_files
-
-        try:
-            files = checkpoint_files(path)
-            shards = len(set(files.values()))
-            checks.append(Check("weights", True, f"{len(files)} tensors in {shards} safetensors file(s)"))
-        except CheckpointError as e:
-            checks.append(
-                Check("weights", False, str(e), "download the complete checkpoint or use load_format = dummy")
-            )
-    tokenizer = Path(model.tokenizer).expanduser() if model.tokenizer else path
-    has_tokenizer = (tokenizer / "tokenizer.json").is_file()
-    checks.append(
-        Check(
-            "tokenizer",
-            has_tokenizer,
-            f"{tokenizer}/tokenizer.json " + ("found" if has_tokenizer else "missing"),
-            ""
-            if has_tokenizer
-            else "copy tokenizer.json next to the weights or set model.tokenizer "
-            "(without it only token-id prompts work)",
-        )
-    )
-    if args.n_routed_experts % config.parallel.ep_size:
-        checks.append(
-            Check(
-                "ep_size",
-                False,
-                f"ep_size {config.parallel.ep_size} does not divide {args.n_routed_experts} experts",
-                "choose a divisor, e.g. 8",
-            )
-        )
-    return checks + _runtime_checks(config, args)
-
-
-def _runtime_checks(config: ServeConfig, args: ModelArgs | None) -> list[Check]:
+        return [Check("config", False, str(e))]
+    checks = [Check("config", True, f"{config_path} parses")]
     import torch
 
-    checks: list[Check] = []
+    # device.kind = "cuda" is resolved as if the GPUs were there, so the files are checked too;
+    # the GPU check below says whether they are.
+    cuda = torch.cuda.is_available() or config.device.kind == "cuda"
+    try:
+        settings = resolve_settings(config, cuda_available=cuda)
+    except (ConfigError, CheckpointConfigError) as e:
+        return [*checks, Check("settings", False, str(e))]
+    checks.append(
+        Check(
+            "settings",
+            True,
+            f"model {settings.model_name}: {settings.args.n_layers} layers, {settings.args.n_routed_experts} "
+            f"experts, {'FP8' if settings.args.fp8 else settings.args.checkpoint_dtype}; dtype {settings.dtype}, "
+            f"device {settings.device}, kernels {settings.kernels}, ep_size {settings.ep_size}",
+        )
+    )
+    checks.append(_weights_check(settings))
+    checks.append(_tokenizer_check(settings))
+    checks.append(_ray_check())
+    return checks + _device_checks(settings)
+
+
+def _weights_check(settings: EngineSettings) -> Check:
+    if settings.load_format == "dummy":
+        return Check("weights", True, "load_format = dummy: no weight files needed")
+    if settings.tiny is not None:
+        cache = settings.model_path.parent
+        if settings.model_path.is_dir():
+            return Check("weights", True, f"tiny checkpoint built in {settings.model_path}")
+        probe = cache if cache.exists() else Path(tempfile.gettempdir())
+        writable = os.access(probe, os.W_OK)
+        return Check(
+            "weights",
+            writable,
+            f"tiny checkpoint, built on first use into {settings.model_path}",
+            "" if writable else f"make {cache} writable, or set NMOE_SERVE_CACHE to a writable directory",
+        )
+    from nmoe_serve.model.loader import CheckpointError, checkpoint_files
+
+    try:
+        files = checkpoint_files(settings.model_path)
+    except CheckpointError as e:
+        return Check("weights", False, str(e), "download the complete checkpoint or use load_format = dummy")
+    return Check("weights", True, f"{len(files)} tensors in {len(set(files.values()))} safetensors file(s)")
+
+
+def _tokenizer_check(settings: EngineSettings) -> Check:
+    from nmoe_serve.frontend.frontend import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(settings)
+    except ValueError as e:
+        return Check(
+            "tokenizer", False, str(e), f"fix or replace the tokenizer files in {settings.tokenizer_path}"
+        )
+    if tokenizer is None:
+        return Check(
+            "tokenizer",
+            False,
+            f"{settings.tokenizer_path}/tokenizer.json missing: only token-id prompts would work",
+            "copy tokenizer.json next to the weights or set model.tokenizer to a directory with it",
+        )
+    chat = (
+        "with a chat template"
+        if tokenizer.chat_template
+        else "no chat template (/v1/chat/completions refuses)"
+    )
+    return Check("tokenizer", True, f"{tokenizer.vocab_size} tokens, {chat}")
+
+
+def _ray_check() -> Check:
     try:
         import ray
-
-        checks.append(Check("ray", True, f"ray {ray.__version__}"))
     except ImportError:
-        checks.append(Check("ray", False, "ray is not installed", "pip install 'ray[serve]'"))
-    ep = config.parallel.ep_size
-    want_gpu = config.device.kind == "cuda" or (config.device.kind == "auto" and torch.cuda.is_available())
-    if not want_gpu:
-        checks.append(Check("device", True, "CPU (gloo between ranks): no GPU needed"))
-        return checks
+        return Check("ray", False, "ray is not installed", "pip install 'ray[serve]'")
+    return Check("ray", True, f"ray {ray.__version__}")
+
+
+def _device_checks(settings: EngineSettings) -> list[Check]:
+    import torch
+
+    ep = settings.ep_size
+    if settings.device == "cpu":
+        return [
+            Check("device", True, f"CPU: {ep} rank(s) over gloo, no GPU needed"),
+            _cpu_fit_check(settings),
+        ]
     count = torch.cuda.device_count()
     if count < ep:
-        checks.append(
+        return [
             Check(
                 "gpus",
                 False,
                 f"{count} CUDA GPU(s) visible, ep_size needs {ep}",
-                "run on an 8-GPU node, check CUDA_VISIBLE_DEVICES, or lower parallel.ep_size",
+                f"run on a node with {ep} GPUs, check CUDA_VISIBLE_DEVICES, or lower parallel.ep_size",
             )
-        )
-        return checks
+        ]
     props = [torch.cuda.get_device_properties(i) for i in range(count)]
     smallest = min(p.total_memory for p in props)
-    checks.append(Check("gpus", True, f"{count} x {props[0].name}, {smallest / GIB:.0f} GiB each"))
     nccl = torch.distributed.is_available() and torch.distributed.is_nccl_available()
     version = ".".join(map(str, torch.cuda.nccl.version())) if nccl else "-"
-    checks.append(
-        Check("nccl", nccl, f"NCCL {version}", "" if nccl else "install a CUDA build of torch with NCCL")
-    )
-    if args is not None:
-        checks.append(_fit_check(config, args, smallest))
-    return checks
+    return [
+        Check("gpus", True, f"{count} x {props[0].name}, {smallest / GIB:.0f} GiB each"),
+        Check("nccl", nccl, f"NCCL {version}", "" if nccl else "install a CUDA build of torch with NCCL"),
+        _gpu_fit_check(settings, smallest),
+    ]
 
 
-def _fit_check(config: ServeConfig, args: ModelArgs, gpu_bytes: int) -> Check:
-    ep = config.parallel.ep_size
-    weights = rank_weight_bytes(args, ep, fp8_on_device=True)
-    budget = gpu_bytes * config.cache.memory_utilization
+def _gpu_fit_check(settings: EngineSettings, gpu_bytes: int) -> Check:
+    args, core = settings.args, settings.core
+    weights = rank_weight_bytes(args, settings.ep_size, fp8_on_device=settings.kernels == "triton")
+    budget = gpu_bytes * settings.memory_utilization
     per_token = kv_bytes_per_token(args)
-    max_seq = config.model.max_seq_len or args.max_position_embeddings
-    kv_room = budget - weights - 2 * GIB  # activations, CUDA graphs, allocator slack
-    batch_tokens = config.scheduler.max_num_seqs * min(max_seq, 2048)
+    kv_room = budget - weights - RUNTIME_SLACK
+    batch_tokens = core.max_num_seqs * min(core.max_seq_len, 2048)
     detail = (
         f"per rank: weights {weights / GIB:.1f} GiB + KV {per_token / 1024:.1f} KiB/token; "
         f"{budget / GIB:.0f} GiB usable leaves room for {max(0, kv_room) / per_token / 1e3:.0f}k tokens"
     )
-    if kv_room < per_token * max_seq:
+    if kv_room < per_token * core.max_seq_len:
         return Check(
             "memory",
             False,
-            detail + f"; one {max_seq}-token sequence needs {per_token * max_seq / GIB:.1f} GiB",
+            detail
+            + f"; one {core.max_seq_len}-token sequence needs {per_token * core.max_seq_len / GIB:.1f} GiB",
             "use GPUs with more memory, a larger ep_size, or a smaller model.max_seq_len",
         )
     if kv_room < per_token * batch_tokens:
         return Check(
             "memory",
             False,
-            detail + f"; {config.scheduler.max_num_seqs} sequences of 2k tokens need "
-            f"{per_token * batch_tokens / GIB:.1f} GiB",
-            "lower scheduler.max_num_seqs or raise memory_utilization",
+            detail
+            + f"; {core.max_num_seqs} sequences of 2k tokens need {per_token * batch_tokens / GIB:.1f} GiB",
+            "lower scheduler.max_num_seqs or raise cache.memory_utilization",
+        )
+    return Check("memory", True, detail)
+
+
+def _cpu_fit_check(settings: EngineSettings) -> Check:
+    """The CPU ranks: weights (dequantized to the compute dtype) plus each rank's KV cache in RAM."""
+    args, core = settings.args, settings.core
+    dtype_bytes = 4 if settings.dtype == "float32" else 2
+    weights = rank_weight_bytes(args, settings.ep_size, fp8_on_device=False) * dtype_bytes // 2
+    page = core.page_size * kv_bytes_per_token(args, dtype_bytes)
+    kv = (
+        (settings.num_pages + 1) * page if settings.num_pages is not None else settings.cpu_kv_cache_gib * GIB
+    )
+    need = settings.ep_size * (weights + kv)
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    detail = (
+        f"{settings.ep_size} rank(s) x (weights {weights / GIB:.2f} GiB + KV {kv / GIB:.2f} GiB) = "
+        f"{need / GIB:.2f} GiB of {available / GIB:.1f} GiB free"
+    )
+    if need > available:
+        return Check(
+            "memory", False, detail, "lower cache.num_pages or cache.cpu_kv_cache_gib, or use a smaller model"
         )
     return Check("memory", True, detail)
 

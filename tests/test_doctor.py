@@ -18,9 +18,14 @@ def test_deepseek_v3_rank_weights() -> None:
     assert 95e9 < per_rank < 102e9
 
 
-def test_dev_config_passes(dev_config_path) -> None:
+def test_dev_config_passes_and_checks_what_the_readme_says(dev_config_path) -> None:
     checks = run_checks(str(dev_config_path))
     assert all(c.ok for c in checks), [(c.name, c.detail) for c in checks if not c.ok]
+    names = [c.name for c in checks]
+    assert names == ["config", "settings", "weights", "tokenizer", "ray", "device", "memory"]
+    by_name = {c.name: c for c in checks}
+    assert "512 tokens, with a chat template" in by_name["tokenizer"].detail
+    assert "GiB free" in by_name["memory"].detail
 
 
 def test_failures_come_with_remedies(tmp_path, monkeypatch) -> None:
@@ -44,6 +49,13 @@ def test_failures_come_with_remedies(tmp_path, monkeypatch) -> None:
     bad.write_text("[model]\npath = 1\n")
     (only,) = run_checks(str(bad))
     assert not only.ok and only.name == "config" and "model.path" in only.detail
+    missing = tmp_path / "missing"
+    absent = tmp_path / "absent.toml"
+    absent.write_text(f'[model]\npath = "{missing}"\n')
+    config_ok, settings = run_checks(str(absent))
+    assert (
+        config_ok.ok and not settings.ok and "no such directory; point it at a DeepSeek-V3" in settings.detail
+    )
 
 
 def test_cli_exit_codes(dev_config_path, tmp_path, capsys) -> None:
@@ -52,4 +64,6 @@ def test_cli_exit_codes(dev_config_path, tmp_path, capsys) -> None:
     assert main(["doctor", "--config", str(dev_config_path)]) == 0
     assert "checks passed" in capsys.readouterr().out
     assert main(["doctor", "--config", str(tmp_path / "missing.toml")]) == 1
-    assert "does not exist" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "does not exist: pass the path of a TOML file" in out
+    assert "fix: fix the keys named above" not in out  # the message says what to do itself

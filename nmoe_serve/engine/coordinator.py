@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 
 
 class RequestFailed(RuntimeError):
-    """The engine failed while running this request (a worker died or raised); it may be retried."""
+    """The engine failed while running this request (a worker died or raised); it may be retried.
+
+    Its message is for the request's client: it names that request only. The cause (which rank,
+    which error, which other requests failed with it) is in the coordinator's log."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ class Coordinator:
         finally:
             self._streams.pop(request_id, None)
             if not finished and self.engine.abort(request_id):
-                log.info("request %s cancelled by its caller", request_id)
+                log.debug("request %s cancelled by its caller", request_id)
                 wake.set()
 
     async def abort(self, request_id: str) -> bool:
@@ -138,15 +141,19 @@ class Coordinator:
             try:
                 self._stepping = True
                 updates, kind, seconds = await self._step()
-            except StepFailed as e:
+            except StepFailed as e:  # logged with its cause by the executor and the engine core
                 for request_id in e.failed_request_ids:
-                    self._end(request_id, RequestFailed(f"request {request_id} failed: {e}"))
+                    self._end(
+                        request_id, RequestFailed(f"request {request_id} failed: a rank of the engine failed")
+                    )
                 continue
-            except Exception as e:  # a bug in the engine itself: fail everyone rather than hang them
+            except Exception:  # a bug in the engine itself: fail everyone rather than hang them
                 log.exception("coordinator step loop failed; ending every request")
                 self.engine.scheduler.fail_in_flight(workers_lost=False)
                 for request_id in list(self._streams):
-                    self._end(request_id, RequestFailed(f"engine error: {type(e).__name__}: {e}"))
+                    self._end(
+                        request_id, RequestFailed(f"request {request_id} failed: an internal engine error")
+                    )
                 continue
             finally:
                 self._stepping = False

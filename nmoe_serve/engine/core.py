@@ -89,7 +89,12 @@ class EngineCore:
         """The step failed on the ranks: end every request with an error, restart the workers, and
         return the error to raise, naming the requests that failed."""
         failed = self.scheduler.fail_in_flight()
-        log.error("%s; ended %d request(s) with an error; restarting the workers", error, len(failed))
+        log.error(
+            "%s; ended %d request(s) with an error (%s); restarting the workers",
+            error,
+            len(failed),
+            ", ".join(failed[:32]),
+        )
         self.executor.restart()
         return StepFailed(f"{error}; {len(failed)} request(s) failed: {', '.join(failed[:8])}", failed)
 

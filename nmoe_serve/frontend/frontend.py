@@ -30,12 +30,35 @@ def load_tokenizer(settings: EngineSettings) -> Tokenizer | None:
         return None
 
 
+# Margin of the byte bound over the longest token: a normalizer may shorten text before it is
+# split (NFKC folds some 3-byte characters into 2 bytes), so the bound never refuses a text that fits.
+NORMALIZATION_MARGIN = 2
+
+
 class Frontend:
     def __init__(self, settings: EngineSettings, tokenizer: Tokenizer | None = None) -> None:
         self.model_name = settings.model_name
         self.vocab_size = settings.args.vocab_size
         self.max_seq_len = settings.core.max_seq_len
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(settings)
+        longest = self.tokenizer.longest_token_bytes if self.tokenizer is not None else 0
+        # A text longer than this cannot fit the context whatever it says: every token of it
+        # covers at most `longest` bytes.
+        self.max_text_bytes = self.max_seq_len * longest * NORMALIZATION_MARGIN
+
+    def check_text_fits(self, texts: Sequence[str], param: str) -> None:
+        """Refuse, before tokenizing, a text too long to fit the context in any tokenization."""
+        for text in texts:
+            if len(text) * 4 <= self.max_text_bytes:  # no UTF-8 character is longer than 4 bytes
+                continue
+            size = len(text.encode("utf-8", errors="replace"))
+            if size > self.max_text_bytes:
+                raise InvalidRequest(
+                    f"the text of {param} has {size} bytes, more than this model's context of "
+                    f"{self.max_seq_len} tokens can hold (at most {self.max_text_bytes} bytes): shorten it",
+                    param,
+                    "context_length_exceeded",
+                )
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:

@@ -8,10 +8,13 @@ that names the field, the value found and what is supported.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # The fields of DeepSeek-V3's own config.json that the model reads (FP8 checkpoint): the shape
 # benchmarks and memory estimates of the full-size model start from.
@@ -183,10 +186,12 @@ class ModelArgs:
 
         n_heads = reader.int("num_attention_heads")
         kv_heads = hf.get("num_key_value_heads", n_heads)
-        if kv_heads != n_heads:
-            raise CheckpointConfigError(
-                f"{source}: num_key_value_heads={kv_heads} differs from num_attention_heads={n_heads}; "
-                "MLA checkpoints have one equal to the other"
+        if kv_heads != n_heads:  # MLA has no key/value heads of its own; transformers ignores it too
+            log.info(
+                "%s: num_key_value_heads=%s differs from num_attention_heads=%s; MLA does not read it",
+                source,
+                kv_heads,
+                n_heads,
             )
         n_experts = reader.int("n_routed_experts")
         n_groups = reader.int("n_group", default=1)

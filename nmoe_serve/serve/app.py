@@ -60,5 +60,5 @@ def build_app(args: dict[str, Any]) -> Application:
     settings = resolve_settings(config, cuda_available=cuda_in_cluster())
     coordinator_options = CoordinatorDeployment.deployment_options(settings, config.server)
     coordinator = serve.deployment(**coordinator_options)(CoordinatorDeployment).bind(settings, config.server)
-    ingress = serve.deployment(**Ingress.deployment_options(config.server))(Ingress)
+    ingress = serve.deployment(**Ingress.deployment_options(settings, config.server))(Ingress)
     return ingress.bind(coordinator, settings, config.server)

@@ -58,9 +58,11 @@ class CoordinatorDeployment:
             "placement_group_bundles": bundles,
             "placement_group_strategy": "STRICT_PACK",
             "max_ongoing_requests": 100_000,
-            "health_check_period_s": 10,
+            "health_check_period_s": 5,
             "health_check_timeout_s": 60,
             "graceful_shutdown_timeout_s": 20,
+            # one log line per HTTP request is the ingress's; its engine requests log at debug
+            "logging_config": {"enable_access_log": False},
         }
 
     def __init__(self, settings: EngineSettings, server: ServerSection) -> None:
@@ -103,5 +105,7 @@ class CoordinatorDeployment:
         await self.coordinator.wait_idle(timeout_s)
 
     async def check_health(self) -> None:
-        """Serve's health check: fail when the step loop died (the group restarts on its own otherwise)."""
+        """Serve's health check: fail when the step loop died (the group restarts on its own
+        otherwise). It also refreshes the gauges, so an idle group reads 0, not nothing."""
         self.coordinator.check_health()
+        self.metrics.idle(self.coordinator.stats())

@@ -88,6 +88,13 @@ class EngineMetrics:
             m.set_default_tags(self.tags)
         self._preemptions_seen = 0
 
+    def idle(self, stats: dict[str, float]) -> None:
+        """Set the gauges from the coordinator's counters (between steps, or with no step at all:
+        an exporter drops a gauge nobody has set for a while)."""
+        self.running.set(stats["running"])
+        self.waiting.set(stats["waiting"])
+        self.kv_usage.set(stats["kv_usage"])
+
     def after_step(self, report: StepReport) -> None:
         self.step_seconds.observe(report.seconds, {**self.tags, "kind": report.kind})
         if report.tokens:

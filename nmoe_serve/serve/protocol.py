@@ -1,7 +1,7 @@
 """The OpenAI-compatible request bodies, their checks, and their mapping to SamplingParams.
 
-Bodies are pydantic models that refuse unknown fields and bad values with a message naming the
-field. Beyond OpenAI's own parameters they take the usual serving extras (top_k, min_p,
+Bodies are strict pydantic models (no strings for numbers or booleans, no booleans for token ids)
+that refuse unknown fields and bad values with a message naming the field. Beyond OpenAI's own parameters they take the usual serving extras (top_k, min_p,
 ignore_eos, repetition_penalty, min_tokens, stop_token_ids, skip_special_tokens,
 include_stop_str_in_output). Parameters nmoe_serve does not implement (echo, best_of != n,
 logit_bias, suffix, tools) are refused by name rather than ignored.
@@ -40,14 +40,15 @@ class Overloaded(RuntimeError):
     """Too many requests are queued in an EP group; the caller should retry later (429)."""
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class _SamplingFields(_Strict):
     model: str | None = None
     n: int = Field(1, ge=1, le=128)
     temperature: float = Field(1.0, ge=0.0, le=100.0)
@@ -145,16 +146,23 @@ class CompletionRequest(_SamplingFields):
         return list(p)  # type: ignore[arg-type]
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send name, tool_call_id... which templates may use
+    # clients send name, tool_call_id... which templates may use
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _no_tools(cls, role: str) -> str:
+        if role == "tool":
+            raise ValueError("messages with role 'tool' are not supported: this server runs no tools")
+        return role
 
     def text(self) -> str:
         if self.content is None:
@@ -164,8 +172,7 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ResponseFormat(_Strict):
     type: Literal["text"]
 
 
@@ -208,14 +215,193 @@ class ChatCompletionRequest(_SamplingFields):
         ]
 
 
+# Fields whose value may take several forms: a value that fits none is explained by its forms.
+UNION_HINTS = {
+    "prompt": "must be a string, a list of strings, a list of token ids (integers) or a list of lists of token ids",
+    "stop": "must be a string or a list of strings",
+    "content": 'must be a string, null, or a list of {"type": "text", "text": ...} parts',
+    "tool_choice": 'must be "none" (tools are not supported)',
+    "stop_token_ids": "must be a list of integers",
+}
+
+
+def _is_type_tag(part: object) -> bool:
+    """Whether a location part names one form of a union (pydantic's 'list[int]', 'str',
+    'function-after[...]', a model class) rather than a field or an index."""
+    if not isinstance(part, str):
+        return False
+    return (
+        any(c in part for c in "[]()'")
+        or part in ("str", "int", "float", "bool", "none", "dict", "list")
+        or part[:1].isupper()
+        or part.startswith(("function-", "literal", "union"))
+    )
+
+
 def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    """One readable message (and the first offending parameter) from pydantic's error list."""
-    parts, param = [], None
-    for e in errors[:5]:
-        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-        param = param or loc or None
-        msg = e.get("msg", "invalid").removeprefix("Value error, ")
-        if e.get("type") == "extra_forbidden":
+    """One readable message (and the first offending parameter) from pydantic's error list,
+    naming the request's fields only: the forms of a union collapse into one explanation."""
+    parts: list[str] = []
+    seen: set[str] = set()
+    param = None
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        cut = next((i for i, p in enumerate(loc) if _is_type_tag(p)), None)
+        field = ".".join(loc if cut is None else loc[:cut])
+        if field in seen:
+            continue
+        seen.add(field)
+        param = param or field or None
+        if cut is not None:
+            msg = UNION_HINTS.get(loc[cut - 1] if cut else field, "has a value of the wrong type")
+        elif e.get("type") == "extra_forbidden":
             msg = "unknown parameter"
-        parts.append(f"{loc}: {msg}" if loc else msg)
+        else:
+            msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{field}: {msg}" if field else msg)
+        if len(parts) == 5:
+            break
     return "; ".join(parts), param
+
+
+# ---- response bodies (documented in /openapi.json; the front end builds them as dicts) ----------
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error: {"error": {message, type, param, code}}, OpenAI's shape."""
+
+    error: ErrorBody
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "starting", "unavailable"]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+    vocab_size: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    stop_reason: int | str | None
+    logprobs: CompletionLogprobs | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    stop_reason: int | str | None
+    logprobs: ChatLogprobs | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+
+
+class CompletionChunk(BaseModel):
+    """One `data:` event of a streamed completion (the last one with usage and no choices)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `data:` event of a streamed chat completion (the last one with usage and no choices)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None

@@ -7,6 +7,7 @@ added, and the chat template.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -149,6 +150,14 @@ class Tokenizer:
     def all_special_ids(self) -> frozenset[int]:
         """Ids of special added tokens plus the BOS, EOS and pad ids."""
         return self._special_ids
+
+    @functools.cached_property
+    def longest_token_bytes(self) -> int:
+        """UTF-8 bytes of the longest token's text (a partial character counts as its 3-byte
+        replacement): no text of n bytes encodes to fewer than n / this many tokens."""
+        size = self._backend.get_vocab_size(with_added_tokens=True)
+        texts = self._backend.decode_batch([[i] for i in range(size)], skip_special_tokens=False)
+        return max(1, max(len(t.encode("utf-8")) for t in texts))
 
     @property
     def chat_template(self) -> str | None:

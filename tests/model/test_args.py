@@ -278,7 +278,6 @@ OTHER_FIELDS = [
     ({"moe_layer_freq": 2}, r"moe_layer_freq=2 is not supported \(DeepSeek-V3 uses 1\)"),
     ({"hidden_act": "gelu"}, r"hidden_act='gelu' is not supported \(only 'silu'\)"),
     ({"attention_bias": True}, r"attention_bias=true is not supported"),
-    ({"num_key_value_heads": 1}, r"num_key_value_heads=1 differs from num_attention_heads=4"),
     ({"first_k_dense_replace": 5}, r"first_k_dense_replace=5 must be in \[0, 4\]"),
     (
         {"torch_dtype": "float8_e4m3fn"},
@@ -290,3 +289,13 @@ OTHER_FIELDS = [
 @pytest.mark.parametrize(("changes", "match"), OTHER_FIELDS)
 def test_other_unsupported_fields(changes: dict[str, Any], match: str):
     refuse(hf(**changes), match)
+
+
+def test_num_key_value_heads_is_ignored_for_mla_with_a_note(caplog: pytest.LogCaptureFixture) -> None:
+    """MLA reads no key/value head count; a checkpoint that sets another one still loads (as in
+    transformers), with a logged note."""
+    config = tiny_hf_config({"num_key_value_heads": 1})
+    with caplog.at_level("INFO"):
+        args = ModelArgs.from_hf_config(config, source="cfg")
+    assert args.n_heads == 4
+    assert "num_key_value_heads=1 differs from num_attention_heads=4; MLA does not read it" in caplog.text

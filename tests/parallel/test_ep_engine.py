@@ -42,8 +42,9 @@ def tokens(llm: LLM, prompts, params) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def ep8(dev_config_path):
-    """EP 8 whose ranks record their collectives (tests/parallel/recording.py)."""
+def ep8(dev_config_path, progress):
+    """EP 8 whose ranks record their collectives (tests/recording.py)."""
+    progress("starting 8 Ray worker ranks for tests/parallel (about a minute)")
     settings = resolve(
         ServeConfig.from_toml(dev_config_path, overrides={"ep_size": 8, "num_pages": 10, **OPTIONS})
     )

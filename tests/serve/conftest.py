@@ -43,12 +43,31 @@ class DevServer:
         )
 
 
-def _run(cmd: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def _wait_for_port(port: int, timeout_s: float, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start exited with {process.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
+
+
+def _stop(process: subprocess.Popen, timeout_s: float = 30) -> None:
+    """Stop a process group this fixture started (never `ray stop`, which stops every cluster)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 @pytest.fixture(scope="session")
-def dev_server(tmp_path_factory: pytest.TempPathFactory):
+def dev_server(tmp_path_factory: pytest.TempPathFactory, progress):
     work = tmp_path_factory.mktemp("serve")
     gcs, dashboard, metrics, http = _free_port(), _free_port(), _free_port(), _free_port()
     env = {
@@ -59,21 +78,30 @@ def dev_server(tmp_path_factory: pytest.TempPathFactory):
         "PYTHONUNBUFFERED": "1",
     }
     env.pop("RAY_ADDRESS", None)
-    started = _run(
+    progress("starting a Ray cluster and `serve run deployments/dev.yaml` for tests/serve (about a minute)")
+    head_log = (work / "ray-head.log").open("w")
+    head = subprocess.Popen(
         [
             "ray",
             "start",
             "--head",
+            "--block",  # in the foreground: stopping this process group stops the whole cluster
             f"--port={gcs}",
+            f"--temp-dir={work / 'ray'}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
             f"--metrics-export-port={metrics}",
             "--num-cpus=4",
             "--disable-usage-stats",
         ],
-        env,
+        env=env,
+        cwd=REPO,
+        stdout=head_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
-    assert started.returncode == 0, started.stdout + started.stderr
+    _wait_for_port(gcs, 120, head)
+    _wait_for_port(dashboard, 120, head)
     config = yaml.safe_load((REPO / "deployments" / "dev.yaml").read_text())
     config["applications"][0]["args"]["overrides"].update(
         {"api_key": API_KEY, "max_waiting_requests": MAX_WAITING}
@@ -109,15 +137,13 @@ def dev_server(tmp_path_factory: pytest.TempPathFactory):
             if serve.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("serve run did not come up:\n" + (work / "serve.log").read_text()[-4000:])
             time.sleep(1)
+        progress(f"dev server up at {server.url}")
         yield server
     finally:
-        os.killpg(serve.pid, signal.SIGTERM)
-        try:
-            serve.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
-        _run(["ray", "stop", "--force"], env)
+        _stop(serve)
+        _stop(head, timeout_s=60)
         log.close()
+        head_log.close()
 
 
 @pytest.fixture(scope="session")

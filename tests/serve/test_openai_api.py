@@ -315,7 +315,11 @@ def test_engine_fault_answers_500_and_the_group_recovers(dev_server, engine_hand
             return await request
 
     response = asyncio.run(main())
-    _error(response, 500, "engine restarted, retry the request")
+    error = _error(
+        response, 500, r"^the engine failed while running request cmpl-[0-9a-f-]+ and has restarted: retry"
+    )
+    # nothing of the server leaks: no traceback, process, address, actor or other request
+    assert not re.search(r"pid|ip=|actor|ray::|Traceback|\x1b|\d+\.\d+\.\d+\.\d+", error["message"])
     _engine_idle(engine_handle, timeout=120)
     assert _post(dev_server, "/v1/completions", {"prompt": "again", "max_tokens": 3}).status_code == 200
 

@@ -119,6 +119,9 @@ def test_engine_failures_map_to_statuses() -> None:
     assert (busy.status, busy.retry_after_s, busy.type) == (429, 2, "rate_limit_error")
     full = api_error(BackPressureError(num_queued_requests=5, max_queued_requests=5), 3)
     assert (full.status, full.retry_after_s) == (503, 3)
-    failed = api_error(RequestFailed("worker died"), 1)
-    assert failed.status == 500 and "retry" in failed.message
-    assert api_error(KeyError("x"), 1).status == 500
+    failed = api_error(RequestFailed("request cmpl-7-0-0 failed: a rank of the engine failed"), 1, "cmpl-7")
+    assert failed.status == 500 and failed.message == (
+        "the engine failed while running request cmpl-7 and has restarted: retry the request"
+    )
+    internal = api_error(KeyError("secret detail"), 1, "cmpl-8")
+    assert internal.status == 500 and "secret" not in internal.message and "cmpl-8" in internal.message
