@@ -319,16 +319,17 @@ class Ingress:
                 f"request body of {len(raw)} bytes exceeds the limit of {limit} bytes",
                 code="request_too_large",
             )
+        too_deep = APIError(
+            400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects"
+        )
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
         except RecursionError:
-            data = None
-        if data is None or (isinstance(data, dict | list) and json_depth(data) > MAX_JSON_DEPTH):
-            raise APIError(
-                400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects"
-            )
+            raise too_deep from None
+        if isinstance(data, dict | list) and json_depth(data) > MAX_JSON_DEPTH:
+            raise too_deep
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object")
         try:

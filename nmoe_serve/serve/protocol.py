@@ -256,6 +256,8 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
             msg = UNION_HINTS.get(loc[cut - 1] if cut else field, "has a value of the wrong type")
         elif e.get("type") == "extra_forbidden":
             msg = "unknown parameter"
+        elif e.get("type") in ("model_type", "model_attributes_type", "dict_type"):
+            msg = "must be a JSON object"
         else:
             msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"{field}: {msg}" if field else msg)

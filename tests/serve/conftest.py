@@ -20,6 +20,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-1234"
 MAX_WAITING = 48
+DEFAULT_MAX_TOKENS = 24
 
 
 def _free_port() -> int:
@@ -36,6 +37,7 @@ class DevServer:
     metrics_url: str
     env: dict[str, str]
     api_key: str
+    startup_health: list[tuple[str, object]]  # what /health answered while the server started
 
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(
@@ -104,7 +106,7 @@ def dev_server(tmp_path_factory: pytest.TempPathFactory, progress):
     _wait_for_port(dashboard, 120, head)
     config = yaml.safe_load((REPO / "deployments" / "dev.yaml").read_text())
     config["applications"][0]["args"]["overrides"].update(
-        {"api_key": API_KEY, "max_waiting_requests": MAX_WAITING}
+        {"api_key": API_KEY, "max_waiting_requests": MAX_WAITING, "default_max_tokens": DEFAULT_MAX_TOKENS}
     )
     config["http_options"]["port"] = http  # not 8000: a developer's own dev server may be running
     spec = work / "dev-test.yaml"
@@ -125,15 +127,26 @@ def dev_server(tmp_path_factory: pytest.TempPathFactory, progress):
         f"http://127.0.0.1:{metrics}/metrics",
         env,
         API_KEY,
+        [],
     )
     try:
         deadline = time.monotonic() + 240
         while True:
             try:
-                if httpx.get(f"{server.url}/health", timeout=5).status_code == 200:
+                answer = httpx.get(f"{server.url}/health", timeout=5)
+                try:
+                    body = answer.json()
+                except ValueError:  # Serve's proxy, before the application has an ingress replica
+                    body = answer.text[:200]
+                server.startup_health.append(
+                    (str(answer.status_code), (answer.headers.get("retry-after"), body))
+                )
+                if answer.status_code == 200:
                     break
-            except httpx.HTTPError:
+            except httpx.ConnectError:  # nothing listens yet (Serve's proxy starting)
                 pass
+            except httpx.HTTPError as e:  # a listener that does not answer: recorded, a test fails on it
+                server.startup_health.append(("no answer", type(e).__name__))
             if serve.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("serve run did not come up:\n" + (work / "serve.log").read_text()[-4000:])
             time.sleep(1)

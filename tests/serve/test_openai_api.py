@@ -15,7 +15,7 @@ import pytest
 
 from nmoe_serve.model.tiny import cached_tiny_checkpoint
 from nmoe_serve.tokenizer import Tokenizer
-from tests.serve.conftest import MAX_WAITING, REPO
+from tests.serve.conftest import DEFAULT_MAX_TOKENS, MAX_WAITING, REPO
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +30,29 @@ def client(dev_server) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
     return Tokenizer.from_pretrained(cached_tiny_checkpoint(seed=0))
+
+
+def test_health_answers_at_once_while_starting(dev_server) -> None:
+    """From the ingress's first answer on, /health answered every poll of the start-up (5 s
+    timeout each): 503 {"status": "starting"} with Retry-After while the group started, then 200
+    ok. (Before the ingress replica exists, Serve's proxy answers in plain text.)"""
+    seen = dev_server.startup_health
+    assert seen and seen[-1] == ("200", (None, {"status": "ok"})), seen
+    ours = next(i for i, s in enumerate(seen) if isinstance(s[1], tuple) and isinstance(s[1][1], dict))
+    assert all(s == ("503", ("5", {"status": "starting"})) for s in seen[ours:-1]), seen
+    assert all(s[0] != "no answer" for s in seen), seen
+
+
+def test_requests_without_max_tokens_take_the_defaults(dev_server) -> None:
+    """Chat takes [server] default_max_tokens; completions keep OpenAI's 16."""
+    chat = _post(
+        dev_server,
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True},
+    )
+    assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == DEFAULT_MAX_TOKENS
+    completion = _post(dev_server, "/v1/completions", {"prompt": "hi", "ignore_eos": True})
+    assert completion.status_code == 200 and completion.json()["usage"]["completion_tokens"] == 16
 
 
 def test_models_and_health(client, dev_server) -> None:

@@ -125,3 +125,28 @@ def test_engine_failures_map_to_statuses() -> None:
     )
     internal = api_error(KeyError("secret detail"), 1, "cmpl-8")
     assert internal.status == 500 and "secret" not in internal.message and "cmpl-8" in internal.message
+
+
+def test_json_depth_is_measured_without_recursion() -> None:
+    from nmoe_serve.serve.ingress import json_depth
+
+    assert json_depth({}) == 1 and json_depth({"a": [1, {"b": []}]}) == 4
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    assert json_depth(deep) == 100_001
+
+
+def test_the_ingress_admits_the_groups_capacity_shared_among_replicas(dev_config_path) -> None:
+    from nmoe_serve.config import ServeConfig
+    from nmoe_serve.serve.ingress import inflight_bound
+    from tests.helpers import resolve
+
+    config = ServeConfig.from_toml(
+        dev_config_path,
+        overrides={"ep_size": 8, "max_waiting_requests": 4096, "ep_groups": 2, "ingress_replicas": 4},
+    )
+    settings = resolve(config)
+    assert inflight_bound(settings, config.server) == 2 * (8 * 64 + 4096) // 4
+    fixed = ServeConfig.from_toml(dev_config_path, overrides={"max_inflight_sequences": 7})
+    assert inflight_bound(resolve(fixed), fixed.server) == 7
