@@ -25,6 +25,7 @@ import json
 import math
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -283,6 +284,7 @@ def bench_mla(ceil: dict, batch: int, context: int, reps: int, flashinfer=None) 
             row |= bench_mla_peer(flashinfer, q, q_pe, kv, table, lens, scale, ref, roof, reps)
             row["ours_over_peer_graph"] = graph_seconds / row["peer_graph_seconds"]
         except Exception as e:  # a peer that fails is reported, not fatal
+            traceback.print_exc()
             row["peer_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return row
 
@@ -343,7 +345,7 @@ def main() -> int:
     only = set(args.only or ["moe", "mla", "gemm", "quant"])
     started = time.time()
     warm_rate = warm_up(args.warmup_seconds)
-    ceil = ceilings(reps)
+    ceil = ceilings(max(reps, 20))
     device = torch.cuda.get_device_name()
     print(
         f"{device}: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 {ceil['bf16_flops_per_s'] / 1e12:.0f} "
@@ -407,10 +409,18 @@ def main() -> int:
             add(bench_moe(ceil, per_rank, fp8=True, reps=reps, prefill=False))
         add(bench_moe(ceil, 128, fp8=False, reps=reps, prefill=False))
         add(bench_moe(ceil, 16384, fp8=True, reps=max(3, reps // 4), prefill=True))
+    ceil_end = ceilings(max(reps, 20))
+    print(
+        f"ceilings again at the end: copy {ceil_end['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 "
+        f"{ceil_end['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s, fp8 {ceil_end.get('fp8_flops_per_s', 0) / 1e12:.0f} "
+        "TFLOP/s (the rows divide by those measured before them)",
+        flush=True,
+    )
     result = {
         "device": device,
         "date": time.strftime("%Y-%m-%d"),
         "ceilings": ceil,
+        "ceilings_at_end": ceil_end,
         "warmup_seconds": args.warmup_seconds,
         "warmup_last_second_flops_per_s": warm_rate,
         "rows": rows,

@@ -79,9 +79,9 @@ class FlashInferDecode:
     """FlashInfer's `BatchMLAPagedAttentionWrapper` (backend "fa3") on our cache layout.
 
     The cache [NP, P, C] is passed as its two views c_kv [NP, P, L] and k_pe [NP, P, R] (strided,
-    no copy); the page table [B, W] becomes FlashInfer's CSR page list with W pages per row
-    (kv_indptr = W·b): only the pages a row's context covers are read, so the -1 padding past
-    them is never dereferenced. `flashinfer` is the imported module (tests pass a stand-in)."""
+    no copy); the page table [B, W] becomes FlashInfer's CSR page list, which must hold exactly
+    ceil(len / P) pages per row (FlashInfer 0.7 checks it), so the -1 padding past a row's pages
+    is left out. `flashinfer` is the imported module (tests pass a stand-in)."""
 
     name = "flashinfer-fa3"
 
@@ -107,8 +107,8 @@ class FlashInferDecode:
         self.graph_wrappers: dict[tuple[int, int], Any] = {}
         self.current: Any = None
 
-    def _graph_wrapper(self, kv_indices: torch.Tensor, rows: int) -> Any:
-        key = (rows, kv_indices.data_ptr())
+    def _graph_wrapper(self, rows: int, width: int, table_ptr: int) -> Any:
+        key = (rows, table_ptr)
         wrapper = self.graph_wrappers.get(key)
         if wrapper is None:
             wrapper = self.fi.BatchMLAPagedAttentionWrapper(
@@ -116,7 +116,7 @@ class FlashInferDecode:
                 use_cuda_graph=True,
                 qo_indptr=torch.empty(rows + 1, dtype=torch.int32, device=self.device),  # [Bg + 1]
                 kv_indptr=torch.empty(rows + 1, dtype=torch.int32, device=self.device),  # [Bg + 1]
-                kv_indices=kv_indices,  # [Bg * W], the graph's own page table: staged in place
+                kv_indices=torch.empty(rows * width, dtype=torch.int32, device=self.device),  # [Bg * W]
                 kv_len_arr=torch.empty(rows, dtype=torch.int32, device=self.device),  # [Bg]
                 backend="fa3",
             )
@@ -125,18 +125,29 @@ class FlashInferDecode:
 
     def plan(self, context_lens: np.ndarray, page_table: torch.Tensor, graph: bool) -> None:
         rows, width = page_table.shape
-        if len(context_lens) != rows:
+        lens = np.asarray(context_lens, dtype=np.int64)  # [B]
+        if lens.shape != (rows,):
             raise ValueError(
-                f"FlashInferDecode.plan: {len(context_lens)} context lengths for a page table of {rows} rows"
+                f"FlashInferDecode.plan: {lens.size} context lengths for a page table of {rows} rows"
             )
-        kv_indices = page_table.reshape(-1)  # [B * W], a view of the contiguous table
-        wrapper = self._graph_wrapper(kv_indices, rows) if graph else self.eager
-        qo_indptr = torch.arange(rows + 1, dtype=torch.int32)  # [B + 1] host: one query per row
+        if rows == 0:  # an idle rank's eager T = 0 step: nothing to plan, the call returns [0, N, L]
+            self.current = self.eager
+            return
+        # FlashInfer's CSR list holds exactly ceil(len / P) pages per row: gather them from the
+        # table (positions computed here, one gather on the device, no sync).
+        pages = -(-lens // self.page_size)  # [B]
+        kv_indptr = np.zeros(rows + 1, np.int32)  # [B + 1]
+        np.cumsum(pages, out=kv_indptr[1:])
+        first = np.repeat(kv_indptr[:-1], pages)  # [sum pages]
+        cols = np.arange(int(kv_indptr[-1])) - first
+        where = np.repeat(np.arange(rows) * width, pages) + cols  # flat positions in the table
+        kv_indices = page_table.reshape(-1)[torch.from_numpy(where).to(page_table.device)]  # [sum pages]
+        wrapper = self._graph_wrapper(rows, width, page_table.data_ptr()) if graph else self.eager
         metadata = self.fi.mla.MLAPlanMetadata.csr(
-            qo_indptr=qo_indptr,
-            kv_indptr=qo_indptr * width,
+            qo_indptr=torch.arange(rows + 1, dtype=torch.int32),  # [B + 1] host: one query per row
+            kv_indptr=torch.from_numpy(kv_indptr),
             kv_indices=kv_indices,
-            kv_len_arr=torch.from_numpy(np.asarray(context_lens, dtype=np.int32)),  # [B] host
+            kv_len_arr=torch.from_numpy(lens.astype(np.int32)),  # [B] host
         )
         wrapper.plan(
             metadata=metadata,
@@ -164,6 +175,8 @@ class FlashInferDecode:
         if self.current is None:
             raise RuntimeError("FlashInferDecode: a decode step ran without its plan (call plan first)")
         out = torch.empty(q_latent.shape, dtype=q_latent.dtype, device=q_latent.device)  # [B, N, L]
+        if out.shape[0] == 0:
+            return out
         self.current.run(
             query=(q_latent, q_pe),
             kv_cache=(kv_cache[..., : self.latent], kv_cache[..., self.latent :]),

@@ -47,8 +47,15 @@ class _FakeWrapper:
 
     def plan(self, *, metadata, **kw):
         assert kw["query_layout"] == kw["kv_cache_layout"] == "split" and kw["causal"] is False
+        # FlashInfer 0.7's rule: exactly ceil(len / P) pages per row, indptr starting at 0.
+        pages = metadata.kv_indptr[1:] - metadata.kv_indptr[:-1]
+        assert metadata.kv_indptr[0] == 0
+        assert torch.equal(
+            pages.long(), (metadata.kv_len_arr.long() + kw["page_size"] - 1) // kw["page_size"]
+        )
+        assert metadata.kv_indices.numel() == int(metadata.kv_indptr[-1])
         if self.use_cuda_graph:  # staged into the buffers given at construction
-            assert metadata.kv_indices.data_ptr() == self.kv_indices_buf.data_ptr()
+            assert self.kv_indices_buf.numel() >= metadata.kv_indices.numel()
         self.plans.append(dict(kw, meta=metadata))
 
     def run(self, *, query, kv_cache, out):
@@ -58,9 +65,9 @@ class _FakeWrapper:
         for b in range(q_nope.shape[0]):
             pages = meta.kv_indices[meta.kv_indptr[b] : meta.kv_indptr[b + 1]].long()
             n = int(meta.kv_len_arr[b])
-            c = ckv[pages.clamp(min=0)].flatten(0, 1)[:n].float()  # [n, L]; -1 padding never taken
-            k = kpe[pages.clamp(min=0)].flatten(0, 1)[:n].float()  # [n, R]
-            assert (pages[: -(-n // ckv.shape[1])] >= 0).all()
+            assert (pages >= 0).all()
+            c = ckv[pages].flatten(0, 1)[:n].float()  # [n, L]
+            k = kpe[pages].flatten(0, 1)[:n].float()  # [n, R]
             scores = (q_nope[b].float() @ c.T + q_pe[b].float() @ k.T) * scale  # [N, n]
             out[b] = (scores.softmax(-1) @ c).to(out.dtype)
         return out
@@ -93,7 +100,8 @@ def test_flashinfer_core_plans_our_page_table_as_its_csr_list():
     ref = mla_decode_ref(q, q_pe, kv, table, lens, scale)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     meta = core.eager.plans[-1]["meta"]
-    assert meta.kv_indptr.tolist() == [6 * b for b in range(6)] and meta.kv_len_arr.tolist() == lens.tolist()
+    assert meta.kv_len_arr.tolist() == lens.tolist()
+    assert meta.kv_indices.tolist() == table[table >= 0].tolist()  # row by row, in page order
 
 
 def test_flashinfer_core_keeps_one_wrapper_per_graph_and_replans_it():
@@ -120,6 +128,13 @@ def test_flashinfer_core_refuses_a_step_without_a_plan_and_a_mismatched_plan():
         core(q, q_pe, kv, None, 0.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="3 context lengths for a page table of 2 rows"):
         core.plan(np.ones(3, np.int32), table, graph=False)
+
+
+def test_flashinfer_core_runs_an_empty_step_without_calling_flashinfer():
+    core = FlashInferDecode(FAKE_FLASHINFER, 2, 32, 16, 8, 0.5, torch.float32, torch.device("cpu"), 64)
+    core.plan(np.zeros(0, np.int32), torch.zeros(0, 3, dtype=torch.int32), graph=False)
+    out = core(torch.zeros(0, 2, 32), torch.zeros(0, 2, 16), torch.zeros(4, 8, 48), None, 0.5)  # type: ignore[arg-type]
+    assert out.shape == (0, 2, 32) and not core.eager.plans
 
 
 def test_cpu_decode_attention_is_the_ops_mla_decode():
