@@ -1,15 +1,21 @@
 """Kernel benchmarks at DeepSeek-V3 shapes, against the roofline and the torch reference.
 
-    python bench/kernels.py [--out results.json] [--quick]
+    python bench/kernels.py [--out results.json] [--quick] [--peers]
 
-Measures the device's own ceilings first (device-to-device copy bandwidth, bf16 matmul and FP8
-`torch._scaled_mm` rates at 8192^3), then times each kernel with CUDA events (median of repeats
+Warms the GPU to its working clocks first (a few seconds of bf16 matmuls: an idle H200 sits at
+345 MHz, and ceilings read cold overstated every ratio by ~5%), then measures the device's own
+ceilings (device-to-device copy bandwidth, bf16 matmul and FP8 `torch._scaled_mm` rates at
+8192^3); every result row carries the ceilings it was divided by. It then times each kernel with CUDA events (median of repeats
 after warm-up) twice: the whole eager call (host overhead included) and its replay from a CUDA
 graph (device time alone, as the engine runs decode; prefill MoE is timed eagerly only). It
 reports bytes and FLOPs counted, the roofline time (bytes / copy bandwidth or FLOPs / matmul
 rate, whichever is larger), the ratio roofline / measured for both timings, and the speed-up of
 the eager call over the torch reference. Expert-parallel shapes are those of one rank of 8 (32 of 256 experts), fed
 the tokens that real group-limited routing of all 8 ranks' tokens sends to it.
+
+--peers adds, where it imports, FlashInfer's MLA decode (FA3 backend, through the engine's own
+adapter, model/decode_attention.py) to every mla_decode row: same inputs, same timers, its error
+against the torch reference, and the host time of its per-step plan.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import math
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -55,6 +62,21 @@ def graph_time(fns, reps: int, inner: int = 10) -> float:
     seconds = cuda_time(graph.replay, reps) / inner
     del graph
     return seconds
+
+
+def warm_up(seconds: float) -> float:
+    """bf16 matmuls for `seconds` so that the clocks reach their working level; returns the rate
+    of the last second (FLOP/s), a first look at the ceiling."""
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    done, rate, started = 0, 0.0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+        done += 1
+        rate = 10 * 2 * 8192**3 / (time.perf_counter() - t0)
+    return rate
 
 
 def ceilings(reps: int) -> dict[str, float]:
@@ -124,9 +146,11 @@ def timing_row(
     nbytes: int,
     roof: float,
     flops: float | None = None,
+    ceilings_used: dict[str, float] | None = None,
 ) -> dict:
     """One result row: `shape` (kernel name and its sizes), the eager and graph times, the work
-    counted, the roofline time and its ratios, and the speed-up over the torch reference."""
+    counted, the roofline time and its ratios (with the ceilings it was divided by), and the
+    speed-up over the torch reference."""
     row = dict(shape, seconds=seconds, graph_seconds=graph_seconds, bytes=nbytes)
     if flops is not None:
         row["flops"] = flops
@@ -136,7 +160,13 @@ def timing_row(
         "graph_roofline_ratio": roof / graph_seconds,
         "ref_seconds": ref_seconds,
         "speedup": ref_seconds / seconds,
+        "ceilings": dict(ceilings_used or {}),
     }
+
+
+def used(ceil: dict, *names: str) -> dict[str, float]:
+    """The ceilings of `names` that a row's roofline divided by."""
+    return {k: ceil[k] for k in names if k in ceil}
 
 
 def mla_work(batch: int, context: int) -> dict:
@@ -173,14 +203,61 @@ def bench_moe(ceil: dict, per_rank: int, fp8: bool, reps: int, prefill: bool) ->
         "tokens_received": t,
         "local_pairs": pairs,
     }
-    return timing_row(shape, seconds, graph_seconds, ref_seconds, wbytes + abytes, roof, flops) | {
+    rate_name = "fp8_flops_per_s" if fp8 and "fp8_flops_per_s" in ceil else "bf16_flops_per_s"
+    ceils = used(ceil, "copy_bytes_per_s", rate_name)
+    return timing_row(shape, seconds, graph_seconds, ref_seconds, wbytes + abytes, roof, flops, ceils) | {
         "weight_bw_ratio": (wbytes / ceil["copy_bytes_per_s"]) / seconds,
         "graph_weight_bw_ratio": (wbytes / ceil["copy_bytes_per_s"]) / graph_seconds,
         "flop_rate_ratio": (flops / rate) / seconds,
     }
 
 
-def bench_mla(ceil: dict, batch: int, context: int, reps: int) -> dict:
+def flashinfer_peer():  # type: ignore[no-untyped-def]
+    """The flashinfer module, or None (and why) where it does not import."""
+    try:
+        import flashinfer  # type: ignore[import-not-found]
+        import flashinfer.mla  # type: ignore[import-not-found]
+    except Exception as e:
+        print(f"--peers: flashinfer does not import ({type(e).__name__}: {e})", flush=True)
+        return None
+    print(f"--peers: flashinfer {getattr(flashinfer, '__version__', '?')}", flush=True)
+    return flashinfer
+
+
+def bench_mla_peer(flashinfer, q, q_pe, kv, table, lens, scale, ref, roof, reps: int) -> dict:  # type: ignore[no-untyped-def]
+    """FlashInfer's FA3 MLA decode on the same inputs and timers as ours: `peer_*` columns."""
+    from nmoe_serve.model.decode_attention import FlashInferDecode
+
+    core = FlashInferDecode(
+        flashinfer, HEADS, LATENT, ROPE, PAGE, scale, torch.bfloat16, torch.device("cuda")
+    )
+    lens_host = lens.cpu().numpy()
+    started = time.perf_counter()
+    core.plan(lens_host, table, graph=False)  # first plan: JIT build or load of the module
+    first_plan_s = time.perf_counter() - started
+    plan_s = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        core.plan(lens_host, table, graph=False)
+        torch.cuda.synchronize()
+        plan_s.append(time.perf_counter() - t0)
+    run = lambda: core(q, q_pe, kv, None, scale)  # noqa: E731
+    out = run()
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    seconds = cuda_time(run, reps)
+    graph_seconds = graph_time(run, reps)
+    return {
+        "peer": "flashinfer-fa3",
+        "peer_seconds": seconds,
+        "peer_graph_seconds": graph_seconds,
+        "peer_graph_roofline_ratio": roof / graph_seconds,
+        "peer_rel_err": err,
+        "peer_plan_host_seconds": sorted(plan_s)[len(plan_s) // 2],
+        "peer_first_plan_seconds": first_plan_s,
+    }
+
+
+def bench_mla(ceil: dict, batch: int, context: int, reps: int, flashinfer=None) -> dict:  # type: ignore[no-untyped-def]
     g = torch.Generator(device="cuda").manual_seed(batch * 7 + context)
     pages_per_seq = math.ceil(context / PAGE)
     num_pages = batch * pages_per_seq
@@ -197,7 +274,19 @@ def bench_mla(ceil: dict, batch: int, context: int, reps: int) -> dict:
     nbytes = work["kv_bytes"] + work["q_out_bytes"]
     roof = max(nbytes / ceil["copy_bytes_per_s"], work["flops"] / ceil["bf16_flops_per_s"])
     shape = {"kernel": "mla_decode", "batch": batch, "context": context}
-    return timing_row(shape, seconds, graph_seconds, ref_seconds, nbytes, roof, work["flops"])
+    ref = mla_decode_ref(q, q_pe, kv, table, lens, scale)
+    ours = mla_decode(q, q_pe, kv, table, lens, scale)
+    ceils = used(ceil, "copy_bytes_per_s", "bf16_flops_per_s")
+    row = timing_row(shape, seconds, graph_seconds, ref_seconds, nbytes, roof, work["flops"], ceils)
+    row["rel_err"] = ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
+    if flashinfer is not None:
+        try:
+            row |= bench_mla_peer(flashinfer, q, q_pe, kv, table, lens, scale, ref, roof, reps)
+            row["ours_over_peer_graph"] = graph_seconds / row["peer_graph_seconds"]
+        except Exception as e:  # a peer that fails is reported, not fatal
+            traceback.print_exc()
+            row["peer_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return row
 
 
 def bench_fp8_gemm(ceil: dict, name: str, n: int, k: int, t: int, reps: int) -> dict:
@@ -216,7 +305,15 @@ def bench_fp8_gemm(ceil: dict, name: str, n: int, k: int, t: int, reps: int) -> 
         nbytes / ceil["copy_bytes_per_s"], flops / ceil.get("fp8_flops_per_s", ceil["bf16_flops_per_s"])
     )
     shape = {"kernel": "fp8_gemm", "weight": name, "n": n, "k": k, "tokens": t}
-    return timing_row(shape, seconds, graph_seconds, ref_seconds, nbytes, roof, flops)
+    rate_name = "fp8_flops_per_s" if "fp8_flops_per_s" in ceil else "bf16_flops_per_s"
+    ceils = used(ceil, "copy_bytes_per_s", rate_name)
+    row = timing_row(shape, seconds, graph_seconds, ref_seconds, nbytes, roof, flops, ceils)
+    # The issue's measure for these projections: the weight bytes alone at the copy rate.
+    weight_roof = n * k / ceil["copy_bytes_per_s"]
+    return row | {
+        "weight_bw_ratio": weight_roof / seconds,
+        "graph_weight_bw_ratio": weight_roof / graph_seconds,
+    }
 
 
 def bench_fp8_quant(ceil: dict, t: int, reps: int) -> dict:
@@ -226,7 +323,9 @@ def bench_fp8_quant(ceil: dict, t: int, reps: int) -> dict:
     ref_seconds = cuda_time(lambda: fp8_quant_ref(x), 3, warmup=1)
     nbytes = t * H * 3 + t * (H // 128) * 4
     roof = nbytes / ceil["copy_bytes_per_s"]
-    return timing_row({"kernel": "fp8_quant", "tokens": t}, seconds, graph_seconds, ref_seconds, nbytes, roof)
+    shape = {"kernel": "fp8_quant", "tokens": t}
+    ceils = used(ceil, "copy_bytes_per_s")
+    return timing_row(shape, seconds, graph_seconds, ref_seconds, nbytes, roof, None, ceils)
 
 
 def main() -> int:
@@ -236,6 +335,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-kernels.json"))
     parser.add_argument("--quick", action="store_true", help="fewer repeats and shapes")
     parser.add_argument("--only", choices=["moe", "mla", "gemm", "quant"], action="append")
+    parser.add_argument("--peers", action="store_true", help="FlashInfer's MLA decode beside ours")
+    parser.add_argument("--warmup-seconds", type=float, default=5.0, help="clock warm-up before the ceilings")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
@@ -243,13 +344,16 @@ def main() -> int:
     reps = 5 if args.quick else 20
     only = set(args.only or ["moe", "mla", "gemm", "quant"])
     started = time.time()
-    ceil = ceilings(reps)
+    warm_rate = warm_up(args.warmup_seconds)
+    ceil = ceilings(max(reps, 20))
     device = torch.cuda.get_device_name()
     print(
         f"{device}: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 {ceil['bf16_flops_per_s'] / 1e12:.0f} "
-        f"TFLOP/s, fp8 {ceil.get('fp8_flops_per_s', 0) / 1e12:.0f} TFLOP/s",
+        f"TFLOP/s, fp8 {ceil.get('fp8_flops_per_s', 0) / 1e12:.0f} TFLOP/s (after {args.warmup_seconds:.0f} s "
+        f"of warm-up, its last second at {warm_rate / 1e12:.0f} TFLOP/s)",
         flush=True,
     )
+    peer = flashinfer_peer() if args.peers else None
     rows: list[dict] = []
 
     def add(row: dict) -> None:
@@ -269,10 +373,19 @@ def main() -> int:
                 "tokens",
             )
         }
+        peer = ""
+        if "peer_graph_seconds" in row:
+            peer = (
+                f" | {row['peer']} graph {row['peer_graph_seconds'] * 1e6:.1f} us "
+                f"({row['peer_graph_roofline_ratio']:.1%}, err {row['peer_rel_err']:.1e}), ours/peer "
+                f"{row['ours_over_peer_graph']:.2f}"
+            )
+        elif "peer_error" in row:
+            peer = f" | peer failed: {row['peer_error'][:120]}"
         print(
             f"{row['kernel']:>10} {shape}: graph {row['graph_seconds'] * 1e6:9.1f} us "
             f"({row['graph_roofline_ratio']:6.1%}), call {row['seconds'] * 1e6:9.1f} us "
-            f"({row['roofline_ratio']:6.1%}), x{row['speedup']:.1f} vs torch  [{time.time() - started:.0f} s]",
+            f"({row['roofline_ratio']:6.1%}), x{row['speedup']:.1f} vs torch{peer}  [{time.time() - started:.0f} s]",
             flush=True,
         )
 
@@ -283,22 +396,33 @@ def main() -> int:
         for name, n, k in (
             ("q_a_proj", 1536, 7168),
             ("kv_a_proj_with_mqa", 576, 7168),
+            ("qkv_a_proj (stacked, as the model runs it)", 1536 + 576, 7168),
             ("o_proj", 7168, 16384),
         ):
             for t in (1, 32, 256, 4096):
                 add(bench_fp8_gemm(ceil, name, n, k, t, reps))
     if "mla" in only:
         for batch, context in ((32, 2000), (64, 2000), (128, 2000), (256, 2000), (32, 16000)):
-            add(bench_mla(ceil, batch, context, reps))
+            add(bench_mla(ceil, batch, context, reps, peer))
     if "moe" in only:
         for per_rank in (32, 128, 256):
             add(bench_moe(ceil, per_rank, fp8=True, reps=reps, prefill=False))
         add(bench_moe(ceil, 128, fp8=False, reps=reps, prefill=False))
         add(bench_moe(ceil, 16384, fp8=True, reps=max(3, reps // 4), prefill=True))
+    ceil_end = ceilings(max(reps, 20))
+    print(
+        f"ceilings again at the end: copy {ceil_end['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 "
+        f"{ceil_end['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s, fp8 {ceil_end.get('fp8_flops_per_s', 0) / 1e12:.0f} "
+        "TFLOP/s (the rows divide by those measured before them)",
+        flush=True,
+    )
     result = {
         "device": device,
         "date": time.strftime("%Y-%m-%d"),
         "ceilings": ceil,
+        "ceilings_at_end": ceil_end,
+        "warmup_seconds": args.warmup_seconds,
+        "warmup_last_second_flops_per_s": warm_rate,
         "rows": rows,
         "torch": torch.__version__,
     }

@@ -15,7 +15,13 @@ divided by the n - 1 MoE layers between them).
 The MoE all-to-all is replaced by a local feed: rank 0's experts receive the tokens that real
 group-limited routing (sigmoid scores, 4 of 8 groups, top-8) of 8x the per-rank batch sends to
 experts 0-31, gathered from this rank's own hidden states, and their outputs are summed back
-(the combine). The network time of the exchange is not in these numbers.
+(the combine). The network time of the exchange is not measured (one GPU): it is modeled
+(`alltoall_model`) per MoE layer from the bytes the routing sends (each received token row in
+FP8 with its per-128 float32 scales dispatched, in bf16 combined; the 1/8 from the rank itself
+stays local), over a stated NVLink all-to-all bandwidth per GPU and a stated latency per
+collective (--link-gbps, --link-latency-us: assumptions, printed with their published anchors),
+and reported beside the compute-only step, with the node estimate both ways (compute only, and
+communication added without overlap).
 
 Decode: B sequences per rank (32, 128, 256), context 2000 each (KV pages filled with random
 latents), one new token each; times are the median of repeats: `graph` the CUDA-graph replay
@@ -48,7 +54,7 @@ from torch import nn
 from nmoe_serve.engine.plan import StepKind, StepPlan
 from nmoe_serve.model.args import DEEPSEEK_V3_HF_CONFIG, ModelArgs
 from nmoe_serve.model.attention import SdpaPrefill
-from nmoe_serve.model.backend import kernel_backend, reference_ops, triton_ops
+from nmoe_serve.model.backend import choose_decode_attention, kernel_backend, reference_ops, triton_ops
 from nmoe_serve.model.deepseek_v3 import DeepseekV3
 from nmoe_serve.model.loader import fill_dummy
 from nmoe_serve.model.rope import RotaryEmbedding
@@ -57,6 +63,12 @@ from nmoe_serve.worker.kv_cache import KVCache
 
 EP = 8
 PAGE = 64
+
+# Published anchors for the modeled all-to-all (assumptions, not measurements of this host).
+LINK_ANCHORS = (
+    "DeepEP intranode (H800, NVLink): ~150-330 GB/s per GPU, dispatch and combine",
+    "pplx-kernels: ~84 us dispatch at 128 tokens per rank",
+)
 
 DEEPSEEK_V3 = DEEPSEEK_V3_HF_CONFIG
 
@@ -140,6 +152,49 @@ class LocalFeed:
         return combined.to(x.dtype)
 
 
+# --- the modeled all-to-all -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinkModel:
+    """The exchange's assumed link: all-to-all bandwidth per GPU (bytes/s each way) and a fixed
+    latency per collective (seconds)."""
+
+    bytes_per_s: float
+    latency_s: float
+
+
+def alltoall_model(hidden: int, tokens_received: int, link: LinkModel, ep: int = EP) -> dict:
+    """Modeled time of one MoE layer's exchange on a rank that receives `tokens_received` token
+    rows (and, balanced, sends as many): dispatch of FP8 rows with their float32 scales per 128
+    (DeepEP's FP8 dispatch), combine of bf16 rows; the (ep - 1) / ep that cross the link counted,
+    two collectives."""
+    remote = tokens_received * (ep - 1) / ep
+    dispatch = remote * (hidden + 4 * -(-hidden // 128))
+    combine = remote * hidden * 2
+    return {
+        "dispatch_bytes": dispatch,
+        "combine_bytes": combine,
+        "dispatch_s": link.latency_s + dispatch / link.bytes_per_s,
+        "combine_s": link.latency_s + combine / link.bytes_per_s,
+        "per_moe_layer_s": 2 * link.latency_s + (dispatch + combine) / link.bytes_per_s,
+    }
+
+
+def with_comm(row: dict, args: ModelArgs, link: LinkModel, tokens_per_rank: int) -> dict:
+    """`row` plus the modeled exchange over all MoE layers of the real model, the step with it
+    added (no overlap) and the node estimate that gives."""
+    comm = alltoall_model(args.dim, row["tokens_received"], link)
+    moe_layers = args.n_layers - args.n_dense_layers
+    step_s = row["scaled_step_s"] + moe_layers * comm["per_moe_layer_s"]
+    return row | {
+        "comm_model": comm,
+        "comm_step_s": moe_layers * comm["per_moe_layer_s"],
+        "scaled_step_with_comm_s": step_s,
+        "node_tokens_per_s_with_comm": EP * tokens_per_rank / step_s,
+    }
+
+
 # --- timing ---------------------------------------------------------------------------------------
 
 
@@ -173,9 +228,14 @@ def ceilings(device: torch.device) -> dict[str, float]:
     n = 1 << 30
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    copy_s = cuda_time(lambda: dst.copy_(src), 10)
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    warm_until = time.perf_counter() + 5.0  # clocks to their working level first (idle: 345 MHz)
+    while time.perf_counter() < warm_until:
+        for _ in range(10):
+            a @ b
+        torch.cuda.synchronize(device)
+    copy_s = cuda_time(lambda: dst.copy_(src), 10)
     mm_s = cuda_time(lambda: a @ b, 10)
     a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()
     one = torch.tensor(1.0, device=device)
@@ -322,6 +382,7 @@ class Rank:
     shape: Shape
     reps: int
     time_eager: bool
+    link: LinkModel
 
     @property
     def built(self) -> int:
@@ -372,7 +433,7 @@ def time_decode(rank: Rank, batch: int, rng: np.random.Generator) -> dict:
         rank.full_args, rank.ceil, "decode", batch, batch, rank.shape.context, routed["local_pairs"]
     )
     row["node_tokens_per_s"] = EP * batch / row["scaled_step_s"]
-    return row
+    return with_comm(row, rank.full_args, rank.link, batch)
 
 
 def time_prefill(rank: Rank, rng: np.random.Generator) -> dict:
@@ -397,7 +458,7 @@ def time_prefill(rank: Rank, rng: np.random.Generator) -> dict:
         routed["local_pairs"],
     )
     row["node_tokens_per_s"] = EP * tokens / row["scaled_step_s"]
-    return row
+    return with_comm(row, rank.full_args, rank.link, tokens)
 
 
 def profile_layer(rank: Rank, plan: StepPlan, tokens_per_rank: int) -> list[dict]:
@@ -486,7 +547,11 @@ def build_rank(opts: argparse.Namespace, device: torch.device) -> Rank:
         f"building {n_dense} dense + {n_moe} MoE layers of {full_args.n_layers}, {num_pages} KV pages",
         flush=True,
     )
-    backend = kernel_backend(args, triton_ops() if cuda else reference_ops(), SdpaPrefill())
+    ops = triton_ops() if cuda else reference_ops()
+    decode = None
+    if opts.decode_attention == "auto":  # FlashInfer's MLA where it imports, as the worker picks
+        decode = choose_decode_attention(args, ops, PAGE, torch.bfloat16, device)
+    backend = kernel_backend(args, ops, SdpaPrefill(), decode)
     feed = LocalFeed()
     model = DeepseekV3(
         args,
@@ -518,6 +583,7 @@ def build_rank(opts: argparse.Namespace, device: torch.device) -> Rank:
         shape=shape,
         reps=opts.reps,
         time_eager=not opts.skip_eager,
+        link=LinkModel(opts.link_gbps * 1e9, opts.link_latency_us * 1e-6),
     )
 
 
@@ -535,6 +601,18 @@ def main() -> int:
     parser.add_argument("--skip-eager", action="store_true", help="do not time eager decode")
     parser.add_argument("--skip-prefill", action="store_true")
     parser.add_argument("--profile", action="store_true", help="kernel times of one MoE layer")
+    parser.add_argument(
+        "--decode-attention",
+        choices=["auto", "kernel"],
+        default="auto",
+        help="auto: as the worker chooses (FlashInfer's MLA where it imports); kernel: our mla_decode",
+    )
+    parser.add_argument(
+        "--link-gbps", type=float, default=150.0, help="assumed all-to-all GB/s per GPU (modeled exchange)"
+    )
+    parser.add_argument(
+        "--link-latency-us", type=float, default=25.0, help="assumed latency per collective (modeled)"
+    )
     opts = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -575,6 +653,12 @@ def main() -> int:
         "rows": rows,
         "first_moe_layer_kernels": profiles,
         "targets_node_tokens_per_s": {"prefill": 60000, "decode": 25000},
+        "decode_attention": rank.model.backend.decode_attention.name,
+        "link_assumptions": {
+            "bytes_per_s": rank.link.bytes_per_s,
+            "latency_per_collective_s": rank.link.latency_s,
+            "anchors": LINK_ANCHORS,
+        },
     }
     opts.out.write_text(json.dumps(result, indent=2))
     print_table(rows, result)
@@ -602,7 +686,9 @@ def print_row(row: dict, elapsed: float) -> None:
         f"{row['phase']:>7} {row['seqs_per_rank']:>4} seqs: step {row['step_s'] * 1e3:8.2f} ms "
         f"({row['layers_built']} layers), per MoE layer {row['per_moe_layer_s'] * 1e3:.3f} ms, scaled "
         f"{row['scaled_step_s'] * 1e3:8.2f} ms, roofline {row['roofline_s'] * 1e3:7.2f} ms "
-        f"({row['roofline_ratio']:.1%}), node {row['node_tokens_per_s']:,.0f} tok/s  [{elapsed:.0f} s]",
+        f"({row['roofline_ratio']:.1%}), node {row['node_tokens_per_s']:,.0f} tok/s; with the modeled "
+        f"all-to-all {row['scaled_step_with_comm_s'] * 1e3:.2f} ms, {row['node_tokens_per_s_with_comm']:,.0f} "
+        f"tok/s  [{elapsed:.0f} s]",
         flush=True,
     )
 
@@ -610,11 +696,18 @@ def print_row(row: dict, elapsed: float) -> None:
 def print_table(rows: list[dict], result: dict) -> None:
     built = result["layers_built"]
     print(f"\n{result['device']}, {built['dense']} dense + {built['moe']} MoE layers built of {built['of']}")
+    link = result["link_assumptions"]
+    print(
+        f"decode attention: {result['decode_attention']}; modeled all-to-all (assumed): "
+        f"{link['bytes_per_s'] / 1e9:.0f} GB/s per GPU, {link['latency_per_collective_s'] * 1e6:.0f} us per "
+        f"collective, FP8 dispatch + bf16 combine; anchors: " + "; ".join(link["anchors"])
+    )
     print(
         "| phase | per rank | recv tokens / local pairs | graph (built) | step (built) | eager (built) "
-        "| per MoE layer | step, all layers | roofline | ratio | node tok/s (est.) | target |"
+        "| per MoE layer | step, all layers | roofline | ratio | node tok/s (est.) | target "
+        "| a2a per MoE layer (model) | step + a2a | node tok/s with a2a |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         per_rank = (
             f"{r['seqs_per_rank']} seqs" if r["phase"] == "decode" else f"{r['tokens_per_rank']} tokens"
@@ -627,7 +720,9 @@ def print_table(rows: list[dict], result: dict) -> None:
         print(
             f"| {r['phase']} | {per_rank} | {r['tokens_received']} / {r['local_pairs']} | {ms('graph_s')} | "
             f"{ms('step_s')} | {ms('eager_s')} | {ms('per_moe_layer_s')} | {ms('scaled_step_s')} | "
-            f"{ms('roofline_s')} | {r['roofline_ratio']:.1%} | {r['node_tokens_per_s']:,.0f} | {target:,} |"
+            f"{ms('roofline_s')} | {r['roofline_ratio']:.1%} | {r['node_tokens_per_s']:,.0f} | {target:,} "
+            f"| {r['comm_model']['per_moe_layer_s'] * 1e6:.0f} us | {ms('scaled_step_with_comm_s')} "
+            f"| {r['node_tokens_per_s_with_comm']:,.0f} |"
         )
 
 

@@ -11,7 +11,8 @@ torch path. Two families:
   keep FP8 e4m3 weights with their 128x128 block scales and run `fp8_quant` + `fp8_gemm`;
   routed experts keep stacked FP8 w13/w2 with block scales (or bf16 when the checkpoint is not
   FP8) for `fused_moe`; prefill attention runs `vllm_flash_attn`'s varlen kernel where it
-  imports, else PyTorch SDPA.
+  imports, else PyTorch SDPA; decode attention runs FlashInfer's MLA (FA3 backend) where it
+  imports and takes the model's dims, else the `mla_decode` kernel (model/decode_attention.py).
 
 Tests build the kernel family on the references (`kernel_backend(args, reference_ops())`) to run
 the GPU path's very layers on the CPU. The model reads the backend only in its constructors: its
@@ -28,6 +29,7 @@ import torch
 
 from nmoe_serve.model.args import ModelArgs
 from nmoe_serve.model.attention import PrefillAttention, TorchPrefill, choose_prefill_attention
+from nmoe_serve.model.decode_attention import DecodeAttention, OpsDecode, flashinfer_decode
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,7 @@ class ModelBackend:
     name: str
     ops: KernelOps
     prefill_attention: PrefillAttention
+    decode_attention: DecodeAttention
     fp8_linear: bool = False  # quantizable Linear layers keep FP8 weights (Fp8Linear)
     fp8_experts: bool = False  # routed experts keep FP8 weights (Fp8Experts)
 
@@ -115,17 +118,29 @@ class ModelBackend:
         experts = "FP8" if self.fp8_experts else "unquantized"
         return (
             f"{self.ops.name} ops: linear {linear}, experts fused_moe {experts}, "
-            f"decode mla_decode, prefill attention {self.prefill_attention.name}"
+            f"decode attention {self.decode_attention.name}, prefill attention {self.prefill_attention.name}"
         )
 
 
 def reference_backend() -> ModelBackend:
     """The torch path: the kernels' references, FP8 dequantized at load, TorchPrefill."""
-    return ModelBackend(name="torch", ops=reference_ops(), prefill_attention=TorchPrefill())
+    ops = reference_ops()
+    return ModelBackend(
+        name="torch",
+        ops=ops,
+        prefill_attention=TorchPrefill(),
+        decode_attention=OpsDecode(ops.mla_decode, "mla_decode_ref"),
+    )
 
 
-def kernel_backend(args: ModelArgs, ops: KernelOps, prefill: PrefillAttention | None = None) -> ModelBackend:
-    """The kernel family for `args`: FP8 weights where the checkpoint is FP8.
+def kernel_backend(
+    args: ModelArgs,
+    ops: KernelOps,
+    prefill: PrefillAttention | None = None,
+    decode: DecodeAttention | None = None,
+) -> ModelBackend:
+    """The kernel family for `args`: FP8 weights where the checkpoint is FP8; decode attention
+    `decode`, by default the ops' `mla_decode`.
 
     Routed experts stay FP8 only when moe_intermediate_size is a multiple of 128: fused_moe
     stacks gate and up rows, so a 128-row scale block must not straddle the two (DeepSeek-V3 has
@@ -136,17 +151,45 @@ def kernel_backend(args: ModelArgs, ops: KernelOps, prefill: PrefillAttention | 
         name=ops.name,
         ops=ops,
         prefill_attention=prefill or choose_prefill_attention(),
+        decode_attention=decode or OpsDecode(ops.mla_decode),
         fp8_linear=args.fp8,
         fp8_experts=args.fp8 and args.moe_inter_dim % FP8_BLOCK == 0,
     )
 
 
-def choose_backend(kernels: str, args: ModelArgs) -> ModelBackend:
-    """The backend for the resolved settings' `kernels` choice ("triton" or "torch"), logged."""
+def choose_decode_attention(
+    args: ModelArgs, ops: KernelOps, page_size: int, dtype: torch.dtype, device: torch.device
+) -> DecodeAttention:
+    """FlashInfer's MLA decode where it imports and takes these dims on this device (measured
+    faster than our kernel on the H200: docs/PERF.md), else the ops' `mla_decode`; logged."""
+    core, why = flashinfer_decode(
+        args.n_heads, args.kv_lora_rank, args.qk_rope_head_dim, page_size, args.softmax_scale, dtype, device
+    )
+    if core is not None:
+        log.info("decode attention: %s", why)
+        return core
+    log.info("decode attention: mla_decode (FlashInfer not used: %s)", why)
+    return OpsDecode(ops.mla_decode)
+
+
+def choose_backend(
+    kernels: str,
+    args: ModelArgs,
+    page_size: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+) -> ModelBackend:
+    """The backend for the resolved settings' `kernels` choice ("triton" or "torch"), logged.
+    With "triton" and the cache's page size, dtype and device given, decode attention is
+    `choose_decode_attention`'s; without them, the `mla_decode` kernel."""
     if kernels == "torch":
         backend = reference_backend()
     elif kernels == "triton":
-        backend = kernel_backend(args, triton_ops())
+        ops = triton_ops()
+        decode = None
+        if page_size is not None and dtype is not None and device is not None:
+            decode = choose_decode_attention(args, ops, page_size, dtype, device)
+        backend = kernel_backend(args, ops, decode=decode)
     else:
         raise ValueError(f"kernels must be 'triton' or 'torch', got {kernels!r}")
     log.info("model backend: %s", backend.describe())

@@ -224,6 +224,7 @@ class MLA(nn.Module):
         )
         self.o_proj = make_linear(args.n_heads * args.v_head_dim, args.dim, backend, dtype, device)
         self.ops, self.prefill_attention = backend.ops, backend.prefill_attention
+        self.decode_attention = backend.decode_attention
 
     def _query_lora(self, q_a: torch.Tensor) -> torch.Tensor:
         return self.q_b_proj(self.q_a_layernorm(q_a))
@@ -266,9 +267,7 @@ class MLA(nn.Module):
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [N, D, L], [N, Dv, L]
         # Batched over heads; q_latent stays the [N, T, L] product seen as [T, N, L] (no copy).
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, N, L]
-        out_latent = self.ops.mla_decode(
-            q_latent, q_pe, kv_cache, batch.page_table, batch.context_lens_t, self.scale
-        )  # [T, N, L]
+        out_latent = self.decode_attention(q_latent, q_pe, kv_cache, batch, self.scale)  # [T, N, L]
         return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, N, Dv]
 
 

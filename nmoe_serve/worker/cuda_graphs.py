@@ -8,6 +8,8 @@ token of context, writing and reading only the KV cache's scratch page, never sa
 plan replays the size-1 graph with its one row padded, so an idle rank still runs every layer
 and, with expert parallelism, every collective of the fixed-capacity MoE exchange (captured in
 the graph). Prefill steps, and decode batches larger than the largest graph, run eagerly.
+Before each decode forward or replay, the model's decode attention plans the step on the host
+(a no-op for our kernel; FlashInfer's schedule of the step's work, model/decode_attention.py).
 
 With capture=False (the CPU, tests) the padded static-buffer forward runs eagerly instead of
 being replayed: the same inputs and padding, checkable without a GPU.
@@ -66,6 +68,8 @@ class EagerSteps:
     def run(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden [T, H], logits_rows [B_sampled]) for `plan`."""
         input_ids, batch = build_step_batch(plan, self.page_size, self.rope, self.device)
+        if not batch.is_prefill:
+            self.model.backend.decode_attention.plan(plan.context_lens, batch.page_table, graph=False)
         return self.model(input_ids, batch, self.kv_layers), batch.logits_rows
 
 
@@ -144,6 +148,7 @@ class DecodeGraphs:
         started = time.monotonic()
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
+            self._plan(size, np.ones(size, np.int32))  # the padding rows' one token of context
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
@@ -168,7 +173,8 @@ class DecodeGraphs:
         if size is None:
             return self.fallback.run(plan)
         inputs = decode_inputs(plan, self.page_size)
-        self._write_inputs(size, b, inputs, plan)
+        context_lens = self._write_inputs(size, b, inputs, plan)
+        self._plan(size, context_lens)
         if self.capture_graphs:
             graph, hidden = self._graphs[size]
             graph.replay()
@@ -177,7 +183,11 @@ class DecodeGraphs:
         rows = torch.from_numpy(inputs["logits_rows"]).to(self.device)
         return hidden[:b], rows
 
-    def _write_inputs(self, size: int, b: int, inputs: dict[str, np.ndarray], plan: StepPlan) -> None:
+    def _plan(self, size: int, context_lens: np.ndarray) -> None:
+        self.model.backend.decode_attention.plan(context_lens, self.page_table[:size], graph=True)
+
+    def _write_inputs(self, size: int, b: int, inputs: dict[str, np.ndarray], plan: StepPlan) -> np.ndarray:
+        """Writes the static buffers of a graph of `size` rows; returns the rows' context lengths."""
         width = plan.page_table.shape[1]
         if width > self.width:
             raise PlanError(
@@ -202,3 +212,4 @@ class DecodeGraphs:
         self.slot_mapping[:size].copy_(torch.from_numpy(slots))
         self.context_lens[:size].copy_(torch.from_numpy(context_lens))
         self.page_table[:size, :width].copy_(torch.from_numpy(table))
+        return context_lens

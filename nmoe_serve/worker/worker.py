@@ -54,7 +54,7 @@ class Worker:
             dtype=dtype,
             device=self.device,
             owned=topology.owned_experts(args.n_routed_experts),
-            backend=backend or choose_backend(settings.kernels, args),
+            backend=backend or choose_backend(settings.kernels, args, core.page_size, dtype, self.device),
             transport=transport or make_transport(topology, args.n_routed_experts, core.max_num_seqs),
         )
         self._load_weights()
