@@ -138,8 +138,12 @@ def fp8_gemm_reduce_kernel(
 MIN_K_BLOCKS_PER_SPLIT = 8
 
 
-def default_config(T: int, N: int, K: int, num_sms: int) -> dict:
+def default_config(T: int, N: int, K: int, num_sms: int, gluon: bool = False) -> dict:
     """Fixed tiles from the shapes (tuned on an H100, docs/PERF.md).
+
+    gluon (Hopper, chosen by the backend at start-up): T >= GLUON_MIN_T runs the Gluon kernel
+    (kernels/fp8_gemm_gluon.py: each block's wgmma overlapped with the previous block's scaling),
+    with `gluon_config`'s tiles; smaller T keeps the Triton tiles below.
 
     T <= 64 is weight-bandwidth bound: 64-row weight tiles as the dot's M (SWAP_AB), and split-K
     until about two programs per SM stream the weights; the fp32 partial sums are small next to
@@ -147,6 +151,8 @@ def default_config(T: int, N: int, K: int, num_sms: int) -> dict:
     SM (T = 256 still streams more than it computes). Each split takes at least
     MIN_K_BLOCKS_PER_SPLIT blocks of 128 (shorter ones lost to their pipeline's fill).
     """
+    if gluon and T >= GLUON_MIN_T:
+        return gluon_config(T, N, K, num_sms)
     if T <= 64:
         cfg = dict(
             BLOCK_T=max(16, triton.next_power_of_2(T)), BLOCK_W=64, SWAP_AB=True, num_warps=4, num_stages=4
@@ -161,19 +167,35 @@ def default_config(T: int, N: int, K: int, num_sms: int) -> dict:
     return cfg
 
 
+GLUON_MIN_T = 128
+
+
+def gluon_config(T: int, N: int, K: int, num_sms: int) -> dict:
+    """Tiles of the Gluon kernel: 128 x 128 (8 warps, two warpgroups along T), 4 stages of
+    x and w tiles (128 KB); split-K until the tiles and splits fill the SMs once."""
+    cfg = dict(VARIANT="gluon", BLOCK_T=128, BLOCK_W=128, STAGES=4, num_warps=8)
+    tiles = triton.cdiv(T, cfg["BLOCK_T"]) * triton.cdiv(N, cfg["BLOCK_W"])
+    k_blocks = triton.cdiv(K, FP8_BLOCK)
+    split = max(1, min(num_sms // tiles, k_blocks // MIN_K_BLOCKS_PER_SPLIT))
+    cfg["SPLIT_K"] = triton.cdiv(k_blocks, triton.cdiv(k_blocks, split))  # no empty splits
+    return cfg
+
+
 def fp8_gemm(
     x_fp8: torch.Tensor,
     x_scales: torch.Tensor,
     w_fp8: torch.Tensor,
     w_scale_inv: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
+    gluon: bool = False,
 ) -> torch.Tensor:
     """y [T, Dout] = dequant(x_fp8, x_scales) @ dequant(w_fp8, w_scale_inv)^T in `out_dtype`.
 
     x_fp8: [T, Din] float8_e4m3fn and x_scales: [T, G_in] float32, as `fp8_quant` returns.
     w_fp8: [Dout, Din] float8_e4m3fn and w_scale_inv: [G_out, G_in] float32, as in
     DeepSeek checkpoints. All contiguous, on one device. out_dtype: bf16, fp16 or fp32.
-    T = 0 returns an empty [0, Dout] without launching.
+    T = 0 returns an empty [0, Dout] without launching. gluon: the Gluon kernel (Hopper) for
+    T >= GLUON_MIN_T, where the caller has checked that it is available (`gluon_available`).
     """
     op = "fp8_gemm"
     check_tensor(op, "x_fp8", x_fp8, ndim=2, dims="[T, Din]", dtypes=(FP8_DTYPE,))
@@ -213,18 +235,58 @@ def fp8_gemm(
     if T == 0 or N == 0:
         return y
     return fp8_gemm_with_config(
-        x_fp8, x_scales, w_fp8, w_scale_inv, y, default_config(T, N, K, num_sms(device))
+        x_fp8, x_scales, w_fp8, w_scale_inv, y, default_config(T, N, K, num_sms(device), gluon)
     )
 
 
+def gluon_available(device: torch.device) -> tuple[bool, str]:
+    """Whether the Gluon kernel can run here (a Hopper GPU, Triton's Gluon of 3.6), and why not."""
+    if device.type != "cuda" or INTERPRET:
+        return False, f"not a CUDA device ({device})" if device.type != "cuda" else "Triton interpreter"
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return False, f"compute capability {torch.cuda.get_device_capability(device)}, not Hopper's (9, 0)"
+    try:
+        from . import fp8_gemm_gluon
+    except Exception as e:  # an older or newer Triton without this Gluon API
+        return False, f"Gluon does not import ({type(e).__name__}: {e})"
+    if not fp8_gemm_gluon.available():
+        return False, f"Triton {triton.__version__}'s Gluon lacks the Hopper API of 3.6"
+    return True, f"Gluon (Triton {triton.__version__})"
+
+
 def fp8_gemm_with_config(x_fp8, x_scales, w_fp8, w_scale_inv, y, cfg) -> torch.Tensor:
-    """`fp8_gemm` on checked, non-empty arguments into y [T, Dout], with the tiles `cfg`."""
+    """`fp8_gemm` on checked, non-empty arguments into y [T, Dout], with the tiles `cfg`
+    (cfg["VARIANT"] "gluon": the Gluon kernel; otherwise the Triton one)."""
     T, K = x_fp8.shape
     N = w_fp8.shape[0]
     cfg = dict(cfg)
     split = cfg.pop("SPLIT_K")
     k_blocks = triton.cdiv(K, FP8_BLOCK)
     out = y if split == 1 else torch.empty(split, T, N, dtype=torch.float32, device=y.device)
+    if cfg.pop("VARIANT", "triton") == "gluon":
+        from . import fp8_gemm_gluon
+
+        if not fp8_gemm_gluon.shapes_ok(x_fp8, w_fp8):
+            raise ValueError(
+                "fp8_gemm: the Gluon kernel needs contiguous, 16-byte aligned x and w with Din a multiple "
+                f"of 16, got Din {K}; use the Triton variant"
+            )
+        fp8_gemm_gluon.launch(
+            x_fp8, x_scales, w_fp8, w_scale_inv, out, cfg, triton.cdiv(k_blocks, split), split
+        )
+    else:
+        _launch_triton(x_fp8, x_scales, w_fp8, w_scale_inv, out, cfg, triton.cdiv(k_blocks, split), split)
+    if split > 1:
+        block = 1024
+        fp8_gemm_reduce_kernel[(triton.cdiv(T * N, block),)](
+            out, y, T * N, SPLIT_K=split, BLOCK=block, num_warps=4
+        )
+    return y
+
+
+def _launch_triton(x_fp8, x_scales, w_fp8, w_scale_inv, out, cfg, k_blocks_per_split, split) -> None:
+    T, K = x_fp8.shape
+    N = w_fp8.shape[0]
     grid = (triton.cdiv(T, cfg["BLOCK_T"]) * triton.cdiv(N, cfg["BLOCK_W"]), split)
     fp8_gemm_kernel[grid](
         x_fp8,
@@ -235,7 +297,7 @@ def fp8_gemm_with_config(x_fp8, x_scales, w_fp8, w_scale_inv, y, cfg) -> torch.T
         T,
         N,
         K,
-        triton.cdiv(k_blocks, split),
+        k_blocks_per_split,
         x_fp8.stride(0),
         x_scales.stride(0),
         w_fp8.stride(0),
@@ -248,12 +310,6 @@ def fp8_gemm_with_config(x_fp8, x_scales, w_fp8, w_scale_inv, y, cfg) -> torch.T
         DOT_FP32=INTERPRET,
         **cfg,
     )
-    if split > 1:
-        block = 1024
-        fp8_gemm_reduce_kernel[(triton.cdiv(T * N, block),)](
-            out, y, T * N, SPLIT_K=split, BLOCK=block, num_warps=4
-        )
-    return y
 
 
 def fp8_gemm_ref(

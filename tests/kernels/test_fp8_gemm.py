@@ -91,3 +91,45 @@ def test_fp8_gemm_gpu_deepseek_shapes(T, N, K):
     x_fp8, x_scales, w_fp8, w_scale_inv = _operands(T, K, N, "cuda")
     y = fp8_gemm(x_fp8, x_scales, w_fp8, w_scale_inv)
     assert _rel_err(y, fp8_gemm_ref(x_fp8, x_scales, w_fp8, w_scale_inv, out_dtype=torch.float32)) <= 1e-2
+
+
+def _gluon_here() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    from nmoe_serve.kernels.fp8_gemm import gluon_available
+
+    return gluon_available(torch.device("cuda"))[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gluon_here(), reason="needs a Hopper GPU and Triton's Gluon")
+@pytest.mark.parametrize(
+    "T, N, K, tiles, split",
+    [
+        (70, 130, 1040, (128, 128, 4, 8), 1),  # partial T, N and last K block; 9 blocks (odd)
+        (70, 130, 1040, (64, 64, 3, 4), 2),  # splits of 5 and 4 blocks; more blocks than stages
+        (200, 256, 128, (128, 128, 4, 8), 1),  # one block
+        (130, 300, 256, (64, 128, 4, 4), 1),  # two blocks
+        (256, 576, 7168, (128, 128, 4, 8), 4),  # kv_a_proj_with_mqa at 256 tokens, split-K
+        (256, 7168, 16384, (128, 128, 4, 8), 1),  # o_proj at 256 tokens
+    ],
+)
+def test_fp8_gemm_gluon_matches_reference(T, N, K, tiles, split):
+    from nmoe_serve.kernels.fp8_gemm import fp8_gemm_with_config
+
+    x_fp8, x_scales, w_fp8, w_scale_inv = _operands(T, K, N, "cuda")
+    bt, bw, stages, warps = tiles
+    cfg = dict(VARIANT="gluon", BLOCK_T=bt, BLOCK_W=bw, STAGES=stages, num_warps=warps, SPLIT_K=split)
+    y = torch.full((T, N), float("nan"), dtype=torch.bfloat16, device="cuda")  # every element written
+    fp8_gemm_with_config(x_fp8, x_scales, w_fp8, w_scale_inv, y, cfg)
+    assert _rel_err(y, fp8_gemm_ref(x_fp8, x_scales, w_fp8, w_scale_inv, out_dtype=torch.float32)) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gluon_here(), reason="needs a Hopper GPU and Triton's Gluon")
+@pytest.mark.parametrize("T", [128, 256, 4096])
+@pytest.mark.parametrize("N, K", [(2112, 7168), (7168, 16384), (576, 7168)])
+def test_fp8_gemm_gluon_default_tiles_at_deepseek_shapes(T, N, K):
+    x_fp8, x_scales, w_fp8, w_scale_inv = _operands(T, K, N, "cuda")
+    y = fp8_gemm(x_fp8, x_scales, w_fp8, w_scale_inv, gluon=True)
+    assert _rel_err(y, fp8_gemm_ref(x_fp8, x_scales, w_fp8, w_scale_inv, out_dtype=torch.float32)) <= 1e-2
