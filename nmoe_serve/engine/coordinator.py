@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from nmoe_serve.engine.core import CoreSettings, EngineCore
 from nmoe_serve.engine.executor import Executor, StepFailed
-from nmoe_serve.engine.scheduler import TokenUpdate
+from nmoe_serve.engine.scheduler import StepOutputs, TokenUpdate
 from nmoe_serve.sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -155,11 +155,11 @@ class Coordinator:
                 self._report(kind, seconds, len(updates))
             await asyncio.sleep(0)  # let arrivals and cancellations in between steps
 
-    async def _step(self) -> tuple[list[TokenUpdate], str | None, float]:
+    async def _step(self) -> tuple[StepOutputs, str | None, float]:
         """One global step: the engine core's body, with the ranks' work awaited."""
         plans = self.engine.schedule()
         if plans is None:
-            return [], None, 0.0
+            return StepOutputs(), None, 0.0
         try:
             results = await self.engine.executor.execute_async(plans)
         except StepFailed as e:
@@ -170,7 +170,7 @@ class Coordinator:
         updates, seconds = self.engine.complete(results)
         return updates, plans[0].kind.name.lower(), seconds
 
-    def _deliver(self, updates: list[TokenUpdate]) -> None:
+    def _deliver(self, updates: StepOutputs) -> None:
         by_request: dict[str, list[TokenUpdate]] = defaultdict(list)
         for update in updates:
             by_request[update.request_id].append(update)

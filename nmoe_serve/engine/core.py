@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from nmoe_serve.engine.executor import Executor, StepFailed
 from nmoe_serve.engine.plan import StepPlan, StepResult
 from nmoe_serve.engine.request import Request
-from nmoe_serve.engine.scheduler import Scheduler, SchedulerLimits, TokenUpdate
+from nmoe_serve.engine.scheduler import Scheduler, SchedulerLimits, StepOutputs
 from nmoe_serve.sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class EngineCore:
         self._step_started = time.perf_counter()
         return plans
 
-    def complete(self, results: list[StepResult]) -> tuple[list[TokenUpdate], float]:
+    def complete(self, results: list[StepResult]) -> tuple[StepOutputs, float]:
         """Take the step's results: (one update per sampled token, seconds since schedule())."""
         seconds = time.perf_counter() - self._step_started
         return self.scheduler.update(results), seconds
@@ -97,11 +97,11 @@ class EngineCore:
         """The step in flight was given up (its caller was cancelled): its results are lost."""
         self.scheduler.fail_in_flight(workers_lost=False)
 
-    def step(self) -> list[TokenUpdate]:
-        """Run one global step, blocking; [] when there is nothing to do."""
+    def step(self) -> StepOutputs:
+        """Run one global step, blocking; empty outputs when there is nothing to do."""
         plans = self.schedule()
         if plans is None:
-            return []
+            return StepOutputs()
         try:
             results = self.executor.execute(plans)
         except StepFailed as e:
