@@ -42,7 +42,7 @@ import numpy as np
 
 from nmoe_serve.engine.outputs import STOPPED, RankOutputs, StepOutputs, TokenUpdate
 from nmoe_serve.engine.page_pool import PagePool
-from nmoe_serve.engine.plan import NewRequest, StepKind, StepPlan, StepResult
+from nmoe_serve.engine.plan import NewRequest, StepKind, StepPlan, StepResult, fed_token
 from nmoe_serve.engine.request import FinishReason, Request, RequestRejected, RequestStatus, output_budget
 from nmoe_serve.engine.slots import SlotTable
 from nmoe_serve.sampling.params import SamplingParams
@@ -426,7 +426,7 @@ class Scheduler:
         if not rows.size:
             return None
         in_flight = table.out_scheduled[rows] > table.out_known[rows]
-        tokens = np.where(in_flight, -1 - table.fed_index[rows], table.last_token[rows])
+        tokens = np.where(in_flight, fed_token(table.fed_index[rows]), table.last_token[rows])
         computed = table.num_computed[rows] + 1
         table.num_computed[rows] = computed
         table.out_scheduled[rows] += 1
