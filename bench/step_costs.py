@@ -30,6 +30,7 @@ from nmoe_serve.llm import LLM
 from nmoe_serve.sampling.params import SamplingParams
 from nmoe_serve.sim.cost_model import StepShape
 
+SAMPLING_EXTRA: dict[str, int] = {}  # --logprobs
 DECODE_GRID = [(b, c) for b in (1, 2, 4, 8, 16, 32, 64) for c in (64, 192, 640)]
 PREFILL_GRID = [
     (1, 32),
@@ -72,7 +73,9 @@ def decode_point(llm: LLM, seqs: int, context: int, repeats: int, rng: random.Ra
     for request_id in ids:
         prompt = [rng.randrange(1, vocab) for _ in range(context - 1)]
         engine.add_request(
-            request_id, prompt, SamplingParams(max_tokens=repeats + 4, temperature=0.0, ignore_eos=True)
+            request_id,
+            prompt,
+            SamplingParams(max_tokens=repeats + 4, temperature=0.0, ignore_eos=True, **SAMPLING_EXTRA),
         )
     while engine.scheduler.waiting or engine.scheduler.table.any_prefilling():
         timed_step(llm)
@@ -96,7 +99,9 @@ def prefill_points(llm: LLM, seqs: int, tokens: int, repeats: int, rng: random.R
         for request_id in ids:
             prompt = [rng.randrange(1, vocab) for _ in range(tokens)]
             engine.add_request(
-                request_id, prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+                request_id,
+                prompt,
+                SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, **SAMPLING_EXTRA),
             )
         while engine.has_work():
             step = timed_step(llm)
@@ -117,11 +122,23 @@ def main() -> int:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="engine option override"
     )
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--torch-threads", type=int, help="torch threads of the rank (a served CPU replica gets Ray's 1)"
+    )
+    parser.add_argument(
+        "--logprobs", type=int, help="ask this many logprobs per token (as latency.py --token-chunks)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("step_points.json"))
     args = parser.parse_args()
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
+    if args.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    global SAMPLING_EXTRA
+    SAMPLING_EXTRA = {} if args.logprobs is None else {"logprobs": args.logprobs}
     llm = LLM(config=args.config, overlap=False, **parse_set(args.set))
     limits, rng = llm.engine.limits, random.Random(args.seed)
     points: list[dict] = []
@@ -141,7 +158,8 @@ def main() -> int:
     payload = {
         "source": (
             f"bench/step_costs.py on {llm.settings.model_name} ({args.config} {' '.join(args.set)}), "
-            f"{limits.num_ranks} rank(s) on {llm.settings.device}, host {os.uname().nodename} "
+            f"{limits.num_ranks} rank(s) on {llm.settings.device}, torch threads "
+            f"{args.torch_threads or 'default'}, logprobs {args.logprobs}, host {os.uname().nodename} "
             f"({os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})"
         ),
         "date": time.strftime("%Y-%m-%d"),

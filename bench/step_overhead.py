@@ -7,7 +7,8 @@ Three cases: `scheduler`, the scheduler alone with results made up in-process (n
 coordinator's cost where it has a core to itself; `--pin-cpu` keeps it on one core); and on the
 dev (tiny) model over Ray worker actors, `null` ranks that run no model (so the round trip is the
 step channel itself: plan serialization, Ray actor calls, results), and `tiny` ranks running the
-real model with gloo all-to-alls. Per decode step it reports the coordinator's own time
+real model with gloo all-to-alls; `null-overlap` is `null` with overlapped steps (launch: each call
+returns the previous step's results). Per decode step it reports the coordinator's own time
 (schedule + update, on its thread) and the round trip (execute), as p50/p90/p99 and mean, and the
 garbage collections that ran inside the measured steps (count and longest pause), for each number
 of sequences per rank. Goal: coordinator overhead <= 1 ms p50, <= 2 ms p99 per step at 8 x 256.
@@ -55,9 +56,19 @@ class NullWorkerActor(WorkerActor):
     def start(self, host: str, port: int, timeout_s: float) -> int:
         return self.settings.num_pages or 4096
 
+    pending: StepResult | None = None
+
     def execute(self, plan: StepPlan) -> StepResult:
         sampled = tuple(rid for rid, s in zip(plan.request_ids, plan.sample, strict=True) if s)
         return StepResult(plan.step_id, self.topology.rank, sampled, np.zeros(len(sampled), np.int64))
+
+    def launch(self, plan: StepPlan) -> StepResult | None:
+        previous, self.pending = self.pending, self.execute(plan)
+        return previous
+
+    def flush(self) -> StepResult | None:
+        previous, self.pending = self.pending, None
+        return previous
 
 
 class InlineRanks:
@@ -107,6 +118,7 @@ def measure(case: str, ranks: int, seqs: int, steps: int) -> dict:
             "max_seq_len": 1024,
             "max_prefill_tokens": 4096,
             "step_timeout_s": 120.0,
+            "overlap": case == "null-overlap",
         },
     )
     settings = resolve_settings(config, cuda_available=False)
@@ -114,7 +126,7 @@ def measure(case: str, ranks: int, seqs: int, steps: int) -> dict:
         executor = InlineRanks(ranks, config.cache.num_pages)
     else:
         executor = RayExecutor(
-            settings, group=f"bench-{case}", actor_class=NullWorkerActor if case == "null" else WorkerActor
+            settings, group=f"bench-{case}", actor_class=WorkerActor if case == "tiny" else NullWorkerActor
         )
     engine = EngineCore(settings.core, executor)
     sampling = SamplingParams(max_tokens=steps + 64, temperature=0.0, ignore_eos=True)
@@ -132,9 +144,10 @@ def measure(case: str, ranks: int, seqs: int, steps: int) -> dict:
         t0 = time.perf_counter()
         plans = engine.scheduler.schedule()
         t1 = time.perf_counter()
-        results = executor.execute(plans)
+        results = executor.launch(plans) if engine.overlap else executor.execute(plans)
         t2 = time.perf_counter()
-        engine.scheduler.update(results)
+        if results is not None:
+            engine.scheduler.update(results)
         t3 = time.perf_counter()
         assert sum(p.num_seqs for p in plans) == ranks * seqs
         bookkeeping.append((t1 - t0) + (t3 - t2))
@@ -143,6 +156,8 @@ def measure(case: str, ranks: int, seqs: int, steps: int) -> dict:
             print(f"  {case} x {seqs}: step {step}/{steps}", flush=True)
     pauses.on = False
     gc.callbacks.remove(pauses)
+    if engine.overlap and (results := executor.flush()) is not None:
+        engine.scheduler.update(results)
     executor.shutdown()
     return {
         "case": case,
@@ -176,8 +191,10 @@ def main() -> int:
             f"--seqs-per-rank {args.seqs_per_rank!r}: give integers, e.g. 32 or 32,64,128"
         ) from None
     cases = args.cases.split(",")
-    if unknown := set(cases) - {"scheduler", "null", "tiny"}:
-        raise SystemExit(f"--cases: unknown case(s) {sorted(unknown)}; choose from scheduler, null, tiny")
+    if unknown := set(cases) - {"scheduler", "null", "null-overlap", "tiny"}:
+        raise SystemExit(
+            f"--cases: unknown case(s) {sorted(unknown)}; choose from scheduler, null, null-overlap, tiny"
+        )
     if args.pin_cpu is not None:
         os.sched_setaffinity(0, {args.pin_cpu})
     rows = [measure(case, args.ranks, seqs, args.steps) for case in cases for seqs in sizes]

@@ -93,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the coordinator's turn between steps (bookkeeping + round trip; bench/step_overhead.py), default 0",
     )  # fmt: skip
     sim.add_argument(
+        "--frontend-ms",
+        type=float,
+        default=0.0,
+        help="front-end time per request before the scheduler sees it, one at a time (default 0)",
+    )
+    sim.add_argument(
         "--serial", action="store_true", help="one step at a time (default: the config's scheduler.overlap)"
     )
     sim.add_argument("--seed", type=int, default=0)

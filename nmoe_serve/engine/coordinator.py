@@ -44,6 +44,8 @@ class StepReport:
     waiting: int
     kv_usage: float  # fraction of the group's KV pages in use
     preemptions: int  # since the start
+    period_s: float = 0.0  # since the later of its launch and the last step's results (Completed)
+    busiest: tuple[int, int, int, int] = (0, 0, 0, 0)  # StepPlan.work() of its busiest rank
 
 
 class Coordinator:
@@ -154,7 +156,7 @@ class Coordinator:
                 self._stepping = False
             if completed is not None:
                 self._deliver(completed.outputs)
-                self._report(completed.kind.name.lower(), completed.seconds, len(completed.outputs))
+                self._report(completed)
             await asyncio.sleep(0)  # let arrivals and cancellations in between steps
 
     async def _step(self) -> Completed | None:
@@ -186,19 +188,21 @@ class Coordinator:
         if queue is not None:
             queue.put_nowait(error)
 
-    def _report(self, kind: str, seconds: float, tokens: int) -> None:
+    def _report(self, completed: Completed) -> None:
         self.steps += 1
         if not self.step_listeners:
             return
         scheduler = self.engine.scheduler
         report = StepReport(
-            kind,
-            seconds,
-            tokens,
+            completed.kind.name.lower(),
+            completed.seconds,
+            len(completed.outputs),
             scheduler.num_running,
             scheduler.num_waiting,
             scheduler.kv_usage(),
             scheduler.num_preemptions,
+            completed.period_s,
+            completed.busiest,
         )
         for listener in self.step_listeners:
             listener(report)

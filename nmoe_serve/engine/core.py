@@ -55,6 +55,8 @@ class Completed:
     kind: StepKind
     outputs: StepOutputs
     seconds: float  # from its launch to its results
+    period_s: float  # from the later of its launch and the last step's results, to its results
+    busiest: tuple[int, int, int, int]  # StepPlan.work() of its busiest rank (most tokens, then context)
 
 
 class EngineCore:
@@ -76,6 +78,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.limits, max_steps_in_flight=2 if self.overlap else 1)
         self.eos_token_ids = frozenset(settings.eos_token_ids)
         self._launched: dict[int, tuple[StepKind, float]] = {}  # step id -> (kind, launch time)
+        self._last_completed = 0.0
         log.info(
             "engine core: %d rank(s) via %s executor, %d pages x %d tokens per rank, %s",
             executor.num_ranks,
@@ -131,7 +134,12 @@ class EngineCore:
         if step_id != self.scheduler.oldest_in_flight:
             log.warning("dropped the results of step %d, which is no longer in flight", step_id)
             return None
-        return Completed(step_id, kind, self.scheduler.update(results), time.perf_counter() - launched)
+        busiest = max((p.work() for p in self.scheduler.oldest_plans), key=lambda w: (w[1], w[2]))
+        outputs = self.scheduler.update(results)
+        now = time.perf_counter()
+        period = now - max(launched, self._last_completed)
+        self._last_completed = now
+        return Completed(step_id, kind, outputs, now - launched, period, busiest)
 
     def fail(self, error: StepFailed) -> StepFailed:
         """The step failed on the ranks: end every request with an error, restart the workers, and

@@ -59,6 +59,13 @@ class StepPlan:
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])
 
+    def work(self) -> tuple[int, int, int, int]:
+        """(sequences, new tokens, cached context tokens after the step, attention query-key pairs)
+        of this rank's step; the pairs are causal within a chunk: sum of q·ctx − q(q−1)/2."""
+        q = self.query_lens.astype(np.int64)
+        ctx = self.context_lens.astype(np.int64)
+        return self.num_seqs, int(q.sum()), int(ctx.sum()), int((q * ctx - q * (q - 1) // 2).sum())
+
     @classmethod
     def idle(
         cls,

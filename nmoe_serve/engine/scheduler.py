@@ -178,6 +178,11 @@ class Scheduler:
         return self._in_flight[0].step_id if self._in_flight else None
 
     @property
+    def oldest_plans(self) -> list[StepPlan]:
+        """The plans of that step ([] when none is in flight)."""
+        return self._in_flight[0].plans if self._in_flight else []
+
+    @property
     def num_waiting(self) -> int:
         return len(self.waiting)
 

@@ -54,8 +54,10 @@ def simulate(args: argparse.Namespace) -> int:
     limits = scheduler_limits(config, args.pages_per_rank)
     if args.requests is None and args.rate is not None:
         raise WorkloadError("--rate needs --requests (how many arrive in all)")
-    if args.coordinator_ms < 0:
-        raise WorkloadError(f"--coordinator-ms must be >= 0, got {args.coordinator_ms}")
+    if args.coordinator_ms < 0 or args.frontend_ms < 0:
+        raise WorkloadError(
+            f"--coordinator-ms and --frontend-ms must be >= 0, got {args.coordinator_ms} and {args.frontend_ms}"
+        )
     workload = Workload(
         prompt_tokens=args.prompt_tokens,
         output_tokens=args.output_tokens,
@@ -66,11 +68,17 @@ def simulate(args: argparse.Namespace) -> int:
     )
     cost = StepCostModel.load(args.cost_model)
     overlap = config.scheduler.overlap and not args.serial
-    simulator = Simulator(limits, cost, overlap=overlap, coordinator_s=args.coordinator_ms / 1e3)
+    simulator = Simulator(
+        limits,
+        cost,
+        overlap=overlap,
+        coordinator_s=args.coordinator_ms / 1e3,
+        frontend_s=args.frontend_ms / 1e3,
+    )
     print(
         f"simulate: {workload.describe()} on {limits.num_ranks} rank(s), {limits.max_num_seqs} seqs/rank, "
         f"{limits.pages_per_rank} pages of {limits.page_size}; {'overlapped' if overlap else 'serial'} steps, "
-        f"coordinator {args.coordinator_ms:g} ms; cost model {args.cost_model} ({cost.source}, {cost.date})",
+        f"coordinator {args.coordinator_ms:g} ms, front end {args.frontend_ms:g} ms; cost model {args.cost_model} ({cost.source}, {cost.date})",
         flush=True,
     )
     result = simulator.run(workload, progress=lambda line: print(f"  {line}", flush=True))
@@ -82,6 +90,7 @@ def simulate(args: argparse.Namespace) -> int:
         "limits": limits.__dict__,
         "overlap": overlap,
         "coordinator_ms": args.coordinator_ms,
+        "frontend_ms": args.frontend_ms,
         "cost_model": {
             "path": str(args.cost_model),
             "source": cost.source,

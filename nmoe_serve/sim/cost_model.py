@@ -50,15 +50,7 @@ class StepShape:
 
     @classmethod
     def of(cls, plan: StepPlan) -> StepShape:
-        q = plan.query_lens.astype(np.int64)
-        ctx = plan.context_lens.astype(np.int64)
-        return cls(
-            kind="prefill" if plan.kind == StepKind.PREFILL else "decode",
-            seqs=plan.num_seqs,
-            tokens=int(q.sum()),
-            context_tokens=int(ctx.sum()),
-            attention_pairs=int((q * ctx - q * (q - 1) // 2).sum()),
-        )
+        return cls("prefill" if plan.kind == StepKind.PREFILL else "decode", *plan.work())
 
     def features(self) -> np.ndarray:
         values = {

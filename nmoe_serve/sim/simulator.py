@@ -11,8 +11,14 @@ runs, exactly as the engine core does (max_steps_in_flight = 2), and the ranks s
 both step n has ended and its plans are out: the coordinator's turn is hidden while it is shorter
 than a step.
 
-Not modelled: the all-to-all's own time (taken to hide under compute, as rank_sim assumes), HTTP,
-tokenization and detokenization, load imbalance between the experts.
+The front end (`frontend_s`): a request reaches the scheduler after the front end spent that long
+on it (HTTP, validation, tokenization, the call to the coordinator), one request at a time, so a
+burst of arrivals queues there; 0 leaves it out. Its time is not measured here: bench/sim_check.py
+fits it to served TTFTs at other concurrencies.
+
+Not modelled: the all-to-all's own time (taken to hide under compute, as rank_sim assumes),
+detokenization and streaming (their CPU time is in step times measured as served), load imbalance
+between the experts.
 """
 
 from __future__ import annotations
@@ -102,15 +108,28 @@ class Simulator:
         cost: StepCostModel,
         overlap: bool = True,
         coordinator_s: float = 0.0,
+        frontend_s: float = 0.0,
     ) -> None:
         self.limits, self.cost, self.overlap, self.coordinator_s = limits, cost, overlap, coordinator_s
+        self.frontend_s = frontend_s
 
     def run(self, workload: Workload, progress: Callable[[str], None] | None = None) -> SimResult:
         started = time.perf_counter()
         scheduler = Scheduler(self.limits, max_steps_in_flight=2 if self.overlap else 1)
         sampling = SamplingParams(max_tokens=workload.output_tokens, temperature=0.0, ignore_eos=True)
         prompt = [1] * workload.prompt_tokens
-        arrivals = deque(workload.initial_arrivals())  # times of requests not yet sent
+        arrivals: deque[tuple[float, float]] = (
+            deque()
+        )  # (sent, reaches the scheduler) of requests not yet added
+        frontend_free = 0.0
+
+        def arrive(at: float) -> None:
+            nonlocal frontend_free
+            frontend_free = max(at, frontend_free) + self.frontend_s
+            arrivals.append((at, frontend_free))
+
+        for at in workload.initial_arrivals():
+            arrive(at)
         streams: dict[str, _Stream] = {}
         done: list[_Stream] = []
         sent = 0
@@ -124,8 +143,8 @@ class Simulator:
 
         def send_due() -> None:
             nonlocal sent
-            while arrivals and arrivals[0] <= now and sent < workload.requests:
-                at = arrivals.popleft()
+            while arrivals and arrivals[0][1] <= now and sent < workload.requests:
+                at, _ = arrivals.popleft()
                 request_id = f"sim-{sent}"
                 try:
                     scheduler.add(request_id, prompt, sampling, frozenset())
@@ -147,7 +166,7 @@ class Simulator:
                 if update.finish_reason is not None:
                     done.append(streams.pop(update.request_id))
                     if workload.closed_loop and sent + len(arrivals) < workload.requests:
-                        arrivals.append(end)
+                        arrive(end)
             if plans[0].kind == StepKind.PREFILL:
                 prompt_tokens += sum(p.num_tokens for p in plans)
             series["t"].append(end)
@@ -178,7 +197,7 @@ class Simulator:
                         f"the simulation stalled with {len(done)}/{workload.requests} requests done and nothing "
                         "to run: the configuration cannot serve this workload (too few KV pages or slots?)"
                     )
-                now = max(now, arrivals[0])
+                now = max(now, arrivals[0][1])
             if progress is not None and len(done) >= next_report:
                 progress(
                     f"sim: {len(done)}/{workload.requests} requests done, {now:.1f} s simulated, "

@@ -121,3 +121,13 @@ def test_the_simulate_command_refuses_bad_input(tmp_path, capsys) -> None:
     assert "needs the KV pages per rank" in capsys.readouterr().err
     assert main([*base, "--concurrency", "2", "--cost-model", str(tmp_path / "none.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_front_end_serves_a_burst_one_request_at_a_time() -> None:
+    workload = Workload(prompt_tokens=16, output_tokens=2, requests=3, concurrency=3)
+    result = Simulator(limits(max_prefill_steps_in_a_row=1), constant_model(), frontend_s=0.1).run(workload)
+    prefill = PREFILL_S + 16 * PER_TOKEN_S
+    # the first reaches the scheduler at 0.1 s; the next two at 0.2 and 0.3 s, during its prefill and
+    # its first decode step, and are prefilled together after that decode step
+    later = 0.1 + prefill + DECODE_S + PREFILL_S + 32 * PER_TOKEN_S
+    assert sorted(result.ttft_s) == pytest.approx([0.1 + prefill, later, later])
