@@ -12,8 +12,8 @@
    Serve), for a second model.
 3. The real run: bench/latency.py at C, P, N, a chunk per token (--token-chunks).
 4. The simulation with each model, on the same config and workload (overlapped steps, as served).
-   Each model is simulated without a front end and with one whose time per request is fitted to
-   the calibration runs' TTFT p50 (Simulator.frontend_s).
+   Each model is simulated without a front end and with one (per-request and per-token times,
+   sim/simulator.py FrontEnd) fitted to the calibration runs' TTFT p50 and ITL p50.
 5. TTFT p50 and ITL p50, simulated against measured: the check passes within --tolerance (25%)
    for the model fitted to served steps with the fitted front end; the others are reported.
 
@@ -140,36 +140,45 @@ def served_points(steps: list[dict], out: Path) -> Path:
     return path
 
 
-def simulator(model: StepCostModel, frontend_s: float) -> Simulator:
+Frontend = tuple[float, float]  # seconds per request, per streamed token
+
+
+def simulator(model: StepCostModel, frontend: Frontend) -> Simulator:
     config = ServeConfig.from_toml(CONFIG, overrides={"ep_size": 1})
+    limits = scheduler_limits(config, None)
     return Simulator(
-        scheduler_limits(config, None), model, overlap=config.scheduler.overlap, frontend_s=frontend_s
+        limits, model, overlap=config.scheduler.overlap, frontend_s=frontend[0], frontend_token_s=frontend[1]
     )
 
 
-def fit_frontend(model: StepCostModel, calibration: dict[int, dict], args: argparse.Namespace) -> float:
-    """The front-end time per request that best gives the calibration runs' TTFT p50 (a grid, 0-60 ms)."""
+def fit_frontend(model: StepCostModel, calibration: dict[int, dict], args: argparse.Namespace) -> Frontend:
+    """The front end (per request 0-40 ms, per token 0-4 ms, a grid) that best gives the calibration
+    runs' TTFT p50 and ITL p50 (squared relative errors)."""
 
-    def error(frontend_s: float) -> float:
+    def error(frontend: Frontend) -> float:
         total = 0.0
         for c, measured in calibration.items():
             workload = Workload(args.prompt_tokens, args.output_tokens, max(2 * c, 32), concurrency=c)
-            ttft = simulator(model, frontend_s).run(workload).summary()["ttft_s"]["p50"]  # type: ignore[index]
-            total += (ttft / measured["ttft_s"]["p50"] - 1) ** 2
+            summary = simulator(model, frontend).run(workload).summary()
+            for key in ("ttft_s", "itl_s"):
+                total += (summary[key]["p50"] / measured[key]["p50"] - 1) ** 2  # type: ignore[index]
         return total
 
-    return min((i * 1e-3 for i in range(0, 61)), key=error)
+    grid = [(r * 4e-3, t * 2e-4) for r in range(11) for t in range(21)]
+    return min(grid, key=error)
 
 
-def simulate(model: StepCostModel, frontend_s: float, args: argparse.Namespace, out: Path, name: str) -> dict:
+def simulate(
+    model: StepCostModel, frontend: Frontend, args: argparse.Namespace, out: Path, name: str
+) -> dict:
     workload = Workload(args.prompt_tokens, args.output_tokens, args.requests, concurrency=args.concurrency)
-    result = simulator(model, frontend_s).run(workload)
+    result = simulator(model, frontend).run(workload)
     title = f"simulated ({name}): {workload.describe()} on the CPU tiny model"
     print_summary(result, title)
     write_json(
         result,
         out / f"sim_{name}.json",
-        {"config": str(CONFIG), "overrides": {"ep_size": 1}, "cost_model": name},
+        {"config": str(CONFIG), "overrides": {"ep_size": 1}, "cost_model": name, "frontend_s": frontend},
     )
     write_png(result, out / f"sim_{name}.png", title)
     return result.summary()
@@ -233,11 +242,11 @@ def main() -> int:
     for name, model in models.items():
         model.save(out / f"cost_model_{name}.json")
         fits[name] = model.fit
-        for frontend in ("none", "fitted"):
-            frontend_s = 0.0 if frontend == "none" else fit_frontend(model, calibration, args)
-            frontends[f"{name}, front end {frontend}"] = frontend_s
-            simulated = simulate(model, frontend_s, args, out, f"{name}_frontend_{frontend}")
-            check_rows[f"{name}, front end {frontend}"] = compare(measured, simulated)
+        for kind in ("none", "fitted"):
+            frontend = (0.0, 0.0) if kind == "none" else fit_frontend(model, calibration, args)
+            frontends[f"{name}, front end {kind}"] = {"request_s": frontend[0], "token_s": frontend[1]}
+            simulated = simulate(model, frontend, args, out, f"{name}_frontend_{kind}")
+            check_rows[f"{name}, front end {kind}"] = compare(measured, simulated)
     checked = "served, front end fitted"
     passed = all(abs(r["error"]) <= args.tolerance for r in check_rows[checked].values())
     check = {

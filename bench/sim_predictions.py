@@ -7,9 +7,10 @@
 Workloads (closed loops, as bench/latency.py; P prompt and N output tokens, EOS ignored):
 C 256, P 2000, N 100 (SLO: TTFT p99 <= 2 s, ITL p99 <= 100 ms); C 256, P 32000, N 100 (TTFT p99
 <= 8 s); C 2048 (256 per GPU), P 2000, N 100, the LMSYS throughput point; and Poisson arrivals at
-8 req/s, P 2000, N 100 (about half of what the node serves). Policies: the config as it is, one
-step at a time and overlapped; and separate prefill steps with a budget while sequences decode
-(scheduler.decode_prefill_tokens) and one prefill step between decode steps. Prints a markdown
+8 req/s, P 2000, N 100 (about half of what the node serves). Policies: unbounded prefill steps
+(16384 tokens a GPU, two in a row: the policy before issue 12), one step at a time and overlapped;
+and separate prefill steps with a budget while sequences decode (scheduler.decode_prefill_tokens)
+and one prefill step between decode steps. Prints a markdown
 table (for docs/PERF.md) and writes every run's summary as JSON. These are predictions.
 """
 
@@ -31,11 +32,12 @@ WORKLOADS = {
     "LMSYS: C2048 P2000 N100": Workload(2000, 100, 6144, concurrency=2048),
     "Poisson 8/s P2000 N100": Workload(2000, 100, 1200, rate=8.0),
 }
+UNBOUNDED = {"decode_prefill_tokens": None, "max_prefill_steps_in_a_row": 2}  # the policy before issue 12
 POLICIES: dict[str, tuple[dict[str, object], bool]] = {  # name -> (config overrides, overlap)
-    "config, serial": ({}, False),
-    "config, overlap": ({}, True),
+    "unbounded, serial": (UNBOUNDED, False),
+    "unbounded, overlap": (UNBOUNDED, True),
     "budget 4096": ({"decode_prefill_tokens": 4096, "max_prefill_steps_in_a_row": 1}, True),
-    "budget 1024": ({"decode_prefill_tokens": 1024, "max_prefill_steps_in_a_row": 1}, True),
+    "budget 1024 (production.toml)": ({"decode_prefill_tokens": 1024, "max_prefill_steps_in_a_row": 1}, True),
     "budget 256": ({"decode_prefill_tokens": 256, "max_prefill_steps_in_a_row": 1}, True),
 }
 

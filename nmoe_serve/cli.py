@@ -99,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         help="front-end time per request before the scheduler sees it, one at a time (default 0)",
     )
     sim.add_argument(
+        "--frontend-token-us",
+        type=float,
+        default=0.0,
+        help="front-end time per streamed token, on the same server as the requests (default 0)",
+    )
+    sim.add_argument(
         "--serial", action="store_true", help="one step at a time (default: the config's scheduler.overlap)"
     )
     sim.add_argument("--seed", type=int, default=0)

@@ -27,7 +27,7 @@ import numpy as np
 from nmoe_serve.engine.outputs import GOES_ON, LENGTH, STOPPED
 from nmoe_serve.engine.request import Request
 
-HISTORY_WIDTH = 64
+HISTORY_WIDTH = 256
 
 
 class SlotTable:

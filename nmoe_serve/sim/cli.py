@@ -54,9 +54,10 @@ def simulate(args: argparse.Namespace) -> int:
     limits = scheduler_limits(config, args.pages_per_rank)
     if args.requests is None and args.rate is not None:
         raise WorkloadError("--rate needs --requests (how many arrive in all)")
-    if args.coordinator_ms < 0 or args.frontend_ms < 0:
+    if min(args.coordinator_ms, args.frontend_ms, args.frontend_token_us) < 0:
         raise WorkloadError(
-            f"--coordinator-ms and --frontend-ms must be >= 0, got {args.coordinator_ms} and {args.frontend_ms}"
+            "--coordinator-ms, --frontend-ms and --frontend-token-us must be >= 0, got "
+            f"{args.coordinator_ms}, {args.frontend_ms} and {args.frontend_token_us}"
         )
     workload = Workload(
         prompt_tokens=args.prompt_tokens,
@@ -78,7 +79,8 @@ def simulate(args: argparse.Namespace) -> int:
     print(
         f"simulate: {workload.describe()} on {limits.num_ranks} rank(s), {limits.max_num_seqs} seqs/rank, "
         f"{limits.pages_per_rank} pages of {limits.page_size}; {'overlapped' if overlap else 'serial'} steps, "
-        f"coordinator {args.coordinator_ms:g} ms, front end {args.frontend_ms:g} ms; cost model {args.cost_model} ({cost.source}, {cost.date})",
+        f"coordinator {args.coordinator_ms:g} ms, front end {args.frontend_ms:g} ms + "
+        f"{args.frontend_token_us:g} us a token; cost model {args.cost_model} ({cost.source}, {cost.date})",
         flush=True,
     )
     result = simulator.run(workload, progress=lambda line: print(f"  {line}", flush=True))
@@ -91,6 +93,7 @@ def simulate(args: argparse.Namespace) -> int:
         "overlap": overlap,
         "coordinator_ms": args.coordinator_ms,
         "frontend_ms": args.frontend_ms,
+        "frontend_token_us": args.frontend_token_us,
         "cost_model": {
             "path": str(args.cost_model),
             "source": cost.source,

@@ -11,10 +11,11 @@ runs, exactly as the engine core does (max_steps_in_flight = 2), and the ranks s
 both step n has ended and its plans are out: the coordinator's turn is hidden while it is shorter
 than a step.
 
-The front end (`frontend_s`): a request reaches the scheduler after the front end spent that long
-on it (HTTP, validation, tokenization, the call to the coordinator), one request at a time, so a
-burst of arrivals queues there; 0 leaves it out. Its time is not measured here: bench/sim_check.py
-fits it to served TTFTs at other concurrencies.
+The front end (FrontEnd): one server, first come first served, that spends `frontend_s` on each
+arriving request (HTTP, validation, tokenization, the call to the coordinator) before the
+scheduler sees it, and `frontend_token_s` on each token it streams back; a client sees a token
+when the front end has sent it. Both 0 (the default) leave it out. Its times are not measured
+here: bench/sim_check.py fits them to served TTFTs at other concurrencies.
 
 Not modelled: the all-to-all's own time (taken to hide under compute, as rank_sim assumes),
 detokenization and streaming (their CPU time is in step times measured as served), load imbalance
@@ -38,6 +39,23 @@ from nmoe_serve.sim.cost_model import StepCostModel
 from nmoe_serve.sim.workload import Workload, WorkloadError
 
 MAX_SERIES = 4000  # time-series points kept in a result (evenly thinned)
+
+
+class FrontEnd:
+    """A single first-come-first-served server in front of the scheduler (see the module docstring)."""
+
+    def __init__(self, request_s: float, token_s: float) -> None:
+        self.request_s, self.token_s, self.free = request_s, token_s, 0.0
+
+    def request(self, at: float) -> float:
+        """When a request sent at `at` reaches the scheduler."""
+        self.free = max(at, self.free) + self.request_s
+        return self.free
+
+    def token(self, at: float) -> float:
+        """When a token ready at `at` reaches its client."""
+        self.free = max(at, self.free) + self.token_s
+        return self.free
 
 
 @dataclass
@@ -109,27 +127,19 @@ class Simulator:
         overlap: bool = True,
         coordinator_s: float = 0.0,
         frontend_s: float = 0.0,
+        frontend_token_s: float = 0.0,
     ) -> None:
         self.limits, self.cost, self.overlap, self.coordinator_s = limits, cost, overlap, coordinator_s
-        self.frontend_s = frontend_s
+        self.frontend_s, self.frontend_token_s = frontend_s, frontend_token_s
 
     def run(self, workload: Workload, progress: Callable[[str], None] | None = None) -> SimResult:
         started = time.perf_counter()
         scheduler = Scheduler(self.limits, max_steps_in_flight=2 if self.overlap else 1)
         sampling = SamplingParams(max_tokens=workload.output_tokens, temperature=0.0, ignore_eos=True)
         prompt = [1] * workload.prompt_tokens
-        arrivals: deque[tuple[float, float]] = (
-            deque()
-        )  # (sent, reaches the scheduler) of requests not yet added
-        frontend_free = 0.0
-
-        def arrive(at: float) -> None:
-            nonlocal frontend_free
-            frontend_free = max(at, frontend_free) + self.frontend_s
-            arrivals.append((at, frontend_free))
-
-        for at in workload.initial_arrivals():
-            arrive(at)
+        frontend = FrontEnd(self.frontend_s, self.frontend_token_s)
+        arrivals: deque[float] = deque(workload.initial_arrivals())  # send times, not yet at the front end
+        reaching: deque[tuple[float, float]] = deque()  # (sent, reaches the scheduler), in order
         streams: dict[str, _Stream] = {}
         done: list[_Stream] = []
         sent = 0
@@ -143,8 +153,11 @@ class Simulator:
 
         def send_due() -> None:
             nonlocal sent
-            while arrivals and arrivals[0][1] <= now and sent < workload.requests:
-                at, _ = arrivals.popleft()
+            while arrivals and arrivals[0] <= now:
+                at = arrivals.popleft()
+                reaching.append((at, frontend.request(at)))
+            while reaching and reaching[0][1] <= now:
+                at, _ = reaching.popleft()
                 request_id = f"sim-{sent}"
                 try:
                     scheduler.add(request_id, prompt, sampling, frozenset())
@@ -161,12 +174,13 @@ class Simulator:
             ]
             for update in scheduler.update(results):
                 stream = streams[update.request_id]
-                stream.token_times.append(end)
+                delivered = frontend.token(end)
+                stream.token_times.append(delivered)
                 output_tokens += 1
                 if update.finish_reason is not None:
                     done.append(streams.pop(update.request_id))
-                    if workload.closed_loop and sent + len(arrivals) < workload.requests:
-                        arrive(end)
+                    if workload.closed_loop and sent + len(arrivals) + len(reaching) < workload.requests:
+                        arrivals.append(delivered)  # the client sends its next request
             if plans[0].kind == StepKind.PREFILL:
                 prompt_tokens += sum(p.num_tokens for p in plans)
             series["t"].append(end)
@@ -192,12 +206,17 @@ class Simulator:
                 take(plans_done, start, end)
                 now += self.coordinator_s
             elif plans is None:
-                if not arrivals:
+                upcoming = [
+                    t
+                    for t in (arrivals[0] if arrivals else None, reaching[0][1] if reaching else None)
+                    if t is not None
+                ]
+                if not upcoming:
                     raise WorkloadError(
                         f"the simulation stalled with {len(done)}/{workload.requests} requests done and nothing "
                         "to run: the configuration cannot serve this workload (too few KV pages or slots?)"
                     )
-                now = max(now, arrivals[0][1])
+                now = max(now, min(upcoming))
             if progress is not None and len(done) >= next_report:
                 progress(
                     f"sim: {len(done)}/{workload.requests} requests done, {now:.1f} s simulated, "

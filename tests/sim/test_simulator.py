@@ -131,3 +131,14 @@ def test_the_front_end_serves_a_burst_one_request_at_a_time() -> None:
     # its first decode step, and are prefilled together after that decode step
     later = 0.1 + prefill + DECODE_S + PREFILL_S + 32 * PER_TOKEN_S
     assert sorted(result.ttft_s) == pytest.approx([0.1 + prefill, later, later])
+
+
+def test_streamed_tokens_queue_at_the_front_end() -> None:
+    workload = Workload(prompt_tokens=16, output_tokens=3, requests=1, concurrency=1)
+    result = Simulator(limits(), constant_model(), overlap=False, frontend_token_s=0.01).run(workload)
+    assert result.ttft_s == [pytest.approx(PREFILL_S + 16 * PER_TOKEN_S + 0.01)]
+    assert result.itl_s == pytest.approx([DECODE_S] * 2), "a front end that keeps up adds no gap"
+    slow = Simulator(limits(), constant_model(), overlap=False, frontend_token_s=0.01).run(
+        Workload(prompt_tokens=16, output_tokens=3, requests=8, concurrency=8)
+    )
+    assert max(slow.itl_s) >= 8 * 0.01 - 1e-9, "8 streams' tokens take 80 ms to send: more than a step"
