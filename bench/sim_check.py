@@ -31,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,12 +62,48 @@ def run(cmd: list[str], env: dict[str, str], timeout: float = 600, cwd: Path = R
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
 
 
+def stop_cluster(temp_dir: str) -> None:
+    """End the processes of our own Ray cluster (its command lines name `temp_dir`) and their
+    children, by pid: `ray stop` would end every Ray process on the machine, other users' too."""
+
+    def processes() -> dict[int, tuple[int, str]]:  # pid -> (parent pid, command line)
+        found = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                found[int(entry.name)] = (parent, cmdline)
+        return found
+
+    table = processes()
+    me, ancestors = os.getpid(), set()
+    while me in table and me not in ancestors:  # never this process or the shell that started it
+        ancestors.add(me)
+        me = table[me][0]
+    ours = {pid for pid, (_, cmdline) in table.items() if temp_dir in cmdline} - ancestors
+    grew = True
+    while grew:
+        children = {pid for pid, (parent, _) in table.items() if parent in ours} - ours
+        grew, ours = bool(children), ours | children
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in ours:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in ours):
+            time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def served(out: Path, env: dict[str, str]) -> Iterator[tuple[str, int]]:
-    """(url, gcs port) of configs/dev.toml served at ep_size 1 on a local Ray cluster."""
+    """(url, gcs port) of configs/dev.toml served at ep_size 1 on a local Ray cluster of our own."""
     gcs, http = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray-simcheck-")  # short: Ray's socket paths must stay < 108 chars
     run(["ray", "start", "--head", f"--port={gcs}", "--num-cpus=4", "--include-dashboard=false",
-         "--disable-usage-stats"], env)  # fmt: skip
+         "--disable-usage-stats", f"--temp-dir={temp_dir}"], env)  # fmt: skip
     spec = out / "serve-ep1.yaml"
     app = {"name": "nmoe", "route_prefix": "/", "import_path": "nmoe_serve.serve.app:build_app",
            "args": {"config": str(CONFIG), "overrides": {"ep_size": 1}}}  # fmt: skip
@@ -96,7 +133,7 @@ def served(out: Path, env: dict[str, str]) -> Iterator[tuple[str, int]]:
             serve.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, signal.SIGKILL)
-        subprocess.run(["ray", "stop", "--force"], env=env, cwd=REPO, capture_output=True)
+        stop_cluster(temp_dir)
         log.close()
 
 
