@@ -7,6 +7,9 @@ or as a Ray job: `ray job submit --working-dir . -- python bench/latency.py ...`
 random token ids (exactly P tokens); outputs ignore EOS (exactly N tokens). TTFT is from sending
 the request to the first streamed token, ITL the gaps between streamed chunks of one request.
 Writes JSON and a PNG (latency CDFs), prints a summary table, and shows progress while it runs.
+A token whose text is still incomplete (a partial UTF-8 character) streams no chunk, so its gap
+merges into the next; `--token-chunks` asks for logprobs, so every token streams a chunk and the
+ITL is per token (what the simulator predicts).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ async def one_request(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if args.token_chunks:
+        body["logprobs"] = 0
     sent = time.perf_counter()
     chunks: list[float] = []
     usage, error = None, None
@@ -50,7 +55,7 @@ async def one_request(
                 error = event["error"]["message"]
             elif event.get("usage"):
                 usage = event["usage"]
-            elif event["choices"] and event["choices"][0].get("text"):
+            elif event["choices"] and _carries_tokens(event["choices"][0], args.token_chunks):
                 chunks.append(time.perf_counter())
     done = time.perf_counter()
     if error or not chunks:
@@ -61,6 +66,12 @@ async def one_request(
         "e2e": done - sent,
         "tokens": (usage or {}).get("completion_tokens", len(chunks)),
     }
+
+
+def _carries_tokens(choice: dict, token_chunks: bool) -> bool:
+    if token_chunks:
+        return bool((choice.get("logprobs") or {}).get("tokens"))
+    return bool(choice.get("text"))
 
 
 async def run(args: argparse.Namespace) -> dict:
@@ -96,6 +107,7 @@ async def run(args: argparse.Namespace) -> dict:
         "prompt_tokens": args.prompt_tokens,
         "output_tokens": args.output_tokens,
         "requests": args.requests,
+        "token_chunks": args.token_chunks,
         "completed": len(ok),
         "errors": errors[:10],
         "error_count": len(errors),
@@ -121,6 +133,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int)
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--token-chunks", action="store_true", help="a chunk per token (asks logprobs=0): per-token ITL"
+    )
     parser.add_argument("--out", type=Path, default=Path("latency.json"))
     args = parser.parse_args()
     args.requests = args.requests or 2 * args.concurrency

@@ -3,7 +3,8 @@
     python bench/overload.py --url http://127.0.0.1:8000 --capacity 4608 --multiples 1,4,8 \
         [--max-tokens 8] [--prompt-tokens 16] [--api-key KEY] [--out overload.json]
 
-For each multiple m it opens m × capacity streaming completions at once (capacity: the sequences
+For each multiple m it opens m × capacity streaming completions at once (at most
+--max-connections open at a time; the rest start as others end) (capacity: the sequences
 the server holds, running plus queued, e.g. the dev server's 8 ranks × 64 + 4096) and reads each
 to its end. It counts how each ended: a complete 200 stream, a 429 or 503 in OpenAI's error shape
 with Retry-After (load shed), an error event inside a 200 stream, any other status (a 500 is a
@@ -42,8 +43,13 @@ def loopback_only(url: str) -> str:
     return url
 
 
-async def one_stream(client: httpx.AsyncClient, body: dict) -> dict:
+async def one_stream(client: httpx.AsyncClient, body: dict, slots: asyncio.Semaphore) -> dict:
     """How one streaming request ended: kind, status, seconds, and what a shed answer carried."""
+    async with slots:
+        return await _one_stream(client, body)
+
+
+async def _one_stream(client: httpx.AsyncClient, body: dict) -> dict:
     started = time.perf_counter()
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
@@ -98,7 +104,8 @@ async def level(args: argparse.Namespace, multiple: float, model: str, vocab: in
             }
             for _ in range(count)
         ]
-        tasks = [asyncio.ensure_future(one_stream(client, b)) for b in bodies]
+        slots = asyncio.Semaphore(args.max_connections)
+        tasks = [asyncio.ensure_future(one_stream(client, b, slots)) for b in bodies]
         results: list[dict] = []
         pending = set(tasks)
         while pending:
@@ -165,6 +172,12 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--max-requests", type=int, default=40_000, help="streams a level at most")
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=16_000,
+        help="connections open at once (a process may hold 20k files on the dev machine: more wait their turn)",
+    )
     parser.add_argument(
         "--level-timeout", type=float, default=900.0, help="seconds a level (and a stream) at most"
     )

@@ -1,4 +1,5 @@
-"""The `nmoe-serve` command: generate (offline API), doctor (preflight), make-tiny-checkpoint."""
+"""The `nmoe-serve` command: generate (offline API), doctor (preflight), make-tiny-checkpoint,
+simulate (the scheduler against a step-cost model), fit-cost-model."""
 
 from __future__ import annotations
 
@@ -59,9 +60,67 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--fp8", action="store_true", help="FP8 e4m3 weights with 128x128 block scales")
     tiny.add_argument("--seed", type=int, default=0)
 
+    sim = sub.add_parser(
+        "simulate",
+        help="predict TTFT, ITL and throughput: the real scheduler of one EP group, clients, a step-cost model",
+    )
+    sim.add_argument(
+        "--config", default="configs/benchmark_lmsys.toml", help="TOML config (default: %(default)s)"
+    )
+    sim.add_argument(
+        "--cost-model",
+        required=True,
+        type=Path,
+        help="step-cost model JSON (fit-cost-model; docs/perf/ has the fitted ones)",
+    )
+    clients = sim.add_mutually_exclusive_group(required=True)
+    clients.add_argument("--concurrency", type=int, help="C clients in a closed loop (bench/latency.py's)")
+    clients.add_argument("--rate", type=float, help="Poisson arrivals, requests per second")
+    sim.add_argument("--prompt-tokens", type=int, required=True, help="P, prompt tokens per request")
+    sim.add_argument(
+        "--output-tokens", type=int, required=True, help="N, output tokens per request (EOS ignored)"
+    )
+    sim.add_argument("--requests", type=int, help="requests in all (default: 2 x C; required with --rate)")
+    sim.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="engine option override, e.g. --set decode_prefill_tokens=512 (as `generate --option`)",
+    )  # fmt: skip
+    sim.add_argument(
+        "--pages-per-rank", type=int, help="KV pages per rank (default: the config's cache.num_pages)"
+    )
+    sim.add_argument(
+        "--coordinator-ms", type=float, default=0.0,
+        help="the coordinator's turn between steps (bookkeeping + round trip; bench/step_overhead.py), default 0",
+    )  # fmt: skip
+    sim.add_argument(
+        "--frontend-ms",
+        type=float,
+        default=0.0,
+        help="front-end time per request before the scheduler sees it, one at a time (default 0)",
+    )
+    sim.add_argument(
+        "--frontend-token-us",
+        type=float,
+        default=0.0,
+        help="front-end time per streamed token, on the same server as the requests (default 0)",
+    )
+    sim.add_argument(
+        "--serial", action="store_true", help="one step at a time (default: the config's scheduler.overlap)"
+    )
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--out", type=Path, default=Path("sim.json"), help="JSON out; the PNG goes beside it")
+
+    fit = sub.add_parser("fit-cost-model", help="fit a step-cost model to measured step times")
+    fit.add_argument(
+        "--points", required=True, type=Path, help="points JSON (bench/step_costs.py writes one)"
+    )
+    fit.add_argument("--out", required=True, type=Path, help="cost model JSON to write")
+
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO if getattr(args, "verbose", True) else logging.WARNING,
+        level=logging.INFO
+        if getattr(args, "verbose", args.command not in ("simulate", "fit-cost-model"))
+        else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -72,6 +131,14 @@ def main(argv: list[str] | None = None) -> int:
             from nmoe_serve.doctor import main as run_doctor
 
             return run_doctor(args.config)
+        if args.command == "simulate":
+            from nmoe_serve.sim.cli import simulate
+
+            return simulate(args)
+        if args.command == "fit-cost-model":
+            from nmoe_serve.sim.cli import fit_cost_model
+
+            return fit_cost_model(args)
         return _make_tiny(args)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"nmoe-serve {args.command}: error: {e}", file=sys.stderr)

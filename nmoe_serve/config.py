@@ -110,6 +110,19 @@ class SchedulerSection(_Section):
     admission_watermark: float = Field(
         0.01, ge=0.0, lt=1.0, description="fraction of a rank's pages kept free when admitting requests"
     )
+    decode_prefill_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="prompt tokens per rank in one prefill step while sequences decode: bounds their "
+        "inter-token latency (size it from the step cost with `nmoe-serve simulate`); default: "
+        "max_prefill_tokens",
+    )
+    overlap: bool = Field(
+        True,
+        description="launch step n+1 while step n's results come back (the ranks never wait for the "
+        "coordinator's bookkeeping); requests learn of their end one step late: at most one wasted "
+        "row, never an extra token",
+    )
 
 
 class DeviceSection(_Section):

@@ -131,6 +131,8 @@ def resolve_settings(config: ServeConfig, cuda_available: bool) -> EngineSetting
             max_prefill_steps_in_a_row=scheduler.max_prefill_steps_in_a_row,
             admission_watermark=scheduler.admission_watermark,
             eos_token_ids=args.eos_token_ids,
+            overlap=scheduler.overlap,
+            decode_prefill_tokens=scheduler.decode_prefill_tokens,
         ),
     )
     log.info(

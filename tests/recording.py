@@ -9,7 +9,7 @@ import sys
 import torch
 from ray import cloudpickle
 
-from nmoe_serve.engine.plan import StepPlan, StepResult
+from nmoe_serve.engine.plan import StepPlan
 from nmoe_serve.model.transport import AllToAllTransport, LocalExperts
 from nmoe_serve.worker.actor import WorkerActor
 from nmoe_serve.worker.worker import Worker
@@ -53,6 +53,18 @@ class RecordingTransport(AllToAllTransport):
         return records
 
 
+class RecordingWorker(Worker):
+    """A Worker that tells its RecordingTransport which step each forward belongs to."""
+
+    def __init__(self, settings, topology, transport: RecordingTransport) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(settings, topology, transport=transport)
+        self.recording = transport
+
+    def _forward(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        self.recording.begin(plan.step_id)
+        return super()._forward(plan)
+
+
 class RecordingWorkerActor(WorkerActor):
     """WorkerActor whose rank exchanges through a RecordingTransport (read by collective_log)."""
 
@@ -62,11 +74,7 @@ class RecordingWorkerActor(WorkerActor):
         self.transport = RecordingTransport(
             topology.rank, topology.world_size, per_rank, self.settings.core.max_num_seqs
         )
-        return Worker(self.settings, topology, transport=self.transport)
-
-    def execute(self, plan: StepPlan) -> StepResult:
-        self.transport.begin(plan.step_id)
-        return super().execute(plan)
+        return RecordingWorker(self.settings, topology, self.transport)
 
     def collective_log(self) -> list[Record]:
         return self.transport.drain()

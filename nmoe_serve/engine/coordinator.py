@@ -5,7 +5,9 @@ in a test. Callers `generate()` a request and iterate its token updates as steps
 leaving the iteration early (a client gone) cancels the request and frees its pages. One task
 runs the global steps back to back while there is work: scheduler bookkeeping happens on the
 event loop between steps, and the ranks' work is awaited, so requests can arrive and be
-cancelled while a step runs. A failed step ends the group's in-flight requests with the error;
+cancelled while a step runs. With overlap (engine/core.py) the ranks already compute the next
+step while the loop takes the last one's tokens and streams them, so the streams' delivery is off
+the ranks' critical path. A failed step ends the group's in-flight requests with the error;
 the executor restarts its workers and the loop goes on serving.
 """
 
@@ -19,9 +21,9 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from nmoe_serve.engine.core import CoreSettings, EngineCore
+from nmoe_serve.engine.core import Completed, CoreSettings, EngineCore
 from nmoe_serve.engine.executor import Executor, StepFailed
-from nmoe_serve.engine.scheduler import TokenUpdate
+from nmoe_serve.engine.scheduler import StepOutputs, TokenUpdate
 from nmoe_serve.sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,8 @@ class StepReport:
     waiting: int
     kv_usage: float  # fraction of the group's KV pages in use
     preemptions: int  # since the start
+    period_s: float = 0.0  # since the later of its launch and the last step's results (Completed)
+    busiest: tuple[int, int, int, int] = (0, 0, 0, 0)  # StepPlan.work() of its busiest rank
 
 
 class Coordinator:
@@ -140,7 +144,7 @@ class Coordinator:
                 continue
             try:
                 self._stepping = True
-                updates, kind, seconds = await self._step()
+                completed = await self._step()
             except StepFailed as e:  # logged with its cause by the executor and the engine core
                 for request_id in e.failed_request_ids:
                     self._end(
@@ -149,7 +153,7 @@ class Coordinator:
                 continue
             except Exception:  # a bug in the engine itself: fail everyone rather than hang them
                 log.exception("coordinator step loop failed; ending every request")
-                self.engine.scheduler.fail_in_flight(workers_lost=False)
+                self.engine.abandon()
                 for request_id in list(self._streams):
                     self._end(
                         request_id, RequestFailed(f"request {request_id} failed: an internal engine error")
@@ -157,27 +161,27 @@ class Coordinator:
                 continue
             finally:
                 self._stepping = False
-            if kind is not None:
-                self._deliver(updates)
-                self._report(kind, seconds, len(updates))
+            if completed is not None:
+                self._deliver(completed.outputs)
+                self._report(completed)
             await asyncio.sleep(0)  # let arrivals and cancellations in between steps
 
-    async def _step(self) -> tuple[list[TokenUpdate], str | None, float]:
+    async def _step(self) -> Completed | None:
         """One global step: the engine core's body, with the ranks' work awaited."""
-        plans = self.engine.schedule()
-        if plans is None:
-            return [], None, 0.0
+        engine = self.engine
+        plans = engine.schedule()
+        if not engine.needs_dispatch(plans):
+            return None
         try:
-            results = await self.engine.executor.execute_async(plans)
+            results = await engine.dispatch_async(plans)
         except StepFailed as e:
-            raise self.engine.fail(e) from e
+            raise engine.fail(e) from e
         except asyncio.CancelledError:  # the loop is shutting down mid-step: its results are lost
-            self.engine.abandon()
+            engine.abandon()
             raise
-        updates, seconds = self.engine.complete(results)
-        return updates, plans[0].kind.name.lower(), seconds
+        return None if results is None else engine.complete(results)
 
-    def _deliver(self, updates: list[TokenUpdate]) -> None:
+    def _deliver(self, updates: StepOutputs) -> None:
         by_request: dict[str, list[TokenUpdate]] = defaultdict(list)
         for update in updates:
             by_request[update.request_id].append(update)
@@ -191,19 +195,21 @@ class Coordinator:
         if queue is not None:
             queue.put_nowait(error)
 
-    def _report(self, kind: str, seconds: float, tokens: int) -> None:
+    def _report(self, completed: Completed) -> None:
         self.steps += 1
         if not self.step_listeners:
             return
         scheduler = self.engine.scheduler
         report = StepReport(
-            kind,
-            seconds,
-            tokens,
+            completed.kind.name.lower(),
+            completed.seconds,
+            len(completed.outputs),
             scheduler.num_running,
             scheduler.num_waiting,
             scheduler.kv_usage(),
             scheduler.num_preemptions,
+            completed.period_s,
+            completed.busiest,
         )
         for listener in self.step_listeners:
             listener(report)

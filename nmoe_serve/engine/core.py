@@ -5,10 +5,16 @@ ending requests on EOS, stop token ids and length. Text concerns (detokenization
 request validation) belong to the front end, which aborts a request when its text hits a stop
 string.
 
-A step has one body in two halves around the ranks' work: `schedule()` plans it, the caller runs
-the plans on the executor (blocking in `step()`, awaited by the Coordinator), and `complete()`
-takes the results, or `fail()` a StepFailed (every request ends with an error and the executor
-restarts its workers).
+A step has one body in three parts around the ranks' work: `schedule()` plans it, `dispatch()`
+(blocking) or `dispatch_async()` (awaited by the Coordinator) runs the plans on the executor, and
+`complete()` takes the results, or `fail()` a StepFailed (every request ends with an error and the
+executor restarts its workers).
+
+Overlap (`CoreSettings.overlap`): the executor launches a step and hands back the results of the
+one before, so the ranks compute step n+1 while the scheduler takes step n's tokens and plans
+n+2. Each step is planned with one step in flight; requests learn of their ends one step late
+(engine/scheduler.py says what that costs: at most one wasted row, never an extra token). When
+nothing can be planned the last launched step is flushed.
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ import time
 from dataclasses import dataclass
 
 from nmoe_serve.engine.executor import Executor, StepFailed
-from nmoe_serve.engine.plan import StepPlan, StepResult
+from nmoe_serve.engine.plan import StepKind, StepPlan, StepResult
 from nmoe_serve.engine.request import Request
-from nmoe_serve.engine.scheduler import Scheduler, SchedulerLimits, TokenUpdate
+from nmoe_serve.engine.scheduler import Scheduler, SchedulerLimits, StepOutputs
 from nmoe_serve.sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -37,6 +43,20 @@ class CoreSettings:
     max_prefill_steps_in_a_row: int
     admission_watermark: float  # fraction of a rank's pages admission leaves free
     eos_token_ids: tuple[int, ...]
+    overlap: bool = False  # launch step n+1 while step n's results come back (one step in flight)
+    decode_prefill_tokens: int | None = None  # prompt tokens per rank per prefill step while decoding
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A step whose results the scheduler took."""
+
+    step_id: int
+    kind: StepKind
+    outputs: StepOutputs
+    seconds: float  # from its launch to its results
+    period_s: float  # from the later of its launch and the last step's results, to its results
+    busiest: tuple[int, int, int, int]  # StepPlan.work() of its busiest rank (most tokens, then context)
 
 
 class EngineCore:
@@ -52,16 +72,20 @@ class EngineCore:
             max_prefill_tokens=settings.max_prefill_tokens,
             max_prefill_steps_in_a_row=settings.max_prefill_steps_in_a_row,
             watermark_pages=int(settings.admission_watermark * pages),
+            decode_prefill_tokens=settings.decode_prefill_tokens,
         )
-        self.scheduler = Scheduler(self.limits)
+        self.overlap = settings.overlap
+        self.scheduler = Scheduler(self.limits, max_steps_in_flight=2 if self.overlap else 1)
         self.eos_token_ids = frozenset(settings.eos_token_ids)
-        self._step_started = 0.0
+        self._launched: dict[int, tuple[StepKind, float]] = {}  # step id -> (kind, launch time)
+        self._last_completed = 0.0
         log.info(
-            "engine core: %d rank(s) via %s executor, %d pages x %d tokens per rank",
+            "engine core: %d rank(s) via %s executor, %d pages x %d tokens per rank, %s",
             executor.num_ranks,
             executor.name,
             pages,
             settings.page_size,
+            "overlapped steps (one in flight)" if self.overlap else "one step at a time",
         )
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> Request:
@@ -75,20 +99,53 @@ class EngineCore:
         return self.scheduler.has_work()
 
     def schedule(self) -> list[StepPlan] | None:
-        """Plans of the next step (one per rank), or None when there is nothing to run."""
+        """Plans of the next step (one per rank), or None when there is nothing to plan now."""
         plans = self.scheduler.schedule()
-        self._step_started = time.perf_counter()
+        if plans is not None:
+            self._launched[plans[0].step_id] = (plans[0].kind, time.perf_counter())
         return plans
 
-    def complete(self, results: list[StepResult]) -> tuple[list[TokenUpdate], float]:
-        """Take the step's results: (one update per sampled token, seconds since schedule())."""
-        seconds = time.perf_counter() - self._step_started
-        return self.scheduler.update(results), seconds
+    def needs_dispatch(self, plans: list[StepPlan] | None) -> bool:
+        """Whether the executor has to be called: plans to run, or a launched step to flush."""
+        return plans is not None or (self.overlap and self.scheduler.num_in_flight > 0)
+
+    def dispatch(self, plans: list[StepPlan] | None) -> list[StepResult] | None:
+        """Run `plans` (or, overlapped with nothing to plan, flush); the results of the step they
+        complete, or None (the first launched step). Raises StepFailed."""
+        if not self.overlap:
+            assert plans is not None
+            return self.executor.execute(plans)
+        return self.executor.launch(plans) if plans is not None else self.executor.flush()
+
+    async def dispatch_async(self, plans: list[StepPlan] | None) -> list[StepResult] | None:
+        """`dispatch`, awaited."""
+        if not self.overlap:
+            assert plans is not None
+            return await self.executor.execute_async(plans)
+        if plans is not None:
+            return await self.executor.launch_async(plans)
+        return await self.executor.flush_async()
+
+    def complete(self, results: list[StepResult]) -> Completed | None:
+        """Take a step's results: its accepted tokens. None for results of a step no longer in
+        flight (abandoned by an earlier caller): they are dropped."""
+        step_id = results[0].step_id
+        kind, launched = self._launched.pop(step_id, (StepKind.DECODE, time.perf_counter()))
+        if step_id != self.scheduler.oldest_in_flight:
+            log.warning("dropped the results of step %d, which is no longer in flight", step_id)
+            return None
+        busiest = max((p.work() for p in self.scheduler.oldest_plans), key=lambda w: (w[1], w[2]))
+        outputs = self.scheduler.update(results)
+        now = time.perf_counter()
+        period = now - max(launched, self._last_completed)
+        self._last_completed = now
+        return Completed(step_id, kind, outputs, now - launched, period, busiest)
 
     def fail(self, error: StepFailed) -> StepFailed:
         """The step failed on the ranks: end every request with an error, restart the workers, and
         return the error to raise, naming the requests that failed."""
         failed = self.scheduler.fail_in_flight()
+        self._launched.clear()
         log.error(
             "%s; ended %d request(s) with an error (%s); restarting the workers",
             error,
@@ -101,17 +158,20 @@ class EngineCore:
     def abandon(self) -> None:
         """The step in flight was given up (its caller was cancelled): its results are lost."""
         self.scheduler.fail_in_flight(workers_lost=False)
+        self._launched.clear()
 
-    def step(self) -> list[TokenUpdate]:
-        """Run one global step, blocking; [] when there is nothing to do."""
+    def step(self) -> StepOutputs:
+        """Run one global step, blocking; the tokens of the step it completes (with overlap, the
+        one launched before), empty when there is nothing to do."""
         plans = self.schedule()
-        if plans is None:
-            return []
+        if not self.needs_dispatch(plans):
+            return StepOutputs()
         try:
-            results = self.executor.execute(plans)
+            results = self.dispatch(plans)
         except StepFailed as e:
             raise self.fail(e) from e
-        return self.complete(results)[0]
+        completed = None if results is None else self.complete(results)
+        return StepOutputs() if completed is None else completed.outputs
 
     def shutdown(self) -> None:
         self.executor.shutdown()

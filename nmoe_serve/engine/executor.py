@@ -33,6 +33,24 @@ class Executor(Protocol):
         """The same, awaited: the event loop stays free while the ranks compute."""
         ...
 
+    def launch(self, plans: list[StepPlan]) -> list[StepResult] | None:
+        """Start plans[r] on rank r and return, in rank order, the results of the step launched
+        before them (None when no step was pending): the ranks compute this step while the caller
+        plans the next (overlap). Raises StepFailed (bounded wait)."""
+        ...
+
+    async def launch_async(self, plans: list[StepPlan]) -> list[StepResult] | None:
+        """The same, awaited."""
+        ...
+
+    def flush(self) -> list[StepResult] | None:
+        """The results of the last launched step, in rank order (None when none is pending)."""
+        ...
+
+    async def flush_async(self) -> list[StepResult] | None:
+        """The same, awaited."""
+        ...
+
     def restart(self) -> None:
         """Replace the workers after a failed step (all their state is gone)."""
         ...

@@ -3,12 +3,17 @@
 Plain data (numpy arrays, ints, strings, frozen dataclasses), so they serialize cheaply between
 processes and carry no code. Every rank gets a plan every step; a rank with nothing to do gets one
 with zero sequences (T = 0) and still runs the step, so collectives stay aligned across ranks.
+
+Fed tokens: with overlapped steps the coordinator plans step n+1 before it knows the tokens of
+step n. A decode row's token id is then -1 - i: the token this rank sampled for the i-th sampled
+row of its previous step (`fed_token`), which the rank keeps on its device and feeds itself.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -42,7 +47,7 @@ class StepPlan:
     request_ids: tuple[str, ...]  # [B] sequences in this step, in batch order
     query_lens: np.ndarray  # [B] int32, new tokens per sequence (1 in decode)
     context_lens: np.ndarray  # [B] int32, tokens in the cache after this step
-    token_ids: np.ndarray  # [T] int64, the new tokens, sequence after sequence
+    token_ids: np.ndarray  # [T] int64, the new tokens, sequence after sequence (-1 - i: fed, see above)
     page_table: np.ndarray  # [B, W] int32, -1 past each sequence's pages
     sample: np.ndarray  # [B] bool, sample a token after this step (complete prefills, all decodes)
 
@@ -53,6 +58,13 @@ class StepPlan:
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])
+
+    def work(self) -> tuple[int, int, int, int]:
+        """(sequences, new tokens, cached context tokens after the step, attention query-key pairs)
+        of this rank's step; the pairs are causal within a chunk: sum of q·ctx − q(q−1)/2."""
+        q = self.query_lens.astype(np.int64)
+        ctx = self.context_lens.astype(np.int64)
+        return self.num_seqs, int(q.sum()), int(ctx.sum()), int((q * ctx - q * (q - 1) // 2).sum())
 
     @classmethod
     def idle(
@@ -77,6 +89,14 @@ class StepPlan:
             page_table=np.zeros((0, 1), np.int32),
             sample=np.zeros(0, bool),
         )
+
+
+Rows = TypeVar("Rows", int, np.ndarray)
+
+
+def fed_token(sampled_row: Rows) -> Rows:
+    """The token id(s) standing for the token a rank sampled for `sampled_row` of its previous step."""
+    return -1 - sampled_row
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,23 @@
-"""Request: the scheduler's state of one generation request. Plain Python, no tensors."""
+"""Request: the scheduler's state of one generation request. Plain Python and numpy, no tensors.
+
+While a request runs, its per-token state (pages, tokens computed, outputs of the last steps) lives
+in the group's SlotTable arrays, row `slot`; the properties here read it from there. Outputs move
+from the slot's history row into `output_chunks` every few dozen tokens and when the
+request leaves its slot.
+"""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from nmoe_serve.sampling.params import SamplingParams
+
+if TYPE_CHECKING:
+    from nmoe_serve.engine.slots import SlotTable
 
 
 class RequestRejected(ValueError):
@@ -37,7 +49,7 @@ def output_budget(prompt_len: int, max_tokens: int | None, max_seq_len: int) -> 
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # queued, or preempted and queued again; holds no pages
-    RUNNING = "running"  # on a rank, holding pages (prefilling or decoding)
+    RUNNING = "running"  # on a rank, holding pages and a slot (prefilling or decoding)
     FINISHED = "finished"
 
 
@@ -51,31 +63,67 @@ class FinishReason(enum.StrEnum):
 @dataclass(eq=False)
 class Request:
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: np.ndarray  # [prompt] int64
     sampling: SamplingParams
-    max_tokens: int  # resolved: sampling.max_tokens capped by the context limit
+    max_tokens: int  # resolved: sampling.max_tokens capped by the context limit (outputs it may sample)
     eos_token_ids: frozenset[int]  # empty when sampling.ignore_eos
     arrival: int  # admission order (a counter, not a clock)
     stop_ids: frozenset[int] = frozenset()  # eos_token_ids and sampling.stop_token_ids
-    length_limit: int = 0  # total tokens (prompt + output) at which it ends with "length"
-    output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     rank: int | None = None  # fixed at first admission; the request never moves
-    pages: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens whose KV is in this request's pages
-    num_prefill_tokens: int = 0  # tokens the current (re)prefill must compute before sampling
+    slot: int = -1  # its row in the SlotTable while RUNNING
+    slots: SlotTable | None = None  # the group's SlotTable while RUNNING
+    output_chunks: list[np.ndarray] = field(default_factory=list)  # outputs moved out of the slot
+    num_stored_outputs: int = 0  # tokens in output_chunks
     on_worker: bool = False  # the owner rank holds sampler state for it
+    abort_pending: bool = False  # aborted while a step that runs it is in flight
     finish_reason: FinishReason | None = None
     stop_token_id: int | None = None
     num_preemptions: int = 0
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+    def num_outputs(self) -> int:
+        """Output tokens known to the scheduler (sampled and returned by the rank)."""
+        if self.slots is not None:
+            return int(self.slots.out_known[self.slot])
+        return self.num_stored_outputs
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + self.num_outputs
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.outputs().tolist()
+
+    def outputs(self) -> np.ndarray:
+        """[outputs] int64, every known output token."""
+        chunks = list(self.output_chunks)
+        if self.slots is not None:
+            chunks.append(self.slots.history[self.slot, : self.slots.history_len[self.slot]])
+        return np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
+
+    @property
+    def all_token_ids(self) -> np.ndarray:
+        """[prompt + outputs] int64."""
+        return np.concatenate([self.prompt_token_ids, self.outputs()])
+
+    @property
+    def pages(self) -> np.ndarray | list[int]:
+        """The KV pages it holds, in order (a view of its page-table row while it runs)."""
+        if self.slots is None:
+            return []
+        return self.slots.page_table[self.slot, : self.slots.num_pages[self.slot]]
+
+    @property
+    def num_computed_tokens(self) -> int:
+        """Tokens whose KV is in its pages, or will be once the steps in flight complete."""
+        return 0 if self.slots is None else int(self.slots.num_computed[self.slot])
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Tokens the current (re)prefill must compute before it samples."""
+        return 0 if self.slots is None else int(self.slots.num_prefill[self.slot])
 
     @property
     def prefilling(self) -> bool:

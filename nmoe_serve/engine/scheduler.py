@@ -1,8 +1,11 @@
 """Scheduler: admission, rank choice, chunked prefill, decode batches and preemption, for N ranks.
 
-Plain Python (no torch, no Ray): it owns the requests and every rank's page pool, and turns them
-into one StepPlan per rank per step. Every step is a prefill step or a decode step for all ranks;
-a rank with nothing of that kind gets a T = 0 plan.
+Plain Python and numpy (no torch, no Ray): it owns the requests, every rank's page pool and the
+group's slot table (engine/slots.py), and turns them into one StepPlan per rank per step. Every step is a
+prefill step or a decode step for all ranks; a rank with nothing of that kind gets a T = 0 plan.
+A decode step is a fixed number of array operations for the whole group: page tables, token
+counts and outputs are preallocated arrays updated in place, and the step's tokens come back as columns
+(engine/outputs.py), not one object each.
 
 Policy:
 - Admission is FIFO. A request goes to the rank with the most free pages that has a sequence slot,
@@ -11,6 +14,8 @@ Policy:
   head of the queue waits rather than being overtaken. A preempted request returns to its own rank.
 - Prefill steps continue unfinished prefills first, then admit; a prompt larger than the rank's
   per-step token budget is split over steps (chunked prefill) and sampled after its last chunk.
+  While sequences decode, a prefill step takes at most `decode_prefill_tokens` per rank, so the
+  decoding sequences' inter-token latency stays bounded (None: `max_prefill_tokens`).
 - Decode steps give every decoding sequence one token. A sequence whose last page is full gets a
   new page; when the pool is empty, the rank's newest request is preempted (its pages freed, its
   tokens kept) and later recomputed by a prefill of prompt + output: never an assertion.
@@ -18,21 +23,31 @@ Policy:
   sequences get a step, so a stream of arrivals cannot starve them.
 - When the last requests end, one more (T = 0) step carries their release to the ranks, so no
   rank keeps state of a finished request while the engine is idle.
+
+Steps in flight (overlap): with `max_steps_in_flight` = 2 the next step is planned while the last
+one runs, before its tokens are known. A decode row whose input is such a token says so in the
+plan (token id -1 - i: the token the rank sampled for its i-th sampled row of the previous step,
+plan.py) and the owner rank feeds it from the device. A request can only end on its own results,
+so it is learnt one step late: a request that sampled EOS may take one more (wasted) row, whose
+token is dropped, never emitted. max_tokens counts the tokens in flight, so it is never exceeded.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
+from nmoe_serve.engine.outputs import STOPPED, RankOutputs, StepOutputs, TokenUpdate
 from nmoe_serve.engine.page_pool import PagePool
-from nmoe_serve.engine.plan import NewRequest, StepKind, StepPlan, StepResult
+from nmoe_serve.engine.plan import NewRequest, StepKind, StepPlan, StepResult, fed_token
 from nmoe_serve.engine.request import FinishReason, Request, RequestRejected, RequestStatus, output_budget
+from nmoe_serve.engine.slots import SlotTable
 from nmoe_serve.sampling.params import SamplingParams
+
+__all__ = ["Scheduler", "SchedulerLimits", "StepOutputs", "TokenUpdate"]
 
 
 @dataclass(frozen=True)
@@ -45,41 +60,55 @@ class SchedulerLimits:
     max_prefill_tokens: int  # prompt tokens per rank per prefill step
     max_prefill_steps_in_a_row: int
     watermark_pages: int  # pages per rank left free by admission
+    decode_prefill_tokens: int | None = None  # prompt tokens per rank per prefill step while sequences decode
 
     def pages_for(self, tokens: int) -> int:
         return math.ceil(tokens / self.page_size)
 
-
-@dataclass(slots=True)
-class TokenUpdate:
-    """One new token of one request, and whether the request ended with it."""
-
-    request_id: str
-    token_id: int
-    logprob: float | None = None
-    top_logprobs: tuple[tuple[int, float], ...] | None = None
-    finish_reason: FinishReason | None = None
-    stop_token_id: int | None = None
+    @property
+    def prefill_budget_while_decoding(self) -> int:
+        if self.decode_prefill_tokens is None:
+            return self.max_prefill_tokens
+        return min(self.decode_prefill_tokens, self.max_prefill_tokens)
 
 
 @dataclass(slots=True)
-class _Chunk:
-    request: Request
-    num_tokens: int
+class _SampledRows:
+    """The rows of one rank's plan that sample, as the scheduler will accept their tokens."""
+
+    slots: np.ndarray  # [B_s] int64
+    generation: np.ndarray  # [B_s] int64, the slots' generations when planned
+    request_ids: tuple[str, ...]  # [B_s]
+
+
+@dataclass(slots=True)
+class _InFlight:
+    step_id: int
+    plans: list[StepPlan]
+    sampled: list[_SampledRows]
+
+
+_NO_ROWS = _SampledRows(np.zeros(0, np.int64), np.zeros(0, np.int64), ())
 
 
 class Scheduler:
-    def __init__(self, limits: SchedulerLimits) -> None:
+    def __init__(self, limits: SchedulerLimits, max_steps_in_flight: int = 1) -> None:
+        """max_steps_in_flight: 1 plans a step only once the last one's results are in; 2 plans the
+        next step while the last one runs (the engine core's overlap)."""
+        if max_steps_in_flight not in (1, 2):
+            raise ValueError(f"max_steps_in_flight must be 1 or 2, got {max_steps_in_flight}")
         self.limits = limits
+        self.max_steps_in_flight = max_steps_in_flight
         self.pools = [PagePool(limits.pages_per_rank) for _ in range(limits.num_ranks)]
+        self.table = SlotTable(limits.num_ranks, limits.max_num_seqs, limits.pages_for(limits.max_seq_len))
         self.waiting: deque[Request] = deque()
-        self.running: list[list[Request]] = [[] for _ in range(limits.num_ranks)]
         self.requests: dict[str, Request] = {}
         self._released: list[list[str]] = [[] for _ in range(limits.num_ranks)]
         self._deferred_aborts: list[str] = []
-        self._in_flight: list[StepPlan] | None = None
+        self._in_flight: deque[_InFlight] = deque()
         self._prefill_streak = 0
         self._arrivals = 0
+        self._admissions = 0
         self.step_id = 0
         self.num_preemptions = 0
 
@@ -98,23 +127,21 @@ class Scheduler:
         if request_id in self.requests:
             raise RequestRejected(f"request id {request_id!r} is already in use")
         prompt_len = len(prompt_token_ids)
-        limit = self.limits.max_seq_len
-        max_tokens = output_budget(prompt_len, sampling.max_tokens, limit)
+        max_tokens = output_budget(prompt_len, sampling.max_tokens, self.limits.max_seq_len)
         if self.limits.pages_for(prompt_len + max_tokens) > self.limits.pages_per_rank:
             raise RequestRejected(
                 f"the request needs up to {self.limits.pages_for(prompt_len + max_tokens)} KV pages but a rank has "
                 f"{self.limits.pages_per_rank}: lower max_tokens or shorten the prompt"
             )
+        eos = frozenset() if sampling.ignore_eos else eos_token_ids
         request = Request(
             request_id=request_id,
-            prompt_token_ids=list(prompt_token_ids),
+            prompt_token_ids=np.asarray(prompt_token_ids, np.int64),
             sampling=sampling,
             max_tokens=max_tokens,
-            eos_token_ids=frozenset() if sampling.ignore_eos else eos_token_ids,
+            eos_token_ids=eos,
             arrival=self._arrivals,
-            stop_ids=(frozenset() if sampling.ignore_eos else eos_token_ids)
-            | frozenset(sampling.stop_token_ids),
-            length_limit=min(prompt_len + max_tokens, limit),
+            stop_ids=eos | frozenset(sampling.stop_token_ids),
         )
         self._arrivals += 1
         self.requests[request_id] = request
@@ -122,11 +149,14 @@ class Scheduler:
         return request
 
     def abort(self, request_id: str) -> bool:
-        """Cancel a request; its pages are freed now, or after the step in flight. False if unknown."""
+        """Cancel a request; its pages are freed now, or (a step that runs it in flight) before
+        the next step is planned. False if unknown. No token of it is returned after this."""
         request = self.requests.get(request_id)
-        if request is None or request.finished:
+        if request is None or request.finished or request.abort_pending:
             return False
-        if self._in_flight is not None:
+        if self._in_flight and request.status is RequestStatus.RUNNING:
+            request.abort_pending = True
+            self.table.aborting[request.slot] = True
             self._deferred_aborts.append(request_id)
         else:
             self._finish(request, FinishReason.ABORT)
@@ -134,8 +164,23 @@ class Scheduler:
         return True
 
     def has_work(self) -> bool:
-        """Requests to run, or ended requests whose worker state still has to be released."""
-        return bool(self.waiting) or any(self.running) or any(self._released)
+        """Requests to run, ended requests whose worker state still has to be released, or steps
+        in flight whose results are still to come."""
+        return bool(self.waiting) or any(self.table.counts) or any(self._released) or bool(self._in_flight)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    @property
+    def oldest_in_flight(self) -> int | None:
+        """The step id whose results update() takes next."""
+        return self._in_flight[0].step_id if self._in_flight else None
+
+    @property
+    def oldest_plans(self) -> list[StepPlan]:
+        """The plans of that step ([] when none is in flight)."""
+        return self._in_flight[0].plans if self._in_flight else []
 
     @property
     def num_waiting(self) -> int:
@@ -143,7 +188,16 @@ class Scheduler:
 
     @property
     def num_running(self) -> int:
-        return sum(len(r) for r in self.running)
+        return sum(self.table.counts)
+
+    @property
+    def running(self) -> list[list[Request]]:
+        """Each rank's running requests, oldest admission first (a snapshot)."""
+        table = self.table
+        return [
+            [r for r in (table.occupant[s] for s in table.by_admission(rank).tolist()) if r is not None]
+            for rank in range(self.limits.num_ranks)
+        ]
 
     def kv_usage(self) -> float:
         used = sum(p.num_used for p in self.pools)
@@ -152,70 +206,63 @@ class Scheduler:
     # ---- one step --------------------------------------------------------------------------------
 
     def schedule(self) -> list[StepPlan] | None:
-        """Plans for the next step (one per rank), or None when there is nothing to run."""
-        if self._in_flight is not None:
+        """Plans for the next step (one per rank), or None when there is nothing to run now (with a
+        step in flight: nothing until its results are in)."""
+        if len(self._in_flight) >= self.max_steps_in_flight:
             raise RuntimeError(
-                "schedule() called while a step is in flight: call update() with its results first"
+                f"schedule() called with {len(self._in_flight)} step(s) in flight: call update() with "
+                "the results of the oldest first"
             )
-        has_decodes = wants_prefill = False
-        for rank in self.running:
-            for r in rank:
-                if r.num_computed_tokens < r.num_prefill_tokens:
-                    wants_prefill = True
-                else:
-                    has_decodes = True
-        wants_prefill = wants_prefill or bool(self.waiting)
-        plans = None
+        self._apply_deferred_aborts()  # every rank runs steps in order: the pages' last use is planned
+        decodable = self.table.decodable()
+        has_decodes = decodable.size > 0
+        wants_prefill = bool(self.waiting) or self.table.any_prefilling()
+        planned = None
         if wants_prefill and (
             not has_decodes or self._prefill_streak < self.limits.max_prefill_steps_in_a_row
         ):
-            plans = self._plan_prefill()
-            self._prefill_streak += plans is not None
-        if plans is None and has_decodes:
-            plans = self._plan_decode()
+            planned = self._plan_prefill(has_decodes)
+            self._prefill_streak += planned is not None
+        if planned is None and has_decodes:
+            planned = self._plan_decode(decodable)
             self._prefill_streak = 0
         if (
-            plans is None and wants_prefill
+            planned is None and wants_prefill
         ):  # decodes were all preempted, or the streak limit had no decodes to serve
-            plans = self._plan_prefill()
-        if plans is None and any(self._released):  # going idle: one T = 0 step tells the ranks what ended
-            plans = [self._build_plan(StepKind.DECODE, rank, []) for rank in range(self.limits.num_ranks)]
-        if plans is None:
+            planned = self._plan_prefill(False)
+        if planned is None and any(self._released) and not self._in_flight:
+            # going idle: one T = 0 step tells the ranks what ended
+            planned = [
+                (self._idle_plan(StepKind.DECODE, rank), _NO_ROWS) for rank in range(self.limits.num_ranks)
+            ]
+        if planned is None:
             return None
-        self._in_flight = plans
+        plans = [p for p, _ in planned]
+        self._in_flight.append(_InFlight(self.step_id, plans, [s for _, s in planned]))
         self.step_id += 1
         return plans
 
-    def update(self, results: list[StepResult]) -> list[TokenUpdate]:
-        """Take the step's sampled tokens; return one update per token (requests that ended included)."""
-        if self._in_flight is None:
+    def update(self, results: list[StepResult]) -> StepOutputs:
+        """Take the oldest in-flight step's results; return its accepted tokens (requests that
+        ended included; rows of requests that left while it ran are dropped)."""
+        if not self._in_flight:
             raise RuntimeError("update() called with no step in flight")
-        updates: list[TokenUpdate] = []
-        running = RequestStatus.RUNNING
-        for result in results:
-            with_logprobs = result.num_top is not None
-            for i, (request_id, token) in enumerate(
-                zip(result.request_ids, result.token_ids.tolist(), strict=True)
-            ):
-                request = self.requests.get(request_id)
-                if request is None or request.status is not running:
-                    continue
-                request.output_token_ids.append(token)
-                reason = self._stop_reason(request, token)
-                if reason is not None:
-                    self._finish(request, reason)
-                    del self.requests[request_id]
-                update = TokenUpdate(
-                    request_id, token, finish_reason=reason, stop_token_id=request.stop_token_id
+        step = self._in_flight[0]
+        if results and results[0].step_id != step.step_id:
+            raise RuntimeError(
+                f"update() got the results of step {results[0].step_id} but step {step.step_id} is the "
+                "oldest in flight"
+            )
+        self._in_flight.popleft()
+        for rank, (result, rows) in enumerate(zip(results, step.sampled, strict=True)):
+            if result.request_ids != rows.request_ids:
+                raise RuntimeError(
+                    f"rank {rank} returned tokens for {len(result.request_ids)} sequences of step "
+                    f"{step.step_id} that differ from the {len(rows.request_ids)} its plan sampled"
                 )
-                if with_logprobs:
-                    update.logprob, update.top_logprobs = _logprob(result, i), _top_logprobs(result, i)
-                updates.append(update)
-        self._in_flight = None
-        for request_id in self._deferred_aborts:
-            self.abort(request_id)
-        self._deferred_aborts.clear()
-        return updates
+        outputs = self._accept(results, step.sampled)
+        self._apply_deferred_aborts()
+        return outputs
 
     def fail_in_flight(self, workers_lost: bool = True) -> list[str]:
         """The step failed: end every request that holds pages or is queued with ERROR; return their ids.
@@ -223,174 +270,292 @@ class Scheduler:
         workers_lost: the ranks are being restarted, so there is no worker state left to release;
         otherwise (a step abandoned by its caller, which may or may not have run) the releases go
         out again with the next step."""
-        if not workers_lost and self._in_flight is not None:
-            for plan in self._in_flight:
-                self._released[plan.rank].extend(plan.released)
+        if not workers_lost:
+            for step in self._in_flight:
+                for plan in step.plans:
+                    self._released[plan.rank].extend(plan.released)
         failed = [r.request_id for r in self.requests.values() if not r.finished]
         for request_id in failed:
             self._finish(self.requests.pop(request_id), FinishReason.ERROR)
-        self._in_flight = None
+        self._in_flight.clear()
         self._deferred_aborts.clear()
         if workers_lost:
             self._released = [[] for _ in range(self.limits.num_ranks)]
         return failed
 
+    # ---- accepting a step's tokens -----------------------------------------------------------
+
+    def _accept(self, results: list[StepResult], sampled: list[_SampledRows]) -> StepOutputs:
+        ranks = [r for r, rows in enumerate(sampled) if rows.slots.size]
+        if not ranks:
+            return StepOutputs()
+        table = self.table
+        slots = np.concatenate([sampled[r].slots for r in ranks])
+        generation = np.concatenate([sampled[r].generation for r in ranks])
+        tokens = np.concatenate([results[r].token_ids for r in ranks])
+        valid = (table.generation[slots] == generation) & ~table.aborting[slots]
+        accepted = np.flatnonzero(valid)
+        slots, tokens = slots[accepted], tokens[accepted]
+        finish = table.accept(slots, tokens)
+        stop_token = np.full(accepted.size, -1, np.int64)
+        for i in np.flatnonzero(finish).tolist():
+            request = table.occupant[int(slots[i])]
+            assert request is not None
+            token = int(tokens[i])
+            reason = FinishReason.STOP if finish[i] == STOPPED else FinishReason.LENGTH
+            if reason is FinishReason.STOP and token not in request.eos_token_ids:
+                request.stop_token_id = int(token)
+                stop_token[i] = token
+            self._finish(request, reason)
+            del self.requests[request.request_id]
+        # back to rank parts: the accepted rows of each rank's result
+        offsets = np.cumsum([0] + [sampled[r].slots.size for r in ranks])
+        cuts = np.searchsorted(accepted, offsets)
+        parts = []
+        for j, rank in enumerate(ranks):
+            a, b = cuts[j], cuts[j + 1]
+            if a < b:
+                parts.append(
+                    RankOutputs(results[rank], accepted[a:b] - offsets[j], finish[a:b], stop_token[a:b])
+                )
+        return StepOutputs(parts)
+
+    def _apply_deferred_aborts(self) -> None:
+        if not self._deferred_aborts:
+            return
+        aborts, self._deferred_aborts = self._deferred_aborts, []
+        for request_id in aborts:
+            request = self.requests.pop(request_id, None)
+            if request is not None and not request.finished:
+                self._finish(request, FinishReason.ABORT)
+
     # ---- planning --------------------------------------------------------------------------------
 
-    def _plan_prefill(self) -> list[StepPlan] | None:
-        budget = [self.limits.max_prefill_tokens] * self.limits.num_ranks
-        chunks: list[list[_Chunk]] = [[] for _ in range(self.limits.num_ranks)]
-        for rank, running in enumerate(self.running):
-            for request in running:
-                if request.prefilling and budget[rank] > 0:
-                    n = min(request.num_prefill_tokens - request.num_computed_tokens, budget[rank])
-                    chunks[rank].append(_Chunk(request, n))
-                    budget[rank] -= n
+    def _plan_prefill(self, decoding: bool) -> list[tuple[StepPlan, _SampledRows]] | None:
+        per_rank = self.limits.prefill_budget_while_decoding if decoding else self.limits.max_prefill_tokens
+        table = self.table
+        budget = [per_rank] * self.limits.num_ranks
+        chunks: list[list[tuple[int, int]]] = [[] for _ in range(self.limits.num_ranks)]  # (slot, tokens)
+        for rank in range(self.limits.num_ranks):
+            if not table.counts[rank]:
+                continue
+            for slot in table.prefilling(rank).tolist():
+                if budget[rank] <= 0:
+                    break
+                n = min(int(table.num_prefill[slot] - table.num_computed[slot]), budget[rank])
+                chunks[rank].append((slot, n))
+                budget[rank] -= n
         while self.waiting:
             request = self.waiting[0]
             chosen = self._choose_rank(request, budget)
             if chosen is None:
                 break
             self.waiting.popleft()
-            self._admit(request, chosen)
-            n = min(request.num_prefill_tokens, budget[chosen])
-            chunks[chosen].append(_Chunk(request, n))
+            slot = self._admit(request, chosen)
+            n = min(int(table.num_prefill[slot]), budget[chosen])
+            chunks[chosen].append((slot, n))
             budget[chosen] -= n
         if not any(chunks):
             return None
-        return [
-            self._build_plan(StepKind.PREFILL, rank, chunks[rank]) for rank in range(self.limits.num_ranks)
-        ]
+        return [self._prefill_plan(rank, chunks[rank]) for rank in range(self.limits.num_ranks)]
 
     def _choose_rank(self, request: Request, budget: list[int]) -> int | None:
         need = self.limits.pages_for(request.num_tokens)
+        counts = self.table.counts
         candidates = [request.rank] if request.rank is not None else range(self.limits.num_ranks)
         fits = [
             r
             for r in candidates
             if budget[r] > 0
-            and len(self.running[r]) < self.limits.max_num_seqs
-            and self.pools[r].num_free - need >= (self.limits.watermark_pages if self.running[r] else 0)
+            and counts[r] < self.limits.max_num_seqs
+            and self.pools[r].num_free - need >= (self.limits.watermark_pages if counts[r] else 0)
         ]
         if not fits:
             return None
-        return max(fits, key=lambda r: (self.pools[r].num_free, -len(self.running[r]), -r))
+        return max(fits, key=lambda r: (self.pools[r].num_free, -counts[r], -r))
 
-    def _admit(self, request: Request, rank: int) -> None:
+    def _admit(self, request: Request, rank: int) -> int:
         pages = self.pools[rank].allocate(self.limits.pages_for(request.num_tokens))
         assert pages is not None  # _choose_rank checked the pool
-        request.rank, request.pages, request.status = rank, pages, RequestStatus.RUNNING
-        request.num_computed_tokens, request.num_prefill_tokens = 0, request.num_tokens
-        self.running[rank].append(request)
+        request.rank, request.status = rank, RequestStatus.RUNNING
+        self._admissions += 1
+        return self.table.occupy(rank, request, pages, self._admissions)
 
-    def _plan_decode(self) -> list[StepPlan] | None:
-        chunks: list[list[_Chunk]] = [[] for _ in range(self.limits.num_ranks)]
-        page_size, running = self.limits.page_size, RequestStatus.RUNNING
-        for rank in range(self.limits.num_ranks):
-            for request in list(self.running[rank]):
-                if request.status is not running or request.num_computed_tokens < request.num_prefill_tokens:
-                    continue
-                has_slot = request.num_computed_tokens < len(request.pages) * page_size
-                if has_slot or self._reserve_slot(request, rank):
-                    chunks[rank].append(_Chunk(request, 1))
-        if not any(chunks):
+    def _prefill_plan(self, rank: int, chunks: list[tuple[int, int]]) -> tuple[StepPlan, _SampledRows]:
+        if not chunks:
+            return self._idle_plan(StepKind.PREFILL, rank), _NO_ROWS
+        table = self.table
+        slots = np.array([s for s, _ in chunks], np.int64)
+        counts = np.array([n for _, n in chunks], np.int64)
+        starts = table.num_computed[slots]
+        new_requests, tokens = [], []
+        for (slot, n), start in zip(chunks, starts.tolist(), strict=True):
+            request = table.occupant[slot]
+            assert request is not None
+            known = request.prompt_token_ids if request.num_stored_outputs == 0 else request.all_token_ids
+            tokens.append(known[start : start + n])
+            if not request.on_worker:
+                new_requests.append(
+                    NewRequest(
+                        request.request_id,
+                        tuple(request.prompt_token_ids.tolist()),
+                        tuple(request.outputs().tolist()),
+                        request.sampling,
+                    )
+                )
+                request.on_worker = True
+        computed = starts + counts
+        table.num_computed[slots] = computed
+        sample = computed >= table.num_prefill[slots]
+        sampled = slots[sample]
+        table.out_scheduled[sampled] += 1
+        table.fed_index[sampled] = np.arange(sampled.size)
+        plan = self._plan(
+            StepKind.PREFILL,
+            rank,
+            slots,
+            counts.astype(np.int32),
+            computed.astype(np.int32),
+            np.concatenate(tokens),
+            sample,
+            tuple(new_requests),
+        )
+        ids = plan.request_ids if sample.all() else tuple(table.request_ids[sampled])
+        return plan, _SampledRows(sampled, table.generation[sampled], ids)
+
+    def _plan_decode(self, decodable: np.ndarray) -> list[tuple[StepPlan, _SampledRows]] | None:
+        """One decode plan per rank, built for all ranks at once: the group's decode rows are
+        gathered in a fixed number of array operations, then cut into each rank's plan."""
+        table = self.table
+        rows = self._reserve_pages(decodable)
+        if not rows.size:
             return None
-        return [
-            self._build_plan(StepKind.DECODE, rank, chunks[rank]) for rank in range(self.limits.num_ranks)
-        ]
-
-    def _reserve_slot(self, request: Request, rank: int) -> bool:
-        """Make room for the token at position num_computed_tokens, preempting the newest request if
-        the pool is empty. False when `request` itself had to be preempted."""
-        while len(request.pages) * self.limits.page_size <= request.num_computed_tokens:
-            page = self.pools[rank].allocate(1)
-            if page is not None:
-                request.pages += page
+        in_flight = table.out_scheduled[rows] > table.out_known[rows]
+        tokens = np.where(in_flight, fed_token(table.fed_index[rows]), table.last_token[rows])
+        computed = table.num_computed[rows] + 1
+        table.num_computed[rows] = computed
+        table.out_scheduled[rows] += 1
+        cuts = np.searchsorted(rows, table.rank_bounds)
+        starts = np.concatenate(([0], cuts))
+        ends = np.concatenate((cuts, [rows.size]))
+        table.fed_index[rows] = np.arange(rows.size) - starts[rows // table.capacity]
+        generation = table.generation[rows]
+        context = computed.astype(np.int32)
+        num_pages = table.num_pages[rows]
+        page_table = table.page_table[rows, : int(num_pages.max())]
+        request_ids = table.request_ids[rows]
+        ones_i32 = np.ones(rows.size, np.int32)
+        ones = np.ones(rows.size, bool)
+        planned = []
+        for rank, (a, b) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+            if a == b:
+                planned.append((self._idle_plan(StepKind.DECODE, rank), _NO_ROWS))
                 continue
-            victim = self.running[rank][-1]
-            self._preempt(victim)
-            if victim is request:
-                return False
-        return True
+            released = tuple(self._released[rank])
+            self._released[rank].clear()
+            ids = tuple(request_ids[a:b])
+            plan = StepPlan(
+                step_id=self.step_id,
+                kind=StepKind.DECODE,
+                rank=rank,
+                released=released,
+                new_requests=(),
+                request_ids=ids,
+                query_lens=ones_i32[a:b],
+                context_lens=context[a:b],
+                token_ids=tokens[a:b],
+                page_table=page_table[a:b, : int(num_pages[a:b].max())],
+                sample=ones[a:b],
+            )
+            planned.append((plan, _SampledRows(rows[a:b], generation[a:b], ids)))
+        return planned
 
-    def _preempt(self, request: Request) -> None:
-        assert request.rank is not None
-        rank = request.rank
-        self.pools[rank].free(request.pages)
-        request.pages = []
-        request.num_computed_tokens = 0
-        request.status = RequestStatus.WAITING
-        request.num_preemptions += 1
-        self.running[rank].remove(request)
-        self._release_on_worker(request)
-        self.waiting.appendleft(request)
-        self.num_preemptions += 1
+    def _reserve_pages(self, rows: np.ndarray) -> np.ndarray:
+        """The decode rows, each with a page for the position it writes (preempting if needed)."""
+        table, page_size = self.table, self.limits.page_size
+        need = rows[table.num_computed[rows] >= table.num_pages[rows] * page_size]
+        if not need.size:
+            return rows
+        short = False
+        for rank, need_r in enumerate(table.split(need)):
+            if not need_r.size:
+                continue
+            pages = self.pools[rank].allocate(need_r.size)
+            if pages is None:
+                self._reserve_or_preempt(rank)
+                short = True
+                continue
+            table.page_table[need_r, table.num_pages[need_r]] = pages
+            table.num_pages[need_r] += 1
+        return table.decodable() if short else rows
 
-    def _build_plan(self, kind: StepKind, rank: int, chunks: list[_Chunk]) -> StepPlan:
+    def _reserve_or_preempt(self, rank: int) -> None:
+        """Too few free pages on `rank`: oldest first, each decoding request takes the page it needs
+        or the rank's newest request is preempted (possibly itself)."""
+        table, pool, page_size = self.table, self.pools[rank], self.limits.page_size
+        decoding = set(table.decodable().tolist())
+        for slot in table.by_admission(rank).tolist():
+            if slot not in decoding:
+                continue
+            while table.active[slot] and table.num_computed[slot] >= table.num_pages[slot] * page_size:
+                page = pool.allocate(1)
+                if page is not None:
+                    table.page_table[slot, table.num_pages[slot]] = page[0]
+                    table.num_pages[slot] += 1
+                    continue
+                victim = table.occupant[int(table.by_admission(rank)[-1])]
+                assert victim is not None
+                self._preempt(victim)
+
+    def _plan(
+        self,
+        kind: StepKind,
+        rank: int,
+        slots: np.ndarray,
+        query_lens: np.ndarray,
+        context_lens: np.ndarray,
+        token_ids: np.ndarray,
+        sample: np.ndarray,
+        new_requests: tuple[NewRequest, ...],
+    ) -> StepPlan:
+        table = self.table
         released = tuple(self._released[rank])
         self._released[rank].clear()
-        new_requests = []
-        for c in chunks:
-            if not c.request.on_worker:
-                r = c.request
-                new_requests.append(
-                    NewRequest(r.request_id, tuple(r.prompt_token_ids), tuple(r.output_token_ids), r.sampling)
-                )
-                r.on_worker = True
-        if not chunks:
-            return StepPlan.idle(self.step_id, kind, rank, released, tuple(new_requests))
-        page_lists = [c.request.pages for c in chunks]
-        page_counts = np.fromiter((len(p) for p in page_lists), np.int64, len(chunks))
-        page_table = np.full((len(chunks), int(page_counts.max())), -1, np.int32)
-        rows = np.repeat(np.arange(len(chunks)), page_counts)
-        cols = np.arange(rows.shape[0]) - np.repeat(np.cumsum(page_counts) - page_counts, page_counts)
-        page_table[rows, cols] = list(itertools.chain.from_iterable(page_lists))
-        tokens: list[int] = []
-        context_lens, sample = [], []
-        decode = kind is StepKind.DECODE
-        for c in chunks:
-            r = c.request
-            start = r.num_computed_tokens
-            if decode:
-                tokens.append(r.output_token_ids[-1])
-            else:
-                tokens.extend(r.all_token_ids[start : start + c.num_tokens])
-            r.num_computed_tokens = start + c.num_tokens
-            context_lens.append(r.num_computed_tokens)
-            sample.append(r.num_computed_tokens >= r.num_prefill_tokens)
+        width = int(table.num_pages[slots].max())
         return StepPlan(
             step_id=self.step_id,
             kind=kind,
             rank=rank,
             released=released,
-            new_requests=tuple(new_requests),
-            request_ids=tuple(c.request.request_id for c in chunks),
-            query_lens=np.array([c.num_tokens for c in chunks], np.int32),
-            context_lens=np.array(context_lens, np.int32),
-            token_ids=np.array(tokens, np.int64),
-            page_table=page_table,
-            sample=np.array(sample, bool),
+            new_requests=new_requests,
+            request_ids=tuple(table.request_ids[slots]),
+            query_lens=query_lens,
+            context_lens=context_lens,
+            token_ids=token_ids,
+            page_table=table.page_table[slots, :width],
+            sample=sample,
         )
 
-    # ---- endings -------------------------------------------------------------------------------
+    def _idle_plan(self, kind: StepKind, rank: int) -> StepPlan:
+        released = tuple(self._released[rank])
+        self._released[rank].clear()
+        return StepPlan.idle(self.step_id, kind, rank, released)
 
-    @staticmethod
-    def _stop_reason(request: Request, token: int) -> FinishReason | None:
-        n_out = len(request.output_token_ids)
-        if token in request.stop_ids and n_out >= request.sampling.min_tokens:
-            if token not in request.eos_token_ids:
-                request.stop_token_id = token
-            return FinishReason.STOP
-        if len(request.prompt_token_ids) + n_out >= request.length_limit:
-            return FinishReason.LENGTH
-        return None
+    def _preempt(self, request: Request) -> None:
+        assert request.rank is not None
+        self.pools[request.rank].free(self.table.vacate(request.slot))
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self._release_on_worker(request)
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    # ---- endings -------------------------------------------------------------------------------
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
         if request.status is RequestStatus.RUNNING:
             assert request.rank is not None
-            self.pools[request.rank].free(request.pages)
-            request.pages = []
-            self.running[request.rank].remove(request)
+            self.pools[request.rank].free(self.table.vacate(request.slot))
         elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
         self._release_on_worker(request)
@@ -402,17 +567,3 @@ class Scheduler:
             assert request.rank is not None
             self._released[request.rank].append(request.request_id)
             request.on_worker = False
-
-
-def _logprob(result: StepResult, i: int) -> float | None:
-    if result.logprobs is None or result.num_top is None or result.num_top[i] < 0:
-        return None
-    return float(result.logprobs[i])
-
-
-def _top_logprobs(result: StepResult, i: int) -> tuple[tuple[int, float], ...] | None:
-    if result.num_top is None or result.num_top[i] < 0:
-        return None
-    k = int(result.num_top[i])
-    assert result.top_token_ids is not None and result.top_logprobs is not None
-    return tuple((int(result.top_token_ids[i, j]), float(result.top_logprobs[i, j])) for j in range(k))

@@ -66,7 +66,34 @@ class InProcessExecutor:
     async def execute_async(self, plans: list[StepPlan]) -> list[StepResult]:
         return await asyncio.to_thread(self.execute, plans)
 
+    def launch(self, plans: list[StepPlan]) -> list[StepResult] | None:
+        with self._lock:
+            try:
+                result = self.worker.launch(plans[0])
+            except Exception as e:
+                raise StepFailed(f"step {plans[0].step_id} failed: {type(e).__name__}: {e}") from e
+        return None if result is None else [result]
+
+    async def launch_async(self, plans: list[StepPlan]) -> list[StepResult] | None:
+        return await asyncio.to_thread(self.launch, plans)
+
+    def flush(self) -> list[StepResult] | None:
+        with self._lock:
+            try:
+                result = self.worker.flush()
+            except Exception as e:
+                raise StepFailed(f"the last launched step failed: {type(e).__name__}: {e}") from e
+        return None if result is None else [result]
+
+    async def flush_async(self) -> list[StepResult] | None:
+        return await asyncio.to_thread(self.flush)
+
+    def idle_times(self) -> list[list[tuple[int, int, int, float]]]:
+        """Each rank's device idle time before its recent steps (Worker.idle_times)."""
+        return [self.worker.idle_times()]
+
     def restart(self) -> None:
+        self.worker.close()
         self.worker = self.make_worker()
         self.restarts += 1
 
@@ -74,7 +101,7 @@ class InProcessExecutor:
         return [self.worker.stats()]
 
     def shutdown(self) -> None:
-        pass
+        self.worker.close()
 
 
 @dataclass(frozen=True)
@@ -202,11 +229,49 @@ class RayExecutor:
         except Exception as e:
             raise self._failed(plans[0].step_id, e, isinstance(e, TimeoutError)) from e
 
+    def launch(self, plans: list[StepPlan]) -> list[StepResult] | None:
+        import ray
+
+        refs = [actor.launch.remote(plan) for actor, plan in zip(self.actors, plans, strict=True)]
+        try:
+            return _one_step(ray.get(refs, timeout=self.step_timeout_s))
+        except Exception as e:
+            raise self._failed(plans[0].step_id, e, isinstance(e, ray.exceptions.GetTimeoutError)) from e
+
+    async def launch_async(self, plans: list[StepPlan]) -> list[StepResult] | None:
+        refs = [actor.launch.remote(plan) for actor, plan in zip(self.actors, plans, strict=True)]
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*refs), timeout=self.step_timeout_s)
+            return _one_step(list(results))
+        except Exception as e:
+            raise self._failed(plans[0].step_id, e, isinstance(e, TimeoutError)) from e
+
+    def flush(self) -> list[StepResult] | None:
+        import ray
+
+        refs = [actor.flush.remote() for actor in self.actors]
+        try:
+            return _one_step(ray.get(refs, timeout=self.step_timeout_s))
+        except Exception as e:
+            raise self._failed(-1, e, isinstance(e, ray.exceptions.GetTimeoutError)) from e
+
+    async def flush_async(self) -> list[StepResult] | None:
+        refs = [actor.flush.remote() for actor in self.actors]
+        try:
+            return _one_step(list(await asyncio.wait_for(asyncio.gather(*refs), timeout=self.step_timeout_s)))
+        except Exception as e:
+            raise self._failed(-1, e, isinstance(e, TimeoutError)) from e
+
+    def idle_times(self) -> list[list[tuple[int, int, int, float]]]:
+        """Each rank's device idle time before its recent steps (Worker.idle_times)."""
+        return self.call_all("idle_times")
+
     def _failed(self, step_id: int, error: BaseException, timed_out: bool) -> StepFailed:
         reason = f"no result within {self.step_timeout_s:.0f} s" if timed_out else _first_line(error)
-        log.error("EP group %s: step %d failed (%s); restarting the group", self.group, step_id, reason)
+        step = f"step {step_id}" if step_id >= 0 else "the last launched step"
+        log.error("EP group %s: %s failed (%s); restarting the group", self.group, step, reason)
         self._kill()
-        return StepFailed(f"step {step_id} failed on EP group {self.group}: {reason}")
+        return StepFailed(f"{step} failed on EP group {self.group}: {reason}")
 
     def restart(self) -> None:
         """Start a fresh gang (after a failed step); the KV page count must not shrink."""
@@ -248,6 +313,16 @@ class RayExecutor:
 
     def shutdown(self) -> None:
         self._kill()
+
+
+def _one_step(results: list[StepResult | None]) -> list[StepResult] | None:
+    """The ranks' results of one launched step: all of them, or None from every rank."""
+    if all(r is None for r in results):
+        return None
+    if any(r is None for r in results) or len({r.step_id for r in results if r is not None}) != 1:
+        steps = [None if r is None else r.step_id for r in results]
+        raise RuntimeError(f"the ranks returned the results of different steps: {steps}")
+    return [r for r in results if r is not None]
 
 
 def _first_line(error: BaseException) -> str:

@@ -62,6 +62,66 @@ class SamplerOutput:
 
 
 @dataclass
+class DeviceSample:
+    """The tokens of one `Sampler.sample_on_device` call, still on the device.
+
+    Attributes:
+        token_ids: [B] int64 on the device.
+        logprobs: [B_l] float32, the sampled token's log-probability in the rows that asked
+            (`asking`); None when none asked. top_logprobs, top_token_ids: [B_l, k] on the device.
+        num_top: [B] int32 on the host, as in SamplerOutput; None when no row asked.
+    """
+
+    token_ids: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+    top_token_ids: torch.Tensor | None = None
+    num_top: np.ndarray | None = None
+    asking: np.ndarray | None = None
+    _host: tuple[torch.Tensor, ...] | None = None
+    _copied: torch.cuda.Event | None = None
+
+    def start_copy(self) -> None:
+        """Start copying the tensors to pinned host memory (CUDA) without waiting; `to_host` waits."""
+        if self.token_ids.device.type != "cuda":
+            return
+        tensors = [
+            t for t in (self.token_ids, self.logprobs, self.top_logprobs, self.top_token_ids) if t is not None
+        ]
+        host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors)
+        for h, t in zip(host, tensors, strict=True):
+            h.copy_(t, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+        self._host = host
+
+    def to_host(self) -> SamplerOutput:
+        """The same as numpy arrays (waits for the device)."""
+        if self._host is not None:
+            assert self._copied is not None
+            self._copied.synchronize()
+            token_ids, *rest = self._host
+        else:
+            token_ids = self.token_ids.cpu()
+            rest = [t.cpu() for t in (self.logprobs, self.top_logprobs, self.top_token_ids) if t is not None]
+        output = SamplerOutput(token_ids=token_ids.numpy().astype(np.int64, copy=False))
+        if self.num_top is None:
+            return output
+        assert self.asking is not None
+        logprobs, top_logprobs, top_ids = (t.numpy() for t in rest)
+        rows, k, num_top, asking = len(self.num_top), top_logprobs.shape[1], self.num_top, self.asking
+        output.num_top = num_top
+        output.logprobs = np.full(rows, np.nan, dtype=np.float32)
+        output.logprobs[asking] = logprobs
+        output.top_token_ids = np.full((rows, k), -1, dtype=np.int64)
+        output.top_logprobs = np.full((rows, k), np.nan, dtype=np.float32)
+        meaningful = np.arange(k)[None, :] < num_top[asking][:, None]  # [B_l, k]
+        output.top_token_ids[asking] = np.where(meaningful, top_ids, -1)
+        output.top_logprobs[asking] = np.where(meaningful, top_logprobs, np.nan)
+        return output
+
+
+@dataclass
 class _Request:
     params: SamplingParams
     num_outputs: int
@@ -213,6 +273,14 @@ class Sampler:
             logits: [B, V] float logits, on the Sampler's device; not modified.
             eos_token_id: the model's end-of-sequence token, masked while min_tokens is pending.
         """
+        return self.sample_on_device(request_ids, logits, eos_token_id).to_host()
+
+    def sample_on_device(
+        self, request_ids: Sequence[str], logits: torch.Tensor, eos_token_id: int | None
+    ) -> DeviceSample:
+        """`sample`, with the tokens (and logprobs) left on the device: the owner rank feeds them to
+        its next decode step without waiting for them; `DeviceSample.to_host()` brings them over.
+        An all-greedy batch without penalties or logprobs makes no host round trip."""
         requests = self._batch(request_ids, logits, eos_token_id)
         if all(
             r.greedy and r.slot is None and r.params.logprobs is None and not r.min_tokens_pending
@@ -221,11 +289,11 @@ class Sampler:
             token_ids = logits.argmax(dim=-1)  # [B]: the all-greedy batch is one argmax
         else:
             token_ids = self._sample_general(requests, logits, eos_token_id)
-        output = SamplerOutput(token_ids=token_ids.cpu().numpy().astype(np.int64, copy=False))
+        sample = DeviceSample(token_ids)
         if any(r.params.logprobs is not None for r in requests):
-            self._fill_logprobs(output, requests, logits, token_ids)
+            self._logprobs(sample, requests, logits, token_ids)
         self._record(requests, token_ids)
-        return output
+        return sample
 
     def _sample_general(
         self, requests: list[_Request], logits: torch.Tensor, eos_token_id: int | None
@@ -291,28 +359,19 @@ class Sampler:
         # An exact 0 would make -log(q) infinite, and a masked token (-inf) NaN.
         return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 
-    def _fill_logprobs(
-        self, output: SamplerOutput, requests: list[_Request], logits: torch.Tensor, token_ids: torch.Tensor
+    def _logprobs(
+        self, sample: DeviceSample, requests: list[_Request], logits: torch.Tensor, token_ids: torch.Tensor
     ) -> None:
         num_top = np.array(
             [-1 if r.params.logprobs is None else min(r.params.logprobs, self.vocab_size) for r in requests],
             dtype=np.int32,
         )
         asking = np.flatnonzero(num_top >= 0)
-        k = int(num_top.max())
         rows = self._index(asking.tolist())
         logprobs = logits[rows].float().log_softmax(dim=-1)  # [B_l, V]
-        sampled = logprobs.gather(1, token_ids[rows][:, None])[:, 0]  # [B_l]
-        top_logprobs, top_ids = logprobs.topk(k, dim=-1, sorted=True)  # [B_l, k]
-
-        output.num_top = num_top
-        output.logprobs = np.full(len(requests), np.nan, dtype=np.float32)
-        output.logprobs[asking] = sampled.cpu().numpy()
-        output.top_token_ids = np.full((len(requests), k), -1, dtype=np.int64)
-        output.top_logprobs = np.full((len(requests), k), np.nan, dtype=np.float32)
-        meaningful = np.arange(k)[None, :] < num_top[asking][:, None]  # [B_l, k]
-        output.top_token_ids[asking] = np.where(meaningful, top_ids.cpu().numpy(), -1)
-        output.top_logprobs[asking] = np.where(meaningful, top_logprobs.cpu().numpy(), np.nan)
+        sample.logprobs = logprobs.gather(1, token_ids[rows][:, None])[:, 0]  # [B_l]
+        sample.top_logprobs, sample.top_token_ids = logprobs.topk(int(num_top.max()), dim=-1, sorted=True)
+        sample.num_top, sample.asking = num_top, asking
 
     def _record(self, requests: list[_Request], token_ids: torch.Tensor) -> None:
         penalized = [i for i, r in enumerate(requests) if r.slot is not None]

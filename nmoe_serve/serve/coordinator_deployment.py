@@ -12,13 +12,14 @@ reading (client gone, stop string), Serve cancels the call here and the request 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 
 from nmoe_serve.config import ServerSection
-from nmoe_serve.engine.coordinator import Coordinator
+from nmoe_serve.engine.coordinator import Coordinator, StepReport
 from nmoe_serve.engine.scheduler import TokenUpdate
 from nmoe_serve.parallel.executor import Bundles, make_executor, rank_bundle
 from nmoe_serve.sampling.params import SamplingParams
@@ -29,6 +30,7 @@ from nmoe_serve.settings import EngineSettings
 log = logging.getLogger(__name__)
 
 REPLICA_CPUS = 0.5  # the replica mostly waits on its ranks
+STEP_LOG = 20_000  # recent steps kept for recent_steps()
 
 
 def group_name() -> str:
@@ -77,6 +79,8 @@ class CoordinatorDeployment:
         self.coordinator = Coordinator(settings.core, executor, group=self.group)
         self.metrics = EngineMetrics(settings.model_name, self.group)
         self.coordinator.step_listeners.append(self.metrics.after_step)
+        self.step_log: deque[StepReport] = deque(maxlen=STEP_LOG)
+        self.coordinator.step_listeners.append(self.step_log.append)
         log.info("coordinator %s ready: %s", self.group, self.coordinator.stats())
 
     async def generate(
@@ -97,6 +101,26 @@ class CoordinatorDeployment:
     async def scheduler_pages(self) -> dict[str, list[int]]:
         """Pages in use and free per rank (for tests and diagnostics)."""
         return self.coordinator.pages()
+
+    async def recent_steps(self, clear: bool = False) -> list[dict[str, Any]]:
+        """The last steps as served: kind, busiest rank's work (seqs, tokens, context tokens,
+        attention pairs), period and launch-to-results seconds (bench/sim_check.py fits step costs
+        to them); `clear` empties the log after reading."""
+        steps = [
+            {
+                "kind": r.kind,
+                "seqs": r.busiest[0],
+                "tokens": r.busiest[1],
+                "context_tokens": r.busiest[2],
+                "attention_pairs": r.busiest[3],
+                "period_s": r.period_s,
+                "seconds": r.seconds,
+            }
+            for r in self.step_log
+        ]
+        if clear:
+            self.step_log.clear()
+        return steps
 
     async def worker_stats(self) -> list[dict[str, float]]:
         return self.coordinator.engine.executor.worker_stats()

@@ -75,6 +75,20 @@ class WorkerActor:
         assert self.worker is not None, "start() first"
         return self.worker.execute(plan)
 
+    def launch(self, plan: StepPlan) -> StepResult | None:
+        """Start `plan`; the results of the step launched before it (Worker.launch)."""
+        assert self.worker is not None, "start() first"
+        return self.worker.launch(plan)
+
+    def flush(self) -> StepResult | None:
+        assert self.worker is not None, "start() first"
+        return self.worker.flush()
+
+    def idle_times(self) -> list[tuple[int, int, int, float]]:
+        """The device's idle time before each recent step (Worker.idle_times), then cleared."""
+        assert self.worker is not None, "start() first"
+        return self.worker.idle_times()
+
     def inventory(self) -> dict[str, object]:
         assert self.worker is not None
         return self.worker.inventory()

@@ -29,7 +29,7 @@ from nmoe_serve.engine.plan import StepPlan
 from nmoe_serve.model.batch import StepBatch
 from nmoe_serve.model.deepseek_v3 import DeepseekV3
 from nmoe_serve.model.rope import RotaryEmbedding
-from nmoe_serve.worker.step_batch import PlanError, build_step_batch, decode_inputs
+from nmoe_serve.worker.step_batch import Feed, PlanError, build_step_batch, decode_inputs, to_device
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,9 @@ class EagerSteps:
         self.model, self.kv_layers, self.rope = model, kv_layers, rope
         self.page_size, self.device = page_size, device
 
-    def run(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden [T, H], logits_rows [B_sampled]) for `plan`."""
-        input_ids, batch = build_step_batch(plan, self.page_size, self.rope, self.device)
+    def run(self, plan: StepPlan, feed: Feed | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden [T, H], logits_rows [B_sampled]) for `plan`, the `feed` tokens in their rows."""
+        input_ids, batch = build_step_batch(plan, self.page_size, self.rope, self.device, feed)
         if not batch.is_prefill:
             self.model.backend.decode_attention.plan(plan.context_lens, batch.page_table, graph=False)
         return self.model(input_ids, batch, self.kv_layers), batch.logits_rows
@@ -166,22 +166,23 @@ class DecodeGraphs:
             time.monotonic() - started,
         )
 
-    def run(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden [B, H], logits_rows [B_sampled]) of a decode plan."""
+    def run(self, plan: StepPlan, feed: Feed | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden [B, H], logits_rows [B_sampled]) of a decode plan, the `feed` tokens in their rows."""
         b = plan.num_seqs
         size = graph_size_for(b, self.sizes)
         if size is None:
-            return self.fallback.run(plan)
+            return self.fallback.run(plan, feed)
         inputs = decode_inputs(plan, self.page_size)
         context_lens = self._write_inputs(size, b, inputs, plan)
         self._plan(size, context_lens)
+        if feed is not None:
+            self.input_ids[feed[0]] = feed[1]
         if self.capture_graphs:
             graph, hidden = self._graphs[size]
             graph.replay()
         else:
             hidden = self._forward(size)
-        rows = torch.from_numpy(inputs["logits_rows"]).to(self.device)
-        return hidden[:b], rows
+        return hidden[:b], to_device(inputs["logits_rows"], self.device)
 
     def _plan(self, size: int, context_lens: np.ndarray) -> None:
         self.model.backend.decode_attention.plan(context_lens, self.page_table[:size], graph=True)
@@ -207,9 +208,10 @@ class DecodeGraphs:
         table[b:, 0] = self.scratch_page
         # Columns past `width` keep earlier steps' entries: they lie beyond every row's context
         # and are never read.
-        self.input_ids[:size].copy_(torch.from_numpy(token_ids))
-        self.positions[:size].copy_(torch.from_numpy(positions))
-        self.slot_mapping[:size].copy_(torch.from_numpy(slots))
-        self.context_lens[:size].copy_(torch.from_numpy(context_lens))
-        self.page_table[:size, :width].copy_(torch.from_numpy(table))
+        # Enqueued behind the step still running (on CUDA through pinned memory, no host wait).
+        self.input_ids[:size].copy_(to_device(token_ids, self.device))
+        self.positions[:size].copy_(to_device(positions, self.device))
+        self.slot_mapping[:size].copy_(to_device(slots, self.device))
+        self.context_lens[:size].copy_(to_device(context_lens, self.device))
+        self.page_table[:size, :width].copy_(to_device(table, self.device))
         return context_lens

@@ -14,10 +14,52 @@ class PlanError(RuntimeError):
     """A step plan is inconsistent (a scheduler bug): it names the request and what is wrong."""
 
 
+# (rows [B_f] int64, tokens [B_f] int64), on the device: tokens to write into a step's input rows in
+# place of the plan's -1 - i entries (the tokens this rank sampled in its previous step).
+Feed = tuple[torch.Tensor, torch.Tensor]
+
+
+def to_device(array: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A copy of `array` on `device`. On CUDA through pinned memory without waiting for the device,
+    so a step's inputs are enqueued behind the step still running (plans may arrive read-only)."""
+    host = torch.from_numpy(np.array(array))
+    if dtype is not None:
+        host = host.to(dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def fed_rows(plan: StepPlan, last_sampled: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(rows, index into the previous step's sampled rows) of the plan's fed tokens, or None.
+
+    A decode row whose token id is -1 - i takes the token this rank sampled for the i-th sampled row
+    of its previous step (`last_sampled`: their request ids); the request must be the same."""
+    fed = np.flatnonzero(plan.token_ids < 0)
+    if not fed.size:
+        return None
+    if plan.kind != StepKind.DECODE:
+        raise PlanError(f"step {plan.step_id}: a prefill plan names tokens of the previous step")
+    index = -1 - plan.token_ids[fed]
+    if int(index.max()) >= len(last_sampled):
+        raise PlanError(
+            f"step {plan.step_id}: a row takes sampled row {int(index.max())} of the previous step, "
+            f"which sampled {len(last_sampled)}"
+        )
+    ids = plan.request_ids
+    for row, i in zip(fed.tolist(), index.tolist(), strict=True):
+        if ids[row] != last_sampled[i]:
+            raise PlanError(
+                f"step {plan.step_id}: request {ids[row]} takes the token the previous step sampled for "
+                f"{last_sampled[i]}"
+            )
+    return fed, index
+
+
 def build_step_batch(
-    plan: StepPlan, page_size: int, rope: RotaryEmbedding, device: torch.device
+    plan: StepPlan, page_size: int, rope: RotaryEmbedding, device: torch.device, feed: Feed | None = None
 ) -> tuple[torch.Tensor, StepBatch]:
-    """(input_ids [T], StepBatch) for `plan`."""
+    """(input_ids [T], StepBatch) for `plan`, with the `feed` tokens written into their rows."""
     query_lens = plan.query_lens.astype(np.int64)
     context_lens = plan.context_lens.astype(np.int64)
     cu_query = np.concatenate([[0], np.cumsum(query_lens)])
@@ -35,9 +77,7 @@ def build_step_batch(
     logits_rows = (cu_query[1:] - 1)[plan.sample]
 
     def t(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        return torch.from_numpy(np.array(a)).to(
-            device=device, dtype=dtype
-        )  # a copy: plans may arrive read-only
+        return to_device(a, device, dtype)
 
     positions_t = t(positions, torch.int64)
     cos, sin = rope.cos_sin(positions_t)
@@ -56,7 +96,10 @@ def build_step_batch(
         context_slots=t(context_slots, torch.int64),
         logits_rows=t(logits_rows, torch.int64),
     )
-    return t(plan.token_ids, torch.int64), batch
+    input_ids = t(plan.token_ids, torch.int64)
+    if feed is not None:
+        input_ids[feed[0]] = feed[1]
+    return input_ids, batch
 
 
 def decode_inputs(plan: StepPlan, page_size: int) -> dict[str, np.ndarray]:

@@ -3,12 +3,21 @@
 A plain class with no Ray or HTTP in it: the single-rank engine calls it in-process, and the Ray
 actor of the expert-parallel engine wraps it. Everything device-related is chosen here, once, at
 construction, and logged.
+
+Two ways to run steps: `execute(plan)` runs one and returns its results; `launch(plan)` runs it on
+the worker's step thread (worker/pipeline.py) and returns the previous step's results, `flush()`
+the last one's. Either way the tokens a step samples stay on the device, and a decode plan whose
+token id is -1 - i takes the token this rank sampled for its previous step's i-th sampled row
+(the coordinator planned the step before that token reached it). A StepClock records when each
+step's device work starts and ends, so the idle time between steps can be read (`idle_times`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -19,15 +28,27 @@ from nmoe_serve.model.loader import fill_dummy, load_checkpoint
 from nmoe_serve.model.rope import RotaryEmbedding
 from nmoe_serve.model.tiny import cached_tiny_checkpoint
 from nmoe_serve.model.transport import ExpertTransport, make_transport
-from nmoe_serve.sampling.sampler import Sampler
+from nmoe_serve.sampling.sampler import DeviceSample, Sampler
 from nmoe_serve.settings import EngineSettings
 from nmoe_serve.topology import Topology
 from nmoe_serve.worker.cuda_graphs import DecodeGraphs, EagerSteps, graph_batch_sizes
 from nmoe_serve.worker.kv_cache import KVCache, page_bytes
+from nmoe_serve.worker.pipeline import StepPipeline
+from nmoe_serve.worker.step_batch import Feed, fed_rows, to_device
+from nmoe_serve.worker.step_clock import StepClock
 
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class _Launched:
+    """A step whose tokens are sampled (on the device) but not yet returned."""
+
+    step_id: int
+    sampled_ids: tuple[str, ...]
+    sample: DeviceSample
 
 
 class Worker:
@@ -86,6 +107,10 @@ class Worker:
             )
             graphs.capture()
             self.steps[StepKind.DECODE] = graphs
+        self.clock = StepClock(self.device)
+        self._last_ids: tuple[str, ...] = ()  # the previous step's sampled requests ...
+        self._last_tokens = torch.zeros(0, dtype=torch.int64, device=self.device)  # ... and their tokens
+        self._pipeline: StepPipeline[tuple[torch.Tensor, torch.Tensor], _Launched] | None = None
         log.info(
             "rank %d/%d: experts %s, %s, transport %s, decode %s, %d KV pages of %d tokens (%.1f MB), "
             "ready in %.1f s",
@@ -134,19 +159,87 @@ class Worker:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        """Run one step and return its results."""
+        if self._pipeline is not None:
+            raise RuntimeError("execute() after launch(): a worker runs its steps one way (flush() first)")
+        self._admit(plan)
+        return self._resolve(self._sample(plan, self._forward(plan)))
+
+    def launch(self, plan: StepPlan) -> StepResult | None:
+        """Start `plan` on the step thread; return the previous launched step's results (None if none)."""
+        if self._pipeline is None:
+            self._pipeline = StepPipeline(
+                self._admit,
+                self._forward,
+                self._sample,
+                self._resolve,
+                forward_is_queued=self.device.type == "cuda",
+                timeout_s=self.settings.step_timeout_s,
+                name=f"nmoe-steps-r{self.topology.rank}",
+                context=self._step_thread_context,
+            )
+        return self._pipeline.launch(plan)
+
+    def flush(self) -> StepResult | None:
+        """The last launched step's results (None if none is pending)."""
+        return None if self._pipeline is None else self._pipeline.flush()
+
+    def close(self) -> None:
+        """Stop the step thread (the worker is being replaced)."""
+        if self._pipeline is not None:
+            self._pipeline.close()
+            self._pipeline = None
+
+    def idle_times(self) -> list[tuple[int, int, int, float]]:
+        """(step id, kind, previous kind, seconds the device was idle before it), the last steps'."""
+        return self.clock.idle_times()
+
+    def _step_thread_context(self) -> contextlib.AbstractContextManager[None]:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device.index or 0)
+        return torch.inference_mode()
+
+    def _admit(self, plan: StepPlan) -> None:
         for request_id in plan.released:
             if request_id in self.sampler:  # a release may be repeated after an abandoned step
                 self.sampler.remove_request(request_id)
         for new in plan.new_requests:
             self.sampler.add_request(new.request_id, new.sampling, new.prompt_token_ids, new.output_token_ids)
-        hidden, logits_rows = self.steps[plan.kind].run(plan)
+
+    def _forward(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden [T, H], logits_rows [B_s]): the step's forward (enqueued, on CUDA)."""
+        self.clock.begin(plan.step_id, int(plan.kind))
+        hidden, logits_rows = self.steps[plan.kind].run(plan, self._feed(plan))
+        return hidden, logits_rows
+
+    def _feed(self, plan: StepPlan) -> Feed | None:
+        fed = fed_rows(plan, self._last_ids)
+        if fed is None:
+            return None
+        rows, index = fed
+        return to_device(rows, self.device), self._last_tokens[to_device(index, self.device)]
+
+    def _sample(self, plan: StepPlan, forward: tuple[torch.Tensor, torch.Tensor]) -> _Launched:
+        hidden, logits_rows = forward
         logits = self.model.compute_logits(hidden[logits_rows])
-        sampled_ids = tuple(rid for rid, s in zip(plan.request_ids, plan.sample, strict=True) if s)
-        out = self.sampler.sample(sampled_ids, logits, self.eos_token_id)
+        sampled_ids = (
+            plan.request_ids
+            if plan.sample.all()
+            else tuple(rid for rid, s in zip(plan.request_ids, plan.sample, strict=True) if s)
+        )
+        sample = self.sampler.sample_on_device(sampled_ids, logits, self.eos_token_id)
+        self._last_ids, self._last_tokens = sampled_ids, sample.token_ids
+        sample.start_copy()
+        self.clock.end()
+        return _Launched(plan.step_id, sampled_ids, sample)
+
+    def _resolve(self, launched: _Launched) -> StepResult:
+        out = launched.sample.to_host()
+        self.clock.resolved(launched.step_id)
         return StepResult(
-            step_id=plan.step_id,
+            step_id=launched.step_id,
             rank=self.topology.rank,
-            request_ids=sampled_ids,
+            request_ids=launched.sampled_ids,
             token_ids=out.token_ids,
             logprobs=out.logprobs,
             top_token_ids=out.top_token_ids,

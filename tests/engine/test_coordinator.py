@@ -88,7 +88,8 @@ def test_failed_step_fails_the_in_flight_requests_and_serving_goes_on(
     coordinator, monkeypatch, caplog
 ) -> None:
     executor = coordinator.engine.executor
-    real = executor.execute_async
+    method = "launch_async" if coordinator.engine.overlap else "execute_async"  # how the loop dispatches
+    real = getattr(executor, method)
     calls = {"n": 0}
 
     async def flaky(plans):
@@ -97,7 +98,7 @@ def test_failed_step_fails_the_in_flight_requests_and_serving_goes_on(
             raise StepFailed("injected failure")
         return await real(plans)
 
-    monkeypatch.setattr(executor, "execute_async", flaky)
+    monkeypatch.setattr(executor, method, flaky)
 
     async def main():
         first = await asyncio.gather(

@@ -70,3 +70,24 @@ def test_the_http_replica_and_a_groups_coordinator_import_without_torch() -> Non
         """
     )
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_the_simulator_runs_without_torch() -> None:
+    run = run_without_torch(
+        """
+        from nmoe_serve.engine.scheduler import SchedulerLimits
+        from nmoe_serve.sim.cost_model import StepCostModel
+        from nmoe_serve.sim.simulator import Simulator
+        from nmoe_serve.sim.workload import Workload
+
+        costs = {
+            "decode": {"step": 0.05, "seqs": 0.0, "context_tokens": 0.0},
+            "prefill": {"step": 0.2, "tokens": 0.0, "attention_pairs": 0.0, "context_tokens": 0.0},
+        }
+        sim = Simulator(SchedulerLimits(2, 64, 16, 256, 4, 256, 2, 0), StepCostModel(costs, "t", "d"))
+        result = sim.run(Workload(prompt_tokens=20, output_tokens=4, requests=6, concurrency=3))
+        assert len(result.ttft_s) == 6
+        assert "torch" not in {m.split(".")[0] for m in sys.modules if sys.modules[m] is not None}
+        """
+    )
+    assert run.returncode == 0, run.stderr[-3000:]

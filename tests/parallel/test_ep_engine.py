@@ -1,6 +1,7 @@
-"""The engine over Ray worker actors on the CPU (gloo): EP = 1, 2 and 8 agree, idle ranks take
-every step with T = 0, each rank holds exactly its experts, every rank runs the same collectives,
-cancelling frees pages on the ranks, and a killed worker fails the step and the group recovers."""
+"""The engine over Ray worker actors on the CPU (gloo): EP = 1, 2 and 8 agree, overlapped steps give
+the tokens of one step at a time, idle ranks take every step with T = 0, each rank holds exactly its
+experts, every rank runs the same collectives, cancelling frees pages on the ranks, and a killed
+worker fails the step and the group recovers."""
 
 from __future__ import annotations
 
@@ -71,6 +72,45 @@ def test_ep_sizes_give_identical_greedy_tokens(dev_config_path, ep8, expected) -
     before = ep8.engine.scheduler.num_preemptions
     assert tokens(ep8, prompts, params) == expected
     assert ep8.engine.scheduler.num_preemptions > before
+
+
+def stopping_workload(reference: LLM, count: int = 20, seed: int = 4):
+    """Greedy params whose stop ids are tokens the model emits, so requests end on them (one step
+    late under overlap), and on EOS and max_tokens."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(0, 496) for _ in range(rng.randrange(1, 90))] for _ in range(count)]
+    free = tokens(
+        reference, prompts, [SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)] * count
+    )
+    params = [
+        SamplingParams(
+            max_tokens=rng.randrange(2, 20),
+            temperature=0.0,
+            ignore_eos=rng.random() < 0.5,
+            stop_token_ids=tuple(rng.sample(out, k=2)) if rng.random() < 0.6 else (),
+        )
+        for out in free
+    ]
+    return prompts, params
+
+
+def finished(llm: LLM, prompts, params) -> list[tuple[list[int], str]]:
+    return [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in llm.generate(prompts, params)]
+
+
+def test_overlapped_steps_at_ep_2_and_8_give_the_serial_tokens(dev_config_path, ep8) -> None:
+    serial = LLM(config=dev_config_path, num_pages=10, overlap=False, **OPTIONS)
+    prompts, params = stopping_workload(serial)
+    want = finished(serial, prompts, params)
+    assert {reason for _, reason in want} == {"stop", "length"}
+    ep2 = LLM(config=dev_config_path, ep_size=2, num_pages=10, overlap=True, **OPTIONS)
+    try:
+        assert ep2.engine.overlap and finished(ep2, prompts, params) == want
+    finally:
+        ep2.shutdown()
+    assert ep8.engine.overlap, "the EP 8 engine of this module overlaps its steps"
+    assert finished(ep8, prompts, params) == want
+    assert all(int(s["requests"]) == 0 for s in ep8.engine.executor.call_all("stats"))
 
 
 def test_one_request_with_seven_idle_ranks(ep8) -> None:

@@ -1,0 +1,255 @@
+"""Simulator: the real Scheduler of one EP group on a virtual clock, steps timed by a StepCostModel.
+
+No worker runs: every plan the scheduler makes is priced by the cost model (its slowest rank) and
+answered with made-up tokens (the workload ignores EOS, so their values do not matter). Clients
+(sim/workload.py) send requests; a token counts as streamed when the step that sampled it ends.
+
+Timing of the coordinator: `coordinator_s` is its turn between steps (results in, bookkeeping,
+next plans out: bench/step_overhead.py measures it). One step at a time, the ranks wait for it
+after every step. With overlap (the engine's default) the scheduler plans step n+1 while step n
+runs, exactly as the engine core does (max_steps_in_flight = 2), and the ranks start step n+1 when
+both step n has ended and its plans are out: the coordinator's turn is hidden while it is shorter
+than a step.
+
+The front end (FrontEnd): one server, first come first served, that spends `frontend_s` on each
+arriving request (HTTP, validation, tokenization, the call to the coordinator) before the
+scheduler sees it, and `frontend_token_s` on each token it streams back; a client sees a token
+when the front end has sent it. Both 0 (the default) leave it out. Its times are not measured
+here: bench/sim_check.py fits them to served TTFTs at other concurrencies.
+
+Not modelled: the all-to-all's own time (taken to hide under compute, as rank_sim assumes),
+detokenization and streaming (their CPU time is in step times measured as served), load imbalance
+between the experts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nmoe_serve.engine.plan import StepKind, StepPlan, StepResult
+from nmoe_serve.engine.request import RequestRejected
+from nmoe_serve.engine.scheduler import Scheduler, SchedulerLimits
+from nmoe_serve.sampling.params import SamplingParams
+from nmoe_serve.sim.cost_model import StepCostModel
+from nmoe_serve.sim.workload import Workload, WorkloadError
+
+MAX_SERIES = 4000  # time-series points kept in a result (evenly thinned)
+
+
+class FrontEnd:
+    """A single first-come-first-served server in front of the scheduler (see the module docstring)."""
+
+    def __init__(self, request_s: float, token_s: float) -> None:
+        self.request_s, self.token_s, self.free = request_s, token_s, 0.0
+
+    def request(self, at: float) -> float:
+        """When a request sent at `at` reaches the scheduler."""
+        self.free = max(at, self.free) + self.request_s
+        return self.free
+
+    def token(self, at: float) -> float:
+        """When a token ready at `at` reaches its client."""
+        self.free = max(at, self.free) + self.token_s
+        return self.free
+
+
+@dataclass
+class _Stream:
+    arrival: float
+    token_times: list[float] = field(default_factory=list)
+
+
+@dataclass
+class SimResult:
+    """What a simulated run measured; `summary()` is its JSON-ready digest."""
+
+    workload: Workload
+    makespan_s: float
+    prompt_tokens: int
+    output_tokens: int
+    ttft_s: list[float]
+    itl_s: list[float]
+    e2e_s: list[float]
+    series: dict[
+        str, list[float]
+    ]  # per step: t, step_s, kind (0 prefill, 1 decode), waiting, running, kv_usage, preemptions
+    steps: int
+    preemptions: int
+    wall_s: float
+
+    def summary(self) -> dict[str, object]:
+        kinds = np.array(self.series["kind"])
+        step_s = np.array(self.series["step_s"])
+        return {
+            "workload": self.workload.describe(),
+            "requests": self.workload.requests,
+            "makespan_s": self.makespan_s,
+            "steps": self.steps,
+            "prefill_steps": int((kinds == 0).sum()),
+            "decode_steps": int((kinds == 1).sum()),
+            "preemptions": self.preemptions,
+            "prefill_tok_per_s": self.prompt_tokens / self.makespan_s,
+            "decode_tok_per_s": self.output_tokens / self.makespan_s,
+            "ttft_s": percentiles(self.ttft_s),
+            "itl_s": percentiles(self.itl_s),
+            "e2e_s": percentiles(self.e2e_s),
+            "decode_step_s": percentiles(step_s[kinds == 1].tolist()),
+            "prefill_step_s": percentiles(step_s[kinds == 0].tolist()),
+            "simulator_wall_s": self.wall_s,
+        }
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50/p90/p99/mean/max (nearest rank); zeros when empty."""
+    if not values:
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "mean": 0.0, "max": 0.0}
+    ordered = np.sort(np.asarray(values))
+    at = lambda q: float(ordered[min(len(ordered) - 1, max(0, int(np.ceil(q * len(ordered))) - 1))])  # noqa: E731
+    return {
+        "p50": at(0.5),
+        "p90": at(0.9),
+        "p99": at(0.99),
+        "mean": float(ordered.mean()),
+        "max": float(ordered[-1]),
+    }
+
+
+class Simulator:
+    def __init__(
+        self,
+        limits: SchedulerLimits,
+        cost: StepCostModel,
+        overlap: bool = True,
+        coordinator_s: float = 0.0,
+        frontend_s: float = 0.0,
+        frontend_token_s: float = 0.0,
+    ) -> None:
+        self.limits, self.cost, self.overlap, self.coordinator_s = limits, cost, overlap, coordinator_s
+        self.frontend_s, self.frontend_token_s = frontend_s, frontend_token_s
+
+    def run(self, workload: Workload, progress: Callable[[str], None] | None = None) -> SimResult:
+        started = time.perf_counter()
+        scheduler = Scheduler(self.limits, max_steps_in_flight=2 if self.overlap else 1)
+        sampling = SamplingParams(max_tokens=workload.output_tokens, temperature=0.0, ignore_eos=True)
+        prompt = [1] * workload.prompt_tokens
+        frontend = FrontEnd(self.frontend_s, self.frontend_token_s)
+        arrivals: deque[float] = deque(workload.initial_arrivals())  # send times, not yet at the front end
+        reaching: deque[tuple[float, float]] = deque()  # (sent, reaches the scheduler), in order
+        streams: dict[str, _Stream] = {}
+        done: list[_Stream] = []
+        sent = 0
+        series: dict[str, list[float]] = {
+            k: [] for k in ("t", "step_s", "kind", "waiting", "running", "kv_usage", "preemptions")
+        }
+        launched: deque[tuple[list[StepPlan], float, float]] = deque()  # plans, start, end
+        now = device_free = 0.0
+        prompt_tokens = output_tokens = steps = 0
+        next_report = max(1, workload.requests // 10)
+
+        def send_due() -> None:
+            nonlocal sent
+            while arrivals and arrivals[0] <= now:
+                at = arrivals.popleft()
+                reaching.append((at, frontend.request(at)))
+            while reaching and reaching[0][1] <= now:
+                at, _ = reaching.popleft()
+                request_id = f"sim-{sent}"
+                try:
+                    scheduler.add(request_id, prompt, sampling, frozenset())
+                except RequestRejected as e:
+                    raise WorkloadError(f"the scheduler refuses the workload's requests: {e}") from None
+                streams[request_id] = _Stream(at)
+                sent += 1
+
+        def take(plans: list[StepPlan], start: float, end: float) -> None:
+            nonlocal prompt_tokens, output_tokens
+            results = [
+                StepResult(p.step_id, p.rank, _sampled(p), np.ones(int(p.sample.sum()), np.int64))
+                for p in plans
+            ]
+            for update in scheduler.update(results):
+                stream = streams[update.request_id]
+                delivered = frontend.token(end)
+                stream.token_times.append(delivered)
+                output_tokens += 1
+                if update.finish_reason is not None:
+                    done.append(streams.pop(update.request_id))
+                    if workload.closed_loop and sent + len(arrivals) + len(reaching) < workload.requests:
+                        arrivals.append(delivered)  # the client sends its next request
+            if plans[0].kind == StepKind.PREFILL:
+                prompt_tokens += sum(p.num_tokens for p in plans)
+            series["t"].append(end)
+            series["step_s"].append(end - start)
+            series["kind"].append(float(plans[0].kind))
+            series["waiting"].append(float(scheduler.num_waiting))
+            series["running"].append(float(scheduler.num_running))
+            series["kv_usage"].append(scheduler.kv_usage())
+            series["preemptions"].append(float(scheduler.num_preemptions))
+
+        while len(done) < workload.requests:
+            send_due()
+            plans = scheduler.schedule()
+            if plans is not None:
+                start = max(now, device_free)
+                end = start + self.cost.step_seconds(plans)
+                device_free = end
+                launched.append((plans, start, end))
+                steps += 1
+            if launched and (not self.overlap or plans is None or len(launched) == 2):
+                plans_done, start, end = launched.popleft()
+                now = max(now, end)
+                take(plans_done, start, end)
+                now += self.coordinator_s
+            elif plans is None:
+                upcoming = [
+                    t
+                    for t in (arrivals[0] if arrivals else None, reaching[0][1] if reaching else None)
+                    if t is not None
+                ]
+                if not upcoming:
+                    raise WorkloadError(
+                        f"the simulation stalled with {len(done)}/{workload.requests} requests done and nothing "
+                        "to run: the configuration cannot serve this workload (too few KV pages or slots?)"
+                    )
+                now = max(now, min(upcoming))
+            if progress is not None and len(done) >= next_report:
+                progress(
+                    f"sim: {len(done)}/{workload.requests} requests done, {now:.1f} s simulated, "
+                    f"{time.perf_counter() - started:.1f} s wall"
+                )
+                next_report += max(1, workload.requests // 10)
+        ttft = [s.token_times[0] - s.arrival for s in done]
+        itl = [float(g) for s in done for g in np.diff(s.token_times)]
+        e2e = [s.token_times[-1] - s.arrival for s in done]
+        return SimResult(
+            workload=workload,
+            makespan_s=max(s.token_times[-1] for s in done),
+            prompt_tokens=prompt_tokens,
+            output_tokens=output_tokens,
+            ttft_s=ttft,
+            itl_s=itl,
+            e2e_s=e2e,
+            series=_thin(series),
+            steps=steps,
+            preemptions=scheduler.num_preemptions,
+            wall_s=time.perf_counter() - started,
+        )
+
+
+def _sampled(plan: StepPlan) -> tuple[str, ...]:
+    if plan.sample.all():
+        return plan.request_ids
+    return tuple(r for r, s in zip(plan.request_ids, plan.sample, strict=True) if s)
+
+
+def _thin(series: dict[str, list[float]]) -> dict[str, list[float]]:
+    n = len(series["t"])
+    if n <= MAX_SERIES:
+        return series
+    keep = np.linspace(0, n - 1, MAX_SERIES).astype(int)
+    return {k: [v[i] for i in keep] for k, v in series.items()}

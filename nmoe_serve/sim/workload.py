@@ -1,0 +1,62 @@
+"""Client models for the simulator: a closed loop of C clients (bench/latency.py's), or Poisson arrivals.
+
+Closed loop: C requests start at time 0; whenever one ends, its client sends the next at once,
+until `requests` have been sent. Poisson: requests arrive at `rate` per second, independently of
+how the engine keeps up. Every request has P prompt tokens and generates exactly N (EOS ignored),
+as bench/latency.py's do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class WorkloadError(ValueError):
+    """A workload that cannot be simulated; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompt_tokens: int  # P
+    output_tokens: int  # N
+    requests: int  # how many are sent in all
+    concurrency: int | None = None  # C: a closed loop of C clients
+    rate: float | None = None  # or Poisson arrivals, requests per second
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.concurrency is None) == (self.rate is None):
+            raise WorkloadError(
+                "give exactly one of --concurrency (closed loop) or --rate (Poisson arrivals)"
+            )
+        if self.concurrency is not None and self.concurrency < 1:
+            raise WorkloadError(f"--concurrency must be at least 1, got {self.concurrency}")
+        if self.rate is not None and not self.rate > 0:
+            raise WorkloadError(f"--rate must be a positive number of requests per second, got {self.rate}")
+        for name, value in (
+            ("--prompt-tokens", self.prompt_tokens),
+            ("--output-tokens", self.output_tokens),
+            ("--requests", self.requests),
+        ):
+            if value < 1:
+                raise WorkloadError(f"{name} must be at least 1, got {value}")
+
+    @property
+    def closed_loop(self) -> bool:
+        return self.concurrency is not None
+
+    def initial_arrivals(self) -> list[float]:
+        """Arrival times known up front: C zeros (closed loop), or every Poisson arrival."""
+        if self.concurrency is not None:
+            return [0.0] * min(self.concurrency, self.requests)
+        assert self.rate is not None
+        gaps = np.random.default_rng(self.seed).exponential(1.0 / self.rate, self.requests)
+        return np.cumsum(gaps).tolist()
+
+    def describe(self) -> str:
+        clients = (
+            f"C={self.concurrency} (closed loop)" if self.closed_loop else f"Poisson {self.rate:g} req/s"
+        )
+        return f"{clients}, P={self.prompt_tokens}, N={self.output_tokens}, {self.requests} requests"
