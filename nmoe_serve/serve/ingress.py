@@ -61,6 +61,7 @@ app = FastAPI(title="nmoe_serve", description="OpenAI-compatible API for DeepSee
 MAX_JSON_DEPTH = 32  # the request models nest 4 deep
 HEALTH_POLL_S = 1.0  # how often the ingress asks its coordinator whether it serves
 HEALTH_STALE_S = 15.0  # no answer for this long after serving: /health reads "unavailable"
+INGRESS_REFUSAL_MARGIN = 1000  # requests a replica holds beyond its admitted ones, to refuse them
 
 # (engine id, this step's updates | the error that ended the stream | None at its end)
 StreamItem = tuple[str, list[TokenUpdate] | BaseException | None]
@@ -179,13 +180,17 @@ class Ingress:
 
     @staticmethod
     def deployment_options(settings: EngineSettings, server: ServerSection) -> dict[str, Any]:
-        # Every HTTP request reaches this code, which admits or refuses it at once (Serve's own
-        # queue would answer in plain text); requests past the bound cost one cheap refusal each.
+        # The replica holds its admitted completions plus a margin of requests being refused; more
+        # wait in Serve's queue (unbounded: its own refusals would be plain text) and are refused
+        # here, cheaply, as slots free. So a flood cannot starve the replica's loop, and its health
+        # check (given time: under a flood on few cores the loop still runs late) keeps answering.
         return {
             "name": "Ingress",
             "num_replicas": server.ingress_replicas,
             "ray_actor_options": {"num_cpus": 0.5},
-            "max_ongoing_requests": 8 * inflight_bound(settings, server) + 1000,
+            "max_ongoing_requests": inflight_bound(settings, server) + INGRESS_REFUSAL_MARGIN,
+            "health_check_period_s": 10,
+            "health_check_timeout_s": 120,
         }
 
     def __init__(self, coordinator: Any, settings: EngineSettings, server: ServerSection) -> None:
@@ -252,6 +257,8 @@ class Ingress:
         try:
             if (denied := self._check_auth(request)) is not None:
                 return denied
+            self._reserve(1)  # at capacity: refused before the body is even read
+            self._release(1)
             body = await self._parse(request, model)
             reserved = self._reserve(self._sequences(body, chat))
             generation = await self._prepare(body, chat, request_id)
