@@ -5,7 +5,7 @@
 
 For each multiple m it opens m × capacity streaming completions at once (at most
 --max-connections open at a time; the rest start as others end) (capacity: the sequences
-the server holds, running plus queued, e.g. the dev server's 8 ranks × 64 + 4096) and reads each
+the server holds, running plus queued, e.g. the dev server's 8 ranks × 64 + 512) and reads each
 to its end. It counts how each ended: a complete 200 stream, a 429 or 503 in OpenAI's error shape
 with Retry-After (load shed), an error event inside a 200 stream, any other status (a 500 is a
 failure of the server), or a client-side timeout or connection error. Then it checks service is
@@ -124,6 +124,7 @@ async def level(args: argparse.Namespace, multiple: float, model: str, vocab: in
         "shed_with_retry_after": sum(1 for r in results if r["kind"] == "shed" and r["retry_after"]),
         "shed_in_openai_shape": sum(1 for r in results if r["kind"] == "shed" and r["openai_shape"]),
         "ttft_ok": percentiles([r["ttft"] for r in results if r["kind"] == "ok" and r["ttft"] is not None]),
+        "shed_seconds": percentiles([r["seconds"] for r in results if r["kind"] == "shed"]),
         "after": await service_after(args, model),
     }
 
@@ -158,6 +159,10 @@ async def main_async(args: argparse.Namespace) -> dict:
     return {"url": args.url, "model": card["id"], "capacity": args.capacity, "levels": levels}
 
 
+def shed_times(stats: dict) -> str:
+    return f"{stats['p50']:.2f} / {stats['p99']:.2f}" if stats.get("count") else "-"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -165,7 +170,7 @@ def main() -> int:
     parser.add_argument("--url", default="http://127.0.0.1:8000", type=loopback_only)
     parser.add_argument("--api-key")
     parser.add_argument("--capacity", type=int, required=True,
-                        help="sequences the server holds, running + queued (dev server: 8 x 64 + 4096 = 4608)")  # fmt: skip
+                        help="sequences the server holds, running + queued (dev server: 8 x 64 + 512 = 1024)")  # fmt: skip
     parser.add_argument(
         "--multiples", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 4.0, 8.0]
     )
@@ -200,6 +205,7 @@ def main() -> int:
                 "stream error": k.get("error_event", 0) + k.get("truncated", 0),
                 "client error": k.get("client_error", 0),
                 "seconds": f"{lv['seconds']:.0f}",
+                "refused in p50 / p99 (s)": shed_times(lv["shed_seconds"]),
                 "normal after (s)": "never" if after is None else f"{after:.1f}",
             }
         )

@@ -61,7 +61,7 @@ app = FastAPI(title="nmoe_serve", description="OpenAI-compatible API for DeepSee
 MAX_JSON_DEPTH = 32  # the request models nest 4 deep
 HEALTH_POLL_S = 1.0  # how often the ingress asks its coordinator whether it serves
 HEALTH_STALE_S = 15.0  # no answer for this long after serving: /health reads "unavailable"
-INGRESS_REFUSAL_MARGIN = 1000  # requests a replica holds beyond its admitted ones, to refuse them
+REFUSALS_PER_ADMITTED = 8  # requests taken at once to refuse, per admitted one
 
 # (engine id, this step's updates | the error that ended the stream | None at its end)
 StreamItem = tuple[str, list[TokenUpdate] | BaseException | None]
@@ -169,26 +169,16 @@ class Ingress:
     """The FastAPI ingress; app.py deploys it with `deployment_options`."""
 
     @staticmethod
-    def inflight_bound(settings: EngineSettings, server: ServerSection) -> int:
-        """Engine requests one replica keeps in flight: the groups' capacity (running + queued), shared."""
-        if server.max_inflight_sequences is not None:
-            return server.max_inflight_sequences
-        capacity = server.ep_groups * (
-            settings.ep_size * settings.core.max_num_seqs + server.max_waiting_requests
-        )
-        return max(1, capacity // server.ingress_replicas)
-
-    @staticmethod
     def deployment_options(settings: EngineSettings, server: ServerSection) -> dict[str, Any]:
-        # The replica holds its admitted completions plus a margin of requests being refused; more
-        # wait in Serve's queue (unbounded: its own refusals would be plain text) and are refused
-        # here, cheaply, as slots free. So a flood cannot starve the replica's loop, and its health
-        # check (given time: under a flood on few cores the loop still runs late) keeps answering.
+        # The replica takes its admitted completions plus up to 8 times as many requests that it
+        # refuses at once (503 in OpenAI's shape, before reading their bodies); beyond that they wait
+        # in Serve's queue, unbounded, because Serve's own refusals would be plain text. Its health
+        # check gets 120 s: under a flood on few cores the replica's loop runs late but runs.
         return {
             "name": "Ingress",
             "num_replicas": server.ingress_replicas,
             "ray_actor_options": {"num_cpus": 0.5},
-            "max_ongoing_requests": inflight_bound(settings, server) + INGRESS_REFUSAL_MARGIN,
+            "max_ongoing_requests": (1 + REFUSALS_PER_ADMITTED) * inflight_bound(settings, server),
             "health_check_period_s": 10,
             "health_check_timeout_s": 120,
         }

@@ -150,3 +150,16 @@ def test_the_ingress_admits_the_groups_capacity_shared_among_replicas(dev_config
     assert inflight_bound(settings, config.server) == 2 * (8 * 64 + 4096) // 4
     fixed = ServeConfig.from_toml(dev_config_path, overrides={"max_inflight_sequences": 7})
     assert inflight_bound(resolve(fixed), fixed.server) == 7
+
+
+def test_the_ingress_replica_takes_refusals_beside_its_admitted_requests(dev_config_path) -> None:
+    """Serve hands the replica up to 8 requests to refuse per admitted one, so refusals do not wait
+    behind admitted streams, and the replica's health check tolerates a late event loop."""
+    from nmoe_serve.config import ServeConfig
+    from nmoe_serve.serve.ingress import Ingress
+    from tests.helpers import resolve
+
+    config = ServeConfig.from_toml(dev_config_path, overrides={"max_inflight_sequences": 100})
+    options = Ingress.deployment_options(resolve(config), config.server)
+    assert options["max_ongoing_requests"] == 900
+    assert options["health_check_timeout_s"] >= 60
