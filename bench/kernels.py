@@ -179,17 +179,40 @@ def mla_work(batch: int, context: int) -> dict:
     }
 
 
-def bench_moe(ceil: dict, per_rank: int, fp8: bool, reps: int, prefill: bool) -> dict:
+def bench_moe(
+    ceil: dict, per_rank: int, fp8: bool, reps: int, prefill: bool, gluon: bool = False
+) -> list[dict]:
+    """One row for the Triton kernels and, with `gluon` (FP8 decode), one for the Gluon decode
+    GEMMs on the same inputs, with its error against the reference."""
     g = torch.Generator(device="cuda").manual_seed(per_rank)
     ids, weights, pairs = rank0_tokens(per_rank, g)
     t = ids.shape[0]
     x = torch.randn(t, H, generator=g, device="cuda", dtype=torch.bfloat16)
     w13, w2, s13, s2 = moe_weights(fp8, g)
-    run = lambda: fused_moe(x, ids, weights, w13, w2, 0, s13, s2)  # noqa: E731
-    seconds = cuda_time(run, reps)
-    graph_seconds = seconds if prefill else graph_time(run, reps)
     ref_reps = 1 if prefill else 3
     ref_seconds = cuda_time(lambda: fused_moe_ref(x, ids, weights, w13, w2, 0, s13, s2), ref_reps, warmup=1)
+    rows = [
+        _moe_row(ceil, per_rank, fp8, reps, prefill, ids, weights, x, w13, w2, s13, s2, pairs, ref_seconds)
+    ]
+    if gluon and fp8 and not prefill:
+        want = fused_moe_ref(x, ids, weights, w13, w2, 0, s13, s2).float()
+        got = fused_moe(x, ids, weights, w13, w2, 0, s13, s2, gluon=True).float()
+        row = _moe_row(
+            ceil, per_rank, fp8, reps, prefill, ids, weights, x, w13, w2, s13, s2, pairs, ref_seconds, True
+        )
+        row["rel_err"] = ((got - want).norm() / want.norm()).item()
+        row["max_err_of_range"] = ((got - want).abs().max() / want.abs().max()).item()
+        rows.append(row)
+    return rows
+
+
+def _moe_row(
+    ceil, per_rank, fp8, reps, prefill, ids, weights, x, w13, w2, s13, s2, pairs, ref_seconds, gluon=False
+) -> dict:
+    t = ids.shape[0]
+    run = lambda: fused_moe(x, ids, weights, w13, w2, 0, s13, s2, gluon=gluon)  # noqa: E731
+    seconds = cuda_time(run, reps)
+    graph_seconds = seconds if prefill else graph_time(run, reps)
     wbytes = w13.numel() * w13.element_size() + w2.numel() * w2.element_size()
     abytes = x.numel() * 2 * 2 + ids.numel() * 8 + weights.numel() * 4
     flops = 2 * pairs * 3 * INTER * H
@@ -202,6 +225,7 @@ def bench_moe(ceil: dict, per_rank: int, fp8: bool, reps: int, prefill: bool) ->
         "seqs_or_tokens_per_rank": per_rank,
         "tokens_received": t,
         "local_pairs": pairs,
+        "variant": "gluon" if gluon else "triton",
     }
     rate_name = "fp8_flops_per_s" if fp8 and "fp8_flops_per_s" in ceil else "bf16_flops_per_s"
     ceils = used(ceil, "copy_bytes_per_s", rate_name)
@@ -371,6 +395,7 @@ def main() -> int:
                 "context",
                 "weight",
                 "tokens",
+                "variant",
             )
         }
         peer = ""
@@ -405,10 +430,15 @@ def main() -> int:
         for batch, context in ((32, 2000), (64, 2000), (128, 2000), (256, 2000), (32, 16000)):
             add(bench_mla(ceil, batch, context, reps, peer))
     if "moe" in only:
+        from nmoe_serve.kernels.fused_moe import gluon_available
+
+        moe_gluon, why = gluon_available(torch.device("cuda"))
+        print(f"fused_moe Gluon decode GEMMs: {'yes' if moe_gluon else 'no'} ({why})", flush=True)
         for per_rank in (32, 128, 256):
-            add(bench_moe(ceil, per_rank, fp8=True, reps=reps, prefill=False))
-        add(bench_moe(ceil, 128, fp8=False, reps=reps, prefill=False))
-        add(bench_moe(ceil, 16384, fp8=True, reps=max(3, reps // 4), prefill=True))
+            for row in bench_moe(ceil, per_rank, fp8=True, reps=reps, prefill=False, gluon=moe_gluon):
+                add(row)
+        add(bench_moe(ceil, 128, fp8=False, reps=reps, prefill=False)[0])
+        add(bench_moe(ceil, 16384, fp8=True, reps=max(3, reps // 4), prefill=True)[0])
     ceil_end = ceilings(max(reps, 20))
     print(
         f"ceilings again at the end: copy {ceil_end['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 "

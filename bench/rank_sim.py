@@ -39,6 +39,7 @@ estimate that assumes the all-to-all hides under compute and the 8 ranks are bal
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -548,6 +549,10 @@ def build_rank(opts: argparse.Namespace, device: torch.device) -> Rank:
         flush=True,
     )
     ops = triton_ops() if cuda else reference_ops()
+    if cuda and opts.moe_kernels == "triton":  # the Triton decode GEMMs, not the backend's Gluon ones
+        from nmoe_serve.kernels.fused_moe import fused_moe
+
+        ops = dataclasses.replace(ops, fused_moe=fused_moe)
     decode = None
     if opts.decode_attention == "auto":  # FlashInfer's MLA where it imports, as the worker picks
         decode = choose_decode_attention(args, ops, PAGE, torch.bfloat16, device)
@@ -606,6 +611,12 @@ def main() -> int:
         choices=["auto", "kernel"],
         default="auto",
         help="auto: as the worker chooses (FlashInfer's MLA where it imports); kernel: our mla_decode",
+    )
+    parser.add_argument(
+        "--moe-kernels",
+        choices=["auto", "triton"],
+        default="auto",
+        help="auto: as the backend chooses (the Gluon FP8 decode GEMMs on Hopper); triton: the Triton ones",
     )
     parser.add_argument(
         "--link-gbps", type=float, default=150.0, help="assumed all-to-all GB/s per GPU (modeled exchange)"

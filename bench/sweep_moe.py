@@ -27,13 +27,14 @@ import torch
 from report import cuda_time
 
 import kernels as bench_kernels  # bench/kernels.py: timers, ceilings, shapes
-from nmoe_serve.kernels.fp8_format import quantize_weight_blocks
+from nmoe_serve.kernels.fp8_format import AMAX_EPS, FP8_MAX, quantize_weight_blocks
 from nmoe_serve.kernels.fp8_quant import fp8_quant
 from nmoe_serve.kernels.fused_moe import (
     default_config,
     fused_moe_ref,
     fused_moe_with_config,
     moe_align,
+    moe_gather,
     moe_gemm1,
     moe_gemm2,
 )
@@ -73,6 +74,19 @@ def _decode_bt64(stages: int):
 
 
 # name -> (phases it changes, change to `default_config`'s output)
+def _gluon(**per_gemm):
+    """The Gluon decode GEMMs (kernels/fused_moe_gluon.py), their tiles changed per GEMM:
+    _gluon(gemm1=dict(STAGES=3))."""
+
+    def change(cfg, phase):
+        cfg = default_config(cfg["_num_pairs"], bench_kernels.E_LOCAL, fp8=True, gluon=True)
+        if cfg.get("VARIANT") != "gluon":  # prefill: the Triton tiles
+            return cfg
+        return {g: dict(t, **per_gemm.get(g, {})) if isinstance(t, dict) else t for g, t in cfg.items()}
+
+    return change
+
+
 CANDIDATES = {
     "baseline": (("decode", "prefill"), _all(MERGE_GU=False, SCALAR_WS=False, GROUP_T=0)),
     "default": (("decode", "prefill"), lambda cfg, phase: cfg),
@@ -86,12 +100,25 @@ CANDIDATES = {
     "prefill-group32": (("prefill",), _phase("prefill", GROUP_T=32)),
     "prefill-g1-s3": (("prefill",), _phase("prefill", "gemm1", num_stages=3)),
     "prefill-g2-bt128": (("prefill",), _phase("prefill", "gemm2", BLOCK_T=128)),
+    "gluon": (("decode",), _gluon()),
+    "gluon-g1s3": (("decode",), _gluon(gemm1=dict(STAGES=3))),
+    "gluon-g1s5": (("decode",), _gluon(gemm1=dict(STAGES=5))),
+    "gluon-g1s2c2": (("decode",), _gluon(gemm1=dict(STAGES=2, CTAS_PER_SM=2))),
+    "gluon-g2s8c1": (("decode",), _gluon(gemm2=dict(STAGES=8, CTAS_PER_SM=1))),
+    "gluon-g2s3c3": (("decode",), _gluon(gemm2=dict(STAGES=3, CTAS_PER_SM=3))),
+    "gluon-g2w8": (("decode",), _gluon(gemm2=dict(num_warps=8))),
+    "gluon-g2bw256": (("decode",), _gluon(gemm2=dict(BLOCK_W=256, num_warps=8))),
+    "gluon-g2bw256s3": (("decode",), _gluon(gemm2=dict(BLOCK_W=256, num_warps=8, STAGES=3))),
 }
 
 
 def candidate_config(name: str, num_pairs: int, phase: str) -> dict:
     _, change = CANDIDATES[name]
-    return change(default_config(num_pairs, bench_kernels.E_LOCAL, fp8=True), phase)
+    cfg = change(
+        dict(default_config(num_pairs, bench_kernels.E_LOCAL, fp8=True), _num_pairs=num_pairs), phase
+    )
+    cfg.pop("_num_pairs", None)
+    return cfg
 
 
 def _errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
@@ -126,9 +153,31 @@ def check_small(name: str) -> str | None:
 
 
 def time_case(cfg: dict, inputs: dict, graph: bool, reps: int) -> tuple[float, float, float]:
-    """Seconds of the whole call, GEMM 1 alone and GEMM 2 alone."""
+    """Seconds of the whole call, GEMM 1 alone and GEMM 2 alone (Gluon: GEMM 1 with the gather of x
+    into slot order before it)."""
     x, ids, weights, w13, w2, s13, s2 = (inputs[k] for k in ("x", "ids", "weights", "w13", "w2", "s13", "s2"))
     E, K = w13.shape[0], ids.shape[1]
+    if cfg.get("VARIANT") == "gluon":
+        from nmoe_serve.kernels import fused_moe_gluon
+
+        ids_sorted, block_expert = moe_align(ids, E, 0, fused_moe_gluon.BLOCK_T)
+        x8, xs = fp8_quant(x)
+
+        def gemm1():
+            xg, xgs = moe_gather(x8, xs, ids_sorted, block_expert, K)
+            return fused_moe_gluon.gemm1(xg, xgs, w13, s13, block_expert, cfg["gemm1"], FP8_MAX, AMAX_EPS)
+
+        h, hs = gemm1()
+        calls = (
+            lambda: fused_moe_with_config(x, ids, weights, w13, w2, 0, s13, s2, cfg),
+            gemm1,
+            lambda: fused_moe_gluon.gemm2(
+                h, hs, w2, s2, ids_sorted, block_expert, ids.numel(), x.dtype, cfg["gemm2"]
+            ),
+        )
+        if graph:
+            return tuple(bench_kernels.graph_time(fn, reps) for fn in calls)  # type: ignore[return-value]
+        return tuple(cuda_time(fn, reps, warmup=2) for fn in calls)  # type: ignore[return-value]
     blocks1 = moe_align(ids, E, 0, cfg["gemm1"]["BLOCK_T"])
     blocks2 = moe_align(ids, E, 0, cfg["gemm2"]["BLOCK_T"])
     x8, xs = fp8_quant(x)

@@ -32,6 +32,11 @@ tokens, too few for Hopper's wgmma as M (64 per warpgroup) but fine as N; with t
 Triton fell back to mma.sync with FP8 converted to fp16 (30% of the weight bandwidth). Prefill
 keeps tokens as M (`fp8_gemm.scaled_dot` says why).
 
+FP8 decode on Hopper can run GEMMs 1 and 2 in Gluon instead (kernels/fused_moe_gluon.py, chosen
+once by the backend; `default_config(..., gluon=True)`): 64-slot blocks, x rows gathered into slot
+order first (`moe_gather`), tokens as the wgmma's M and weight tiles fed by TMA in a persistent
+grid; align, quantization and the combine are the ones above.
+
 Intermediates are indexed by pair id: h [A, I] and y [A, H] in the activation dtype (h in fp8
 with scales [A, G_I] on the FP8 path); rows of foreign pairs are never written nor read.
 
@@ -228,6 +233,96 @@ def moe_align_ref(
     block_expert = torch.searchsorted(padded_ends, block_starts, right=True)  # [A_pad / block_t]
     block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
     return sorted_pair_ids[:capacity], block_expert
+
+
+@triton.jit
+def moe_gather_kernel(
+    x_ptr,  # [T, H] bytes (fp8 viewed as uint8)
+    xs_ptr,  # [T, G_H] float32
+    xg_ptr,  # [A_pad, H] bytes out, slot order
+    xgs_ptr,  # [A_pad, G_H] float32 out
+    sorted_pair_ids_ptr,  # [A_pad] int32
+    block_expert_ptr,  # [A_pad / BLOCK_T] int32
+    num_pairs,
+    top_k,
+    H,
+    G_H,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    block = tl.program_id(0)
+    chunk = tl.program_id(1)
+    if tl.load(block_expert_ptr + block) < 0:
+        return
+    slots = block * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+    pair = tl.load(sorted_pair_ids_ptr + slots)
+    valid = pair < num_pairs
+    token = tl.where(valid, pair // top_k, 0).to(tl.int64)  # [BT]
+    offs_h = chunk * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
+    h_mask = offs_h < H
+    rows = tl.load(
+        x_ptr + token[:, None] * H + offs_h[None, :], mask=valid[:, None] & h_mask[None, :], other=0
+    )  # [BT, BH]
+    tl.store(xg_ptr + slots[:, None].to(tl.int64) * H + offs_h[None, :], rows, mask=h_mask[None, :])
+    if chunk == 0:
+        offs_g = tl.arange(0, BLOCK_G)  # [BG]
+        g_mask = offs_g < G_H
+        scales = tl.load(
+            xs_ptr + token[:, None] * G_H + offs_g[None, :], mask=valid[:, None] & g_mask[None, :], other=0.0
+        )
+        tl.store(xgs_ptr + slots[:, None].to(tl.int64) * G_H + offs_g[None, :], scales, mask=g_mask[None, :])
+
+
+def moe_gather(
+    x_fp8, x_scales, sorted_pair_ids, block_expert, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x rows and scales in slot order for the blocks `moe_align` made: (xg [A_pad, H] fp8,
+    xgs [A_pad, G_H] float32), zeros in the padding slots of real blocks; rows of blocks past the
+    last expert's run are not written."""
+    T, H = x_fp8.shape
+    g_h = x_scales.shape[1]
+    num_blocks = block_expert.numel()
+    slots = sorted_pair_ids.numel()
+    block_t = slots // max(num_blocks, 1)
+    xg = torch.empty(slots, H, dtype=x_fp8.dtype, device=x_fp8.device)  # [A_pad, H]
+    xgs = torch.empty(slots, g_h, dtype=torch.float32, device=x_fp8.device)  # [A_pad, G_H]
+    if num_blocks == 0:
+        return xg, xgs
+    block_h = 1024
+    moe_gather_kernel[(num_blocks, triton.cdiv(H, block_h))](
+        x_fp8.view(torch.uint8),
+        x_scales,
+        xg.view(torch.uint8),
+        xgs,
+        sorted_pair_ids,
+        block_expert,
+        T * top_k,
+        top_k,
+        H,
+        g_h,
+        BLOCK_T=block_t,
+        BLOCK_H=block_h,
+        BLOCK_G=triton.next_power_of_2(g_h),
+        num_warps=4,
+    )
+    return xg, xgs
+
+
+def moe_gather_ref(
+    x_fp8, x_scales, sorted_pair_ids, block_expert, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of `moe_gather`, with zeros also in the rows of blocks past the last run."""
+    T = x_fp8.shape[0]
+    num_pairs = T * top_k
+    pair = sorted_pair_ids.to(torch.int64)
+    valid = pair < num_pairs
+    block_t = sorted_pair_ids.numel() // max(block_expert.numel(), 1)
+    valid &= (block_expert >= 0).repeat_interleave(block_t)
+    token = torch.where(valid, pair // top_k, 0)
+    xg = torch.where(valid[:, None], x_fp8.view(torch.uint8)[token], 0).view(x_fp8.dtype)
+    xgs = torch.where(valid[:, None], x_scales[token], 0.0)
+    return xg, xgs
 
 
 @triton.jit
@@ -529,9 +624,24 @@ def moe_combine_kernel(
     tl.store(out_ptr + t * stride_out + offs_h, acc.to(out_ptr.dtype.element_ty), mask=h_mask)
 
 
-def default_config(num_pairs: int, num_experts: int, fp8: bool) -> dict:
+# Gluon decode above this T*K/E (256 sequences a rank of 8: 247; 128: 121, where the two tie; 32:
+# 32, where Triton's 16-token blocks are 7% faster), H200, docs/PERF.md.
+GLUON_MIN_PAIRS_PER_EXPERT = 160
+GLUON_DECODE = dict(
+    VARIANT="gluon",
+    gemm1=dict(BLOCK_T=64, STAGES=4, CTAS_PER_SM=1, num_warps=8),
+    gemm2=dict(BLOCK_T=64, STAGES=4, CTAS_PER_SM=2, num_warps=4),
+)
+
+
+def default_config(num_pairs: int, num_experts: int, fp8: bool, gluon: bool = False) -> dict:
     """Fixed tiles per GEMM from the shapes (H100, docs/PERF.md; bench/sweep_moe.py times the
     alternatives).
+
+    gluon (Hopper, chosen by the backend at start-up): FP8 decode with more than
+    GLUON_MIN_PAIRS_PER_EXPERT pairs an expert runs the Gluon GEMMs (kernels/fused_moe_gluon.py:
+    64-slot blocks, tokens as the wgmma's M, weight tiles through a TMA ring in a persistent
+    grid) with `GLUON_DECODE`'s tiles; smaller decode batches and prefill keep the Triton tiles.
 
     BLOCK_T follows T*K/E, the mean pairs per expert if every pair were local (an upper bound;
     with expert parallelism about a quarter are). Decode streams each expert's weights once per
@@ -558,6 +668,8 @@ def default_config(num_pairs: int, num_experts: int, fp8: bool) -> dict:
       few blocks per expert share each weight tile at the same time.
     """
     per_expert = num_pairs / num_experts
+    if gluon and fp8 and GLUON_MIN_PAIRS_PER_EXPERT < per_expert <= 512:
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in GLUON_DECODE.items()}
     block_k = 128 if fp8 else 64
     common = dict(BLOCK_W=128, BLOCK_K=block_k, SCALAR_WS=fp8)
     if per_expert <= 512:
@@ -634,6 +746,7 @@ def fused_moe(
     expert_start: int = 0,
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
+    gluon: bool = False,
 ) -> torch.Tensor:
     """Routed-expert MLP of the experts [expert_start, expert_start + E) for tokens x; returns [T, H].
 
@@ -642,10 +755,14 @@ def fused_moe(
     [E, H, I], both in x's dtype, or both float8_e4m3fn with w13_scale [E, ceil(2I/128),
     ceil(H/128)] and w2_scale [E, ceil(H/128), ceil(I/128)] float32 (`weight_scale_inv`
     convention). All contiguous, on one device. Output in x's dtype; a token with no local
-    expert gets zeros. T = 0 returns an empty [0, H] without launching.
+    expert gets zeros. T = 0 returns an empty [0, H] without launching. gluon: the Gluon decode
+    GEMMs (Hopper) for FP8 decode shapes with H and I multiples of 128, where the caller has
+    checked that they are available (`gluon_available`); elsewhere the Triton kernels.
     """
     fp8 = _check_fused_moe_args(x, topk_ids, topk_weights, w13, w2, expert_start, w13_scale, w2_scale)
-    cfg = default_config(topk_ids.numel(), w13.shape[0], fp8)
+    H, inter = w13.shape[2], w13.shape[1] // 2
+    gluon = gluon and H % FP8_BLOCK == 0 and inter % FP8_BLOCK == 0
+    cfg = default_config(topk_ids.numel(), w13.shape[0], fp8, gluon)
     return fused_moe_with_config(x, topk_ids, topk_weights, w13, w2, expert_start, w13_scale, w2_scale, cfg)
 
 
@@ -660,16 +777,19 @@ def fused_moe_with_config(
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)  # [T, H]
     if T == 0:
         return out
-    # Each GEMM's token blocks; aligned once when both use the same BLOCK_T.
-    block_t1, block_t2 = cfg["gemm1"]["BLOCK_T"], cfg["gemm2"]["BLOCK_T"]
-    blocks1 = moe_align(topk_ids, E, expert_start, block_t1)  # ([A_pad], [A_pad / BT])
-    blocks2 = blocks1 if block_t2 == block_t1 else moe_align(topk_ids, E, expert_start, block_t2)
-    if w13.dtype == FP8_DTYPE:
-        x_in, x_scales = fp8_quant(x)  # [T, H] fp8, [T, G_H]
+    if cfg.get("VARIANT") == "gluon":
+        y = _gluon_gemms(x, topk_ids, w13, w2, expert_start, w13_scale, w2_scale, cfg)  # [A, H]
     else:
-        x_in, x_scales = x, None
-    h, h_scales = moe_gemm1(x_in, x_scales, w13, w13_scale, *blocks1, K, cfg["gemm1"])
-    y = moe_gemm2(h, h_scales, w2, w2_scale, *blocks2, x.dtype, cfg["gemm2"])  # [A, H]
+        # Each GEMM's token blocks; aligned once when both use the same BLOCK_T.
+        block_t1, block_t2 = cfg["gemm1"]["BLOCK_T"], cfg["gemm2"]["BLOCK_T"]
+        blocks1 = moe_align(topk_ids, E, expert_start, block_t1)  # ([A_pad], [A_pad / BT])
+        blocks2 = blocks1 if block_t2 == block_t1 else moe_align(topk_ids, E, expert_start, block_t2)
+        if w13.dtype == FP8_DTYPE:
+            x_in, x_scales = fp8_quant(x)  # [T, H] fp8, [T, G_H]
+        else:
+            x_in, x_scales = x, None
+        h, h_scales = moe_gemm1(x_in, x_scales, w13, w13_scale, *blocks1, K, cfg["gemm1"])
+        y = moe_gemm2(h, h_scales, w2, w2_scale, *blocks2, x.dtype, cfg["gemm2"])  # [A, H]
     block_h = min(1024, triton.next_power_of_2(H))
     moe_combine_kernel[(T, triton.cdiv(H, block_h))](
         y,
@@ -686,6 +806,41 @@ def fused_moe_with_config(
         num_warps=4,
     )
     return out
+
+
+def _gluon_gemms(x, topk_ids, w13, w2, expert_start, w13_scale, w2_scale, cfg) -> torch.Tensor:
+    """y [A, H] per local pair through the Gluon decode GEMMs (kernels/fused_moe_gluon.py): x
+    quantized, its rows gathered into slot order, GEMM 1 into h in slot order, GEMM 2 scattered
+    back to pair order."""
+    from . import fused_moe_gluon
+
+    block_t = fused_moe_gluon.BLOCK_T
+    if cfg["gemm1"]["BLOCK_T"] != block_t or cfg["gemm2"]["BLOCK_T"] != block_t:
+        raise ValueError(f"fused_moe: the Gluon GEMMs take {block_t}-slot blocks; cfg has {cfg}")
+    K = topk_ids.shape[1]
+    sorted_pair_ids, block_expert = moe_align(topk_ids, w13.shape[0], expert_start, block_t)
+    x_fp8, x_scales = fp8_quant(x)  # [T, H], [T, G_H]
+    xg, xgs = moe_gather(x_fp8, x_scales, sorted_pair_ids, block_expert, K)  # [A_pad, H], [A_pad, G_H]
+    h, hs = fused_moe_gluon.gemm1(xg, xgs, w13, w13_scale, block_expert, cfg["gemm1"], FP8_MAX, AMAX_EPS)
+    return fused_moe_gluon.gemm2(
+        h, hs, w2, w2_scale, sorted_pair_ids, block_expert, topk_ids.numel(), x.dtype, cfg["gemm2"]
+    )
+
+
+def gluon_available(device: torch.device) -> tuple[bool, str]:
+    """Whether the Gluon decode GEMMs can run on `device` (a Hopper GPU, this Triton's Gluon), and why."""
+    from .fp8_gemm import gluon_available as gemm_gluon_available
+
+    ok, why = gemm_gluon_available(device)
+    if not ok:
+        return ok, why
+    try:
+        from . import fused_moe_gluon
+    except Exception as e:  # a Triton whose Gluon lacks what the kernels use
+        return False, f"the MoE Gluon kernels do not import ({type(e).__name__}: {e})"
+    if not fused_moe_gluon.available():
+        return False, "this Triton's Gluon lacks the Hopper API the MoE kernels use"
+    return True, why
 
 
 def kernel_tiles(tiles: dict, gemm: int, H: int, inter: int, num_blocks: int) -> tuple[dict, int]:

@@ -65,12 +65,15 @@ def triton_ops() -> KernelOps:
 
     The dense FP8 GEMM runs its Gluon variant (each block's wgmma overlapped with the previous
     block's scaling; 1.3-1.5x faster at 256 and 4096 tokens on an H200, docs/PERF.md) from 128
-    tokens up where the current device is a Hopper GPU with Triton 3.6's Gluon; the choice is
-    made here, once, and logged."""
+    tokens up where the current device is a Hopper GPU with Triton 3.6's Gluon, and so do the
+    FP8 MoE decode GEMMs above 160 pairs an expert (kernels/fused_moe_gluon.py; 9% faster at 256
+    sequences a rank, no faster below, docs/PERF.md); the choices are made here, once, and
+    logged."""
     try:
         from nmoe_serve.kernels.fp8_gemm import fp8_gemm, gluon_available
         from nmoe_serve.kernels.fp8_quant import fp8_quant
         from nmoe_serve.kernels.fused_moe import fused_moe
+        from nmoe_serve.kernels.fused_moe import gluon_available as moe_gluon_available
         from nmoe_serve.kernels.mla_decode import mla_decode
         from nmoe_serve.kernels.mla_kv_write import mla_kv_write
         from nmoe_serve.kernels.rms_norm import add_rms_norm, rms_norm
@@ -80,11 +83,17 @@ def triton_ops() -> KernelOps:
     except ModuleNotFoundError as e:
         raise ModuleNotFoundError(f"{_NOT_INSTALLED} ({e})") from e
 
-    gluon, why = gluon_available(torch.device("cuda", torch.cuda.current_device()))
+    device = torch.device("cuda", torch.cuda.current_device())
+    gluon, why = gluon_available(device)
     log.info("fp8_gemm: %s", f"the Gluon kernel from 128 tokens ({why})" if gluon else f"Triton only: {why}")
     gemm = functools.partial(fp8_gemm, gluon=True) if gluon else fp8_gemm
+    moe_gluon, why = moe_gluon_available(device)
+    log.info(
+        "fused_moe: %s", f"the Gluon GEMMs for FP8 decode ({why})" if moe_gluon else f"Triton only: {why}"
+    )
+    moe = functools.partial(fused_moe, gluon=True) if moe_gluon else fused_moe
     return KernelOps(
-        "triton", fp8_quant, gemm, fused_moe, mla_decode,
+        "triton", fp8_quant, gemm, moe, mla_decode,
         rms_norm, add_rms_norm, rope_, mla_kv_write, grouped_topk, silu_mul, router_logits,
     )  # fmt: skip
 

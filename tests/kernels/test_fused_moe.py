@@ -9,6 +9,7 @@ import torch
 from nmoe_serve.kernels import INTERPRET
 from nmoe_serve.kernels.fp8_format import quantize_weight_blocks
 from nmoe_serve.kernels.fused_moe import (
+    GLUON_DECODE,
     default_config,
     fused_moe,
     fused_moe_ref,
@@ -17,6 +18,8 @@ from nmoe_serve.kernels.fused_moe import (
     max_aligned_blocks,
     moe_align,
     moe_align_ref,
+    moe_gather,
+    moe_gather_ref,
 )
 
 
@@ -302,3 +305,104 @@ def test_fused_moe_gpu_variants_deepseek_shapes(T, variant):
     want = fused_moe_ref(x, ids, weights, expert_start=expert_start, **w)
     assert _rel_err(out, want) <= 2e-2
     assert ((out.float() - want.float()).norm() / want.float().norm()).item() <= 1e-2
+
+
+@pytest.mark.parametrize(
+    "T, K, E, total, block_t", [(7, 3, 4, 10, 4), (40, 2, 3, 6, 16), (33, 8, 32, 256, 64)]
+)
+def test_moe_gather_matches_reference(T, K, E, total, block_t, device):
+    """Rows and scales of every real block in slot order, zeros in its padding slots; the
+    slots of blocks past the last run are not written (poisoned here, compared only where real)."""
+    ids, _ = _routing(T, K, total, device)
+    sorted_pair_ids, block_expert = moe_align(ids, E, 1, block_t)
+    H = 320  # not a multiple of the kernel's 1024-byte chunk
+    x = torch.randint(0, 256, (T, H), dtype=torch.uint8, device=device).view(torch.float8_e4m3fn)
+    scales = torch.rand(T, 3, device=device)
+    xg, xgs = moe_gather(x, scales, sorted_pair_ids, block_expert, K)
+    want_xg, want_xgs = moe_gather_ref(x, scales, sorted_pair_ids, block_expert, K)
+    real = (block_expert >= 0).repeat_interleave(block_t)
+    assert torch.equal(xg.view(torch.uint8)[real], want_xg.view(torch.uint8)[real])
+    assert torch.equal(xgs[real], want_xgs[real])
+
+
+def test_default_config_chooses_gluon_for_fp8_decode_only():
+    assert default_config(990 * 8, 32, True, gluon=True)["VARIANT"] == "gluon"  # 256 seqs a rank
+    assert "VARIANT" not in default_config(127 * 8, 32, True, gluon=True)  # 32: Triton's is faster
+    assert "VARIANT" not in default_config(990 * 8, 32, True)
+    assert "VARIANT" not in default_config(990 * 8, 32, False, gluon=True)  # bf16 weights
+    assert "VARIANT" not in default_config(16384 * 8, 32, True, gluon=True)  # prefill
+
+
+def _gluon_config() -> dict:
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in GLUON_DECODE.items()}
+
+
+def _moe_gluon_here() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    from nmoe_serve.kernels.fused_moe import gluon_available
+
+    return gluon_available(torch.device("cuda"))[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _moe_gluon_here(), reason="needs a Hopper GPU and Triton's Gluon")
+@pytest.mark.parametrize(
+    "T, H, inter, E, K, total, start, stages",
+    [
+        (3, 256, 128, 4, 2, 8, 0, 4),  # fewer items than programs; fewer K steps than stages
+        (200, 512, 256, 4, 4, 12, 2, 3),  # 60-70 pairs an expert: two blocks each
+        (
+            500,
+            768,
+            384,
+            8,
+            8,
+            16,
+            4,
+            2,
+        ),  # 3 tiles of I, 6 (3) of H, 4 blocks an expert, more blocks than stages
+    ],
+)
+@pytest.mark.parametrize("gemm2_rows", [128, 256])
+def test_fused_moe_gluon_matches_reference(T, H, inter, E, K, total, start, stages, gemm2_rows):
+    """The Gluon decode GEMMs against the reference (FP8), stage counts below and above the K
+    steps, experts split over several 64-slot blocks, foreign experts on both sides; GEMM 2 with
+    128- and 256-row weight tiles (per-column scales)."""
+    if H % gemm2_rows:
+        pytest.skip(f"H {H} is not a multiple of {gemm2_rows}")
+    x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
+    ids, weights = _routing(T, K, total, "cuda")
+    w = _weights(E, H, inter, torch.bfloat16, True, "cuda")
+    cfg = _gluon_config()
+    for tiles in cfg["gemm1"], cfg["gemm2"]:
+        tiles["STAGES"] = stages
+    if gemm2_rows != 128:
+        cfg["gemm2"].update(BLOCK_W=gemm2_rows, num_warps=8)
+    out = fused_moe_with_config(x, ids, weights, w["w13"], w["w2"], start, w["w13_scale"], w["w2_scale"], cfg)
+    want = fused_moe_ref(x, ids, weights, expert_start=start, **w)
+    assert _rel_err(out, want) <= 2e-2
+    assert ((out.float() - want.float()).norm() / want.float().norm()).item() <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _moe_gluon_here(), reason="needs a Hopper GPU and Triton's Gluon")
+@pytest.mark.parametrize("T", [1, 32, 256, 1000])
+def test_fused_moe_gluon_deepseek_shapes(T):
+    """DeepSeek-V3 on one of 8 EP ranks (as test_fused_moe_gpu_deepseek_shapes, same bounds),
+    the Gluon GEMMs with their default tiles, deterministic."""
+    H, inter, E, K, total, expert_start = 7168, 2048, 32, 8, 256, 64
+    x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
+    scores = torch.rand(T, total, device="cuda")
+    local = expert_start + torch.randint(0, E, (T,), device="cuda")
+    scores[torch.arange(T, device="cuda"), local] = 2.0  # every token has local work
+    ids = scores.topk(K, dim=1).indices.to(torch.int32)  # [T, K]
+    weights = torch.rand(T, K, device="cuda") + 0.1
+    w = _weights(E, H, inter, torch.bfloat16, True, "cuda")
+    args = (x, ids, weights, w["w13"], w["w2"], expert_start, w["w13_scale"], w["w2_scale"], _gluon_config())
+    out = fused_moe_with_config(*args)
+    want = fused_moe_ref(x, ids, weights, expert_start=expert_start, **w)
+    assert _rel_err(out, want) <= 2e-2
+    assert ((out.float() - want.float()).norm() / want.float().norm()).item() <= 1e-2
+    again = fused_moe_with_config(*args)
+    assert torch.equal(out, again), "not deterministic"
