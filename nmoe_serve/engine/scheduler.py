@@ -124,6 +124,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.cache_queries = 0  # prompt tokens looked up in the prefix cache (first admissions)
         self.cache_hits = 0  # of those, tokens found cached
+        self.admitted_by_rank = [0] * limits.num_ranks  # first admissions per rank (the rank balance)
 
     # ---- requests in and out -------------------------------------------------------------------
 
@@ -423,6 +424,7 @@ class Scheduler:
         table.num_computed[slot] = cached
         table.num_cached_pages[slot] = len(hit)
         if request.num_cached_tokens is None:
+            self.admitted_by_rank[rank] += 1
             request.num_cached_tokens = cached
             table.cached_prompt[slot] = cached
             if self.limits.prefix_caching:
