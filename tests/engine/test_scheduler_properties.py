@@ -194,6 +194,7 @@ request_strategy = st.fixed_dictionaries(
     prefix_caching=st.booleans(),
     max_rank_imbalance=st.integers(0, 3),
     reset_at=st.one_of(st.none(), st.integers(0, 40)),
+    fail_at=st.one_of(st.none(), st.integers(0, 40)),
     requests=st.lists(request_strategy, min_size=1, max_size=14),
     seed=st.integers(0, 2**16),
 )
@@ -208,6 +209,7 @@ def test_scheduler_invariants_and_exact_outputs(
     prefix_caching,
     max_rank_imbalance,
     reset_at,
+    fail_at,
     requests,
     seed,
 ) -> None:
@@ -263,7 +265,10 @@ def test_scheduler_invariants_and_exact_outputs(
             if spec["abort_at"] == step and rid in outputs and rid not in finished and scheduler.abort(rid):
                 aborted.add(rid)
         plans = scheduler.schedule()
-        if plans is not None:
+        if plans is not None and step == fail_at:  # the step fails: its requests end, the gang restarts
+            aborted.update(scheduler.fail_in_flight())
+            ranks = FakeRanks(limits)  # fresh ranks: no KV, no sampler state (a cached page would read -1)
+        elif plans is not None:
             for update in scheduler.update(ranks.execute(plans)):
                 outputs[update.request_id].append(update.token_id)
                 if update.finish_reason is not None:
