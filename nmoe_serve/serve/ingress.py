@@ -266,6 +266,16 @@ class Ingress:
             log.error("prefix cache reset failed: %r", e)
             return self._fail(api_error(e, self.server.retry_after_s))
         groups = {a["group"]: a["dropped_pages"] for a in answers}
+        if len(groups) < self.server.ep_groups:  # a group still starting or restarting was not reached
+            return self._fail(
+                APIError(
+                    503,
+                    f"only {len(groups)} of {self.server.ep_groups} EP groups are serving; their caches were "
+                    "reset: retry once every group serves",
+                    "service_unavailable",
+                    retry_after_s=self.server.retry_after_s,
+                )
+            )
         return JSONResponse({"groups": groups, "dropped_pages": sum(groups.values())})
 
     async def check_health(self) -> None:

@@ -5,6 +5,7 @@ both groups; the reset route reaches each group."""
 from __future__ import annotations
 
 import random
+import time
 
 import httpx
 import pytest
@@ -34,7 +35,11 @@ def cached_tokens(client: httpx.Client, prompt: list[int]) -> int:
 def test_a_shared_prefix_stays_in_one_group_and_prefixes_spread(two_groups) -> None:
     rng = random.Random(0)
     with two_groups.client() as client:
-        reset = client.post("/reset_prefix_cache")
+        deadline = time.monotonic() + 120
+        while (reset := client.post("/reset_prefix_cache")).status_code == 503:  # a group still starting
+            assert "of 2 EP groups are serving" in reset.text and reset.headers.get("retry-after")
+            assert time.monotonic() < deadline, "the second EP group never came up"
+            time.sleep(2)
         assert reset.status_code == 200 and len(reset.json()["groups"]) == 2, reset.text
         system = [rng.randrange(1, 496) for _ in range(4 * PAGE)]
         hits = [cached_tokens(client, system + [rng.randrange(1, 496) for _ in range(5)]) for _ in range(8)]
