@@ -98,18 +98,25 @@ def stop_cluster(temp_dir: str) -> None:
 
 
 @contextlib.contextmanager
-def served(out: Path, env: dict[str, str]) -> Iterator[tuple[str, int]]:
-    """(url, gcs port) of configs/dev.toml served at ep_size 1 on a local Ray cluster of our own."""
+def served(
+    out: Path, env: dict[str, str], overrides: dict | None = None, name: str = "ep1"
+) -> Iterator[tuple[str, int]]:
+    """(url, gcs port) of configs/dev.toml served with `overrides` (default: ep_size 1) on a local
+    Ray cluster of our own; `name` names its files in `out`."""
     gcs, http = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray-simcheck-")  # short: Ray's socket paths must stay < 108 chars
-    run(["ray", "start", "--head", f"--port={gcs}", "--num-cpus=4", "--include-dashboard=false",
-         "--disable-usage-stats", f"--temp-dir={temp_dir}"], env)  # fmt: skip
-    spec = out / "serve-ep1.yaml"
+    try:
+        run(["ray", "start", "--head", f"--port={gcs}", "--num-cpus=4", "--include-dashboard=false",
+             "--disable-usage-stats", f"--temp-dir={temp_dir}"], env)  # fmt: skip
+    except (SystemExit, subprocess.TimeoutExpired):
+        stop_cluster(temp_dir)  # a start that timed out leaves its GCS and monitors behind
+        raise
+    spec = out / f"serve-{name}.yaml"
     app = {"name": "nmoe", "route_prefix": "/", "import_path": "nmoe_serve.serve.app:build_app",
-           "args": {"config": str(CONFIG), "overrides": {"ep_size": 1}}}  # fmt: skip
+           "args": {"config": str(CONFIG), "overrides": overrides or {"ep_size": 1}}}  # fmt: skip
     spec.write_text(yaml.safe_dump({"proxy_location": "HeadOnly", "applications": [app],
                                     "http_options": {"host": "127.0.0.1", "port": http}}))  # fmt: skip
-    log = (out / "serve.log").open("w")
+    log = (out / f"serve-{name}.log").open("w")
     serve = subprocess.Popen(
         ["serve", "run", str(spec), f"--address=127.0.0.1:{gcs}"],
         env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -124,7 +131,9 @@ def served(out: Path, env: dict[str, str]) -> Iterator[tuple[str, int]]:
             except httpx.HTTPError:
                 pass
             if serve.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("serve run did not come up:\n" + (out / "serve.log").read_text()[-3000:])
+                raise SystemExit(
+                    "serve run did not come up:\n" + (out / f"serve-{name}.log").read_text()[-3000:]
+                )
             time.sleep(1)
         yield url, gcs
     finally:

@@ -91,6 +91,18 @@ class CacheSection(_Section):
     cpu_kv_cache_gib: float = Field(
         1.0, gt=0.0, description="KV cache size per rank on CPU when num_pages is not set"
     )
+    enable_prefix_caching: bool = Field(
+        True,
+        description="keep the full KV pages of finished and running requests, per rank, and reuse them "
+        "for later requests with the same prefix (evicted least recently used when pages run short)",
+    )
+    max_rank_imbalance: int = Field(
+        4,
+        ge=0,
+        description="running sequences a prefix-cache hit may put on a rank beyond the least loaded rank "
+        "that could take the request: bounds how far a hot prefix concentrates traffic (0: the least "
+        "loaded ranks only, the cache breaking ties)",
+    )
 
     @model_validator(mode="after")
     def _page_size_power_of_two(self) -> CacheSection:
@@ -172,6 +184,18 @@ class ServerSection(_Section):
     retry_after_s: int = Field(1, ge=1, description="the Retry-After seconds sent with 429 and 503")
     ingress_replicas: int = Field(1, ge=1, description="replicas of the HTTP ingress deployment")
     ep_groups: int = Field(1, ge=1, description="EP groups (coordinator replicas), one per 8-GPU node")
+    group_affinity_tokens: int = Field(
+        256,
+        ge=1,
+        description="leading prompt tokens that choose a request's EP group (requests that share them go "
+        "to the same group, whose prefix cache then serves them)",
+    )
+    group_max_imbalance: int = Field(
+        8,
+        ge=0,
+        description="engine requests in flight a group may have beyond the least loaded group and still "
+        "get the requests whose prefix it is chosen for (past it, the next group in the hash order)",
+    )
 
 
 class ServeConfig(_Section):

@@ -134,6 +134,11 @@ class LLM:
             raise
         return [out for generation in generations for out in generation.outputs()]
 
+    def reset_prefix_cache(self) -> int:
+        """Forget the prefix cache of every rank (later prompts compute their whole prefix again);
+        returns how many cached pages were dropped."""
+        return self.engine.reset_prefix_cache()
+
     def shutdown(self) -> None:
         self.engine.shutdown()
 

@@ -133,6 +133,8 @@ def resolve_settings(config: ServeConfig, cuda_available: bool) -> EngineSetting
             eos_token_ids=args.eos_token_ids,
             overlap=scheduler.overlap,
             decode_prefill_tokens=scheduler.decode_prefill_tokens,
+            prefix_caching=config.cache.enable_prefix_caching,
+            max_rank_imbalance=config.cache.max_rank_imbalance,
         ),
     )
     log.info(

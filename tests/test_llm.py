@@ -144,3 +144,15 @@ def test_checkpoint_without_tokenizer_takes_token_ids_only(tmp_path, tiny_fp32) 
     assert len(out.token_ids) == 4 and out.text == ""
     with pytest.raises(ValueError, match=r"text prompts need a tokenizer.*pass token ids instead"):
         llm.generate("hello")
+
+
+def test_prefix_cache_reports_cached_tokens_and_resets(llm: LLM) -> None:
+    prompt = list(range(3, 3 + 40))  # the dev config's pages hold 16 tokens
+    first = llm.generate([prompt], greedy(4))[0]
+    again = llm.generate([prompt], greedy(4))[0]
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    assert again.num_cached_tokens == 32, "two full pages of the prompt; its last page is computed"
+    assert llm.reset_prefix_cache() > 0
+    assert llm.engine.scheduler.pools[0].num_cached == 0
+    after = llm.generate([prompt], greedy(4))[0]
+    assert after.num_cached_tokens == 0 and after.outputs[0].token_ids == first.outputs[0].token_ids

@@ -49,6 +49,8 @@ class StepReport:
     preemptions: int  # since the start
     period_s: float = 0.0  # since the later of its launch and the last step's results (Completed)
     busiest: tuple[int, int, int, int] = (0, 0, 0, 0)  # StepPlan.work() of its busiest rank
+    cache_queries: int = 0  # prompt tokens looked up in the prefix cache, since the start
+    cache_hits: int = 0  # of those, tokens found cached
 
 
 class Coordinator:
@@ -113,12 +115,25 @@ class Coordinator:
             "steps": float(self.steps),
             "preemptions": float(scheduler.num_preemptions),
             "restarts": float(self.engine.executor.restarts),
+            "prefix_cache_queries": float(scheduler.cache_queries),
+            "prefix_cache_hits": float(scheduler.cache_hits),
+            "prefix_cache_pages": float(sum(p.num_cached for p in scheduler.pools)),
         }
 
     def pages(self) -> dict[str, list[int]]:
-        """KV pages in use and free on each rank, as the scheduler accounts them."""
+        """KV pages in use, free (evictable cached pages included) and cached on each rank, as the
+        scheduler accounts them."""
         pools = self.engine.scheduler.pools
-        return {"used": [p.num_used for p in pools], "free": [p.num_free for p in pools]}
+        return {
+            "used": [p.num_used for p in pools],
+            "free": [p.num_free for p in pools],
+            "cached": [p.num_cached for p in pools],
+            "admitted": list(self.engine.scheduler.admitted_by_rank),
+        }
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached page of the group (requests running keep theirs); how many were dropped."""
+        return self.engine.reset_prefix_cache()
 
     def check_health(self) -> None:
         """Raise if the step loop died (a failed step does not kill it: the group restarts itself)."""
@@ -210,6 +225,8 @@ class Coordinator:
             scheduler.num_preemptions,
             completed.period_s,
             completed.busiest,
+            scheduler.cache_queries,
+            scheduler.cache_hits,
         )
         for listener in self.step_listeners:
             listener(report)

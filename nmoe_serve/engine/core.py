@@ -45,6 +45,8 @@ class CoreSettings:
     eos_token_ids: tuple[int, ...]
     overlap: bool = False  # launch step n+1 while step n's results come back (one step in flight)
     decode_prefill_tokens: int | None = None  # prompt tokens per rank per prefill step while decoding
+    prefix_caching: bool = True  # reuse the KV pages of equal prefixes on a rank
+    max_rank_imbalance: int = 4  # running sequences a cache hit may put on a rank over the least loaded
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ class EngineCore:
             max_prefill_steps_in_a_row=settings.max_prefill_steps_in_a_row,
             watermark_pages=int(settings.admission_watermark * pages),
             decode_prefill_tokens=settings.decode_prefill_tokens,
+            prefix_caching=settings.prefix_caching,
+            max_rank_imbalance=settings.max_rank_imbalance,
         )
         self.overlap = settings.overlap
         self.scheduler = Scheduler(self.limits, max_steps_in_flight=2 if self.overlap else 1)
@@ -80,12 +84,13 @@ class EngineCore:
         self._launched: dict[int, tuple[StepKind, float]] = {}  # step id -> (kind, launch time)
         self._last_completed = 0.0
         log.info(
-            "engine core: %d rank(s) via %s executor, %d pages x %d tokens per rank, %s",
+            "engine core: %d rank(s) via %s executor, %d pages x %d tokens per rank, %s, prefix cache %s",
             executor.num_ranks,
             executor.name,
             pages,
             settings.page_size,
             "overlapped steps (one in flight)" if self.overlap else "one step at a time",
+            f"on (rank imbalance <= {settings.max_rank_imbalance})" if settings.prefix_caching else "off",
         )
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> Request:
@@ -94,6 +99,12 @@ class EngineCore:
 
     def abort(self, request_id: str) -> bool:
         return self.scheduler.abort(request_id)
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every rank's cached pages (running requests keep theirs); how many were dropped."""
+        dropped = self.scheduler.reset_prefix_cache()
+        log.info("prefix cache reset: %d cached page(s) dropped", dropped)
+        return dropped
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

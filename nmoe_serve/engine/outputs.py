@@ -33,6 +33,7 @@ class TokenUpdate:
     top_logprobs: tuple[tuple[int, float], ...] | None = None
     finish_reason: FinishReason | None = None
     stop_token_id: int | None = None
+    num_cached_tokens: int | None = None  # on a request's first token: its prompt tokens found cached
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,12 +42,14 @@ class RankOutputs:
 
     rows: [B_a] int64, the accepted rows of `result` (rows of requests that ended or were preempted
     or aborted while the step was in flight are left out); finish: [B_a] int8 finish codes;
-    stop_token: [B_a] int64, the stop token id that ended the row (-1: none, or an EOS)."""
+    stop_token: [B_a] int64, the stop token id that ended the row (-1: none, or an EOS); cached:
+    [B_a] int64, on a request's first output its prompt tokens found in the prefix cache (else -1)."""
 
     result: StepResult
     rows: np.ndarray
     finish: np.ndarray
     stop_token: np.ndarray
+    cached: np.ndarray
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
@@ -72,11 +75,12 @@ class StepOutputs:
             tokens = result.token_ids[part.rows].tolist()
             ids = result.request_ids
             with_logprobs = result.num_top is not None
-            for row, token, code, stop in zip(
+            for row, token, code, stop, cached in zip(
                 part.rows.tolist(),
                 tokens,
                 part.finish.tolist(),
                 part.stop_token.tolist(),
+                part.cached.tolist(),
                 strict=True,
             ):
                 update = TokenUpdate(
@@ -84,6 +88,7 @@ class StepOutputs:
                     token,
                     finish_reason=FINISH_CODES[code],
                     stop_token_id=None if stop < 0 else stop,
+                    num_cached_tokens=None if cached < 0 else cached,
                 )
                 if with_logprobs:
                     update.logprob, update.top_logprobs = _logprob(result, row), _top_logprobs(result, row)

@@ -80,6 +80,8 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_token_id: int | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
+    page_hashes: list[bytes] = field(default_factory=list)  # of its first full pages (engine/page_cache.py)
 
     @property
     def num_outputs(self) -> int:

@@ -8,10 +8,17 @@ counts and outputs are preallocated arrays updated in place, and the step's toke
 (engine/outputs.py), not one object each.
 
 Policy:
-- Admission is FIFO. A request goes to the rank with the most free pages that has a sequence slot,
-  prefill budget left this step, and pages for its whole prompt plus the admission watermark (no
-  watermark on an empty rank, so a request as large as the whole pool still runs). The
-  head of the queue waits rather than being overtaken. A preempted request returns to its own rank.
+- Admission is FIFO. A request goes to a rank that has a sequence slot, prefill budget left this
+  step, and pages for its whole prompt plus the admission watermark (no watermark on an empty
+  rank, so a request as large as the whole pool still runs): the one with the longest cached
+  prefix of the request, among the ranks running at most `max_rank_imbalance` sequences more than
+  the least loaded; without a hit, the one with the most free pages. The head of the queue waits
+  rather than being overtaken. A preempted request returns to its own rank.
+- Prefix cache (engine/page_cache.py, per rank): a request's full pages are offered to its rank's
+  cache once the step that computes them is planned (after that step's admissions, so none reads
+  a page in the step that writes it), and when it leaves (the pages its decode filled). An
+  admitted request takes its rank's cached pages of its prefix, at most all but its last token,
+  and its prefill starts after them. A failed or abandoned step drops every rank's cache.
 - Prefill steps continue unfinished prefills first, then admit; a prompt larger than the rank's
   per-step token budget is split over steps (chunked prefill) and sampled after its last chunk.
   While sequences decode, a prefill step takes at most `decode_prefill_tokens` per rank, so the
@@ -41,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nmoe_serve.engine.outputs import STOPPED, RankOutputs, StepOutputs, TokenUpdate
-from nmoe_serve.engine.page_pool import PagePool
+from nmoe_serve.engine.page_cache import PageCache, extend_page_hashes
 from nmoe_serve.engine.plan import NewRequest, StepKind, StepPlan, StepResult, fed_token
 from nmoe_serve.engine.request import FinishReason, Request, RequestRejected, RequestStatus, output_budget
 from nmoe_serve.engine.slots import SlotTable
@@ -61,6 +68,8 @@ class SchedulerLimits:
     max_prefill_steps_in_a_row: int
     watermark_pages: int  # pages per rank left free by admission
     decode_prefill_tokens: int | None = None  # prompt tokens per rank per prefill step while sequences decode
+    prefix_caching: bool = True  # share full pages of equal prefixes on a rank (engine/page_cache.py)
+    max_rank_imbalance: int = 4  # running sequences a cache hit may put on a rank over the least loaded
 
     def pages_for(self, tokens: int) -> int:
         return math.ceil(tokens / self.page_size)
@@ -99,7 +108,9 @@ class Scheduler:
             raise ValueError(f"max_steps_in_flight must be 1 or 2, got {max_steps_in_flight}")
         self.limits = limits
         self.max_steps_in_flight = max_steps_in_flight
-        self.pools = [PagePool(limits.pages_per_rank) for _ in range(limits.num_ranks)]
+        self.pools = [
+            PageCache(limits.pages_per_rank, limits.prefix_caching) for _ in range(limits.num_ranks)
+        ]
         self.table = SlotTable(limits.num_ranks, limits.max_num_seqs, limits.pages_for(limits.max_seq_len))
         self.waiting: deque[Request] = deque()
         self.requests: dict[str, Request] = {}
@@ -111,6 +122,9 @@ class Scheduler:
         self._admissions = 0
         self.step_id = 0
         self.num_preemptions = 0
+        self.cache_queries = 0  # prompt tokens looked up in the prefix cache (first admissions)
+        self.cache_hits = 0  # of those, tokens found cached
+        self.admitted_by_rank = [0] * limits.num_ranks  # first admissions per rank (the rank balance)
 
     # ---- requests in and out -------------------------------------------------------------------
 
@@ -277,6 +291,8 @@ class Scheduler:
         failed = [r.request_id for r in self.requests.values() if not r.finished]
         for request_id in failed:
             self._finish(self.requests.pop(request_id), FinishReason.ERROR)
+        # the ranks' caches are gone (restarted) or may miss what the lost step wrote: trust none
+        self.reset_prefix_cache()
         self._in_flight.clear()
         self._deferred_aborts.clear()
         if workers_lost:
@@ -297,6 +313,7 @@ class Scheduler:
         accepted = np.flatnonzero(valid)
         slots, tokens = slots[accepted], tokens[accepted]
         finish = table.accept(slots, tokens)
+        cached = np.where(table.out_known[slots] == 1, table.cached_prompt[slots], -1)  # first outputs
         stop_token = np.full(accepted.size, -1, np.int64)
         for i in np.flatnonzero(finish).tolist():
             request = table.occupant[int(slots[i])]
@@ -316,7 +333,9 @@ class Scheduler:
             a, b = cuts[j], cuts[j + 1]
             if a < b:
                 parts.append(
-                    RankOutputs(results[rank], accepted[a:b] - offsets[j], finish[a:b], stop_token[a:b])
+                    RankOutputs(
+                        results[rank], accepted[a:b] - offsets[j], finish[a:b], stop_token[a:b], cached[a:b]
+                    )
                 )
         return StepOutputs(parts)
 
@@ -347,39 +366,109 @@ class Scheduler:
                 budget[rank] -= n
         while self.waiting:
             request = self.waiting[0]
-            chosen = self._choose_rank(request, budget)
-            if chosen is None:
+            choice = self._choose_rank(request, budget)
+            if choice is None:
                 break
+            chosen, hit = choice
             self.waiting.popleft()
-            slot = self._admit(request, chosen)
-            n = min(int(table.num_prefill[slot]), budget[chosen])
+            slot = self._admit(request, chosen, hit)
+            n = min(int(table.num_prefill[slot] - table.num_computed[slot]), budget[chosen])
             chunks[chosen].append((slot, n))
             budget[chosen] -= n
         if not any(chunks):
             return None
         return [self._prefill_plan(rank, chunks[rank]) for rank in range(self.limits.num_ranks)]
 
-    def _choose_rank(self, request: Request, budget: list[int]) -> int | None:
-        need = self.limits.pages_for(request.num_tokens)
-        counts = self.table.counts
-        candidates = [request.rank] if request.rank is not None else range(self.limits.num_ranks)
-        fits = [
-            r
-            for r in candidates
-            if budget[r] > 0
-            and counts[r] < self.limits.max_num_seqs
-            and self.pools[r].num_free - need >= (self.limits.watermark_pages if counts[r] else 0)
-        ]
+    def _choose_rank(self, request: Request, budget: list[int]) -> tuple[int, list[int]] | None:
+        """(rank, its cached pages of the request's prefix), or None when no rank can take it now.
+
+        Without a cache hit: the fitting rank with the most free pages. With one: the fitting rank
+        with the longest cached prefix among those running at most `max_rank_imbalance` sequences
+        more than the least loaded fitting rank, so a hot prefix cannot pin the traffic to one rank
+        (the others then compute it once and cache it too)."""
+        limits, counts = self.limits, self.table.counts
+        total = limits.pages_for(request.num_tokens)
+        # a prompt is never wholly cached: its last token is computed to sample from it
+        hashes = self._page_hashes(request, (request.num_tokens - 1) // limits.page_size)
+        candidates = [request.rank] if request.rank is not None else range(limits.num_ranks)
+        fits: list[tuple[int, list[int]]] = []
+        for r in candidates:
+            if budget[r] <= 0 or counts[r] >= limits.max_num_seqs:
+                continue
+            pool = self.pools[r]
+            hit = pool.match(hashes)
+            taken = total - len(hit) + pool.num_idle(hit)
+            if pool.num_free - taken >= (limits.watermark_pages if counts[r] else 0):
+                fits.append((r, hit))
         if not fits:
             return None
-        return max(fits, key=lambda r: (self.pools[r].num_free, -counts[r], -r))
+        least = min(counts[r] for r, _ in fits)
+        near = [(r, hit) for r, hit in fits if counts[r] <= least + limits.max_rank_imbalance]
+        best = max(near, key=lambda f: (len(f[1]), self.pools[f[0]].num_free, -counts[f[0]], -f[0]))
+        if best[1]:
+            return best
+        return max(fits, key=lambda f: (self.pools[f[0]].num_free, -counts[f[0]], -f[0]))
 
-    def _admit(self, request: Request, rank: int) -> int:
-        pages = self.pools[rank].allocate(self.limits.pages_for(request.num_tokens))
-        assert pages is not None  # _choose_rank checked the pool
+    def _admit(self, request: Request, rank: int, hit: list[int]) -> int:
+        """Seat the request on `rank` with the cached pages `hit` and new pages for the rest; its
+        prefill starts after the cached tokens."""
+        pool, table = self.pools[rank], self.table
+        pool.acquire(hit)  # first, so that the allocation cannot evict them
+        fresh = pool.allocate(self.limits.pages_for(request.num_tokens) - len(hit))
+        assert fresh is not None  # _choose_rank checked the pool
+        pages = np.concatenate([np.asarray(hit, np.int32), fresh])
         request.rank, request.status = rank, RequestStatus.RUNNING
         self._admissions += 1
-        return self.table.occupy(rank, request, pages, self._admissions)
+        slot = table.occupy(rank, request, pages, self._admissions)
+        cached = len(hit) * self.limits.page_size
+        table.num_computed[slot] = cached
+        table.num_cached_pages[slot] = len(hit)
+        if request.num_cached_tokens is None:
+            self.admitted_by_rank[rank] += 1
+            request.num_cached_tokens = cached
+            table.cached_prompt[slot] = cached
+            if self.limits.prefix_caching:
+                self.cache_queries += request.num_tokens
+                self.cache_hits += cached
+        return slot
+
+    def _page_hashes(self, request: Request, count: int) -> list[bytes]:
+        """The hashes of the request's first `count` pages (their tokens must be known)."""
+        if not self.limits.prefix_caching or count <= 0:
+            return []
+        hashes, page_size = request.page_hashes, self.limits.page_size
+        if len(hashes) < count:
+            prompt = request.prompt_token_ids
+            tokens = prompt if count * page_size <= prompt.shape[0] else request.all_token_ids
+            extend_page_hashes(hashes, tokens[: count * page_size], page_size)
+        return hashes[:count]
+
+    def _cache_pages(self, slot: int, tokens: int) -> None:
+        """Offer the slot's full pages among its first `tokens` (computed, or planned in a step
+        already made, and known) to its rank's cache."""
+        table = self.table
+        first, last = int(table.num_cached_pages[slot]), tokens // self.limits.page_size
+        if not self.limits.prefix_caching or last <= first:
+            return
+        request = table.occupant[slot]
+        assert request is not None and request.rank is not None
+        hashes = self._page_hashes(request, last)
+        pool = self.pools[request.rank]
+        for page, page_hash in zip(table.page_table[slot, first:last].tolist(), hashes[first:], strict=True):
+            pool.cache(page, page_hash)
+        table.num_cached_pages[slot] = last
+
+    def _vacate(self, request: Request) -> None:
+        """Take the request out of its slot: its known full pages stay cached, its pages are released."""
+        assert request.rank is not None
+        slot = request.slot
+        self._cache_pages(slot, min(int(self.table.num_computed[slot]), request.num_tokens))
+        self.pools[request.rank].release(self.table.vacate(slot))
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached page on every rank (pages in use stay with their requests); returns
+        how many were dropped. Safe at any time, steps in flight included."""
+        return sum(pool.reset() for pool in self.pools)
 
     def _prefill_plan(self, rank: int, chunks: list[tuple[int, int]]) -> tuple[StepPlan, _SampledRows]:
         if not chunks:
@@ -406,6 +495,8 @@ class Scheduler:
                 request.on_worker = True
         computed = starts + counts
         table.num_computed[slots] = computed
+        for slot, done in zip(slots.tolist(), computed.tolist(), strict=True):
+            self._cache_pages(slot, done)  # after every admission of this step: none reads them in it
         sample = computed >= table.num_prefill[slots]
         sampled = slots[sample]
         table.out_scheduled[sampled] += 1
@@ -542,8 +633,7 @@ class Scheduler:
         return StepPlan.idle(self.step_id, kind, rank, released)
 
     def _preempt(self, request: Request) -> None:
-        assert request.rank is not None
-        self.pools[request.rank].free(self.table.vacate(request.slot))
+        self._vacate(request)
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self._release_on_worker(request)
@@ -554,8 +644,7 @@ class Scheduler:
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
         if request.status is RequestStatus.RUNNING:
-            assert request.rank is not None
-            self.pools[request.rank].free(self.table.vacate(request.slot))
+            self._vacate(request)
         elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
         self._release_on_worker(request)

@@ -44,6 +44,8 @@ class SlotTable:
         self.num_pages = np.zeros(n, np.int64)  # [RS]
         self.num_computed = np.zeros(n, np.int64)  # [RS] tokens whose KV is written, or scheduled to be
         self.num_prefill = np.zeros(n, np.int64)  # [RS] tokens the (re)prefill computes before sampling
+        self.num_cached_pages = np.zeros(n, np.int64)  # [RS] leading pages offered to the prefix cache
+        self.cached_prompt = np.zeros(n, np.int64)  # [RS] prompt tokens cached at first admission
         self.out_known = np.zeros(n, np.int64)  # [RS] outputs returned by the rank
         self.out_scheduled = np.zeros(n, np.int64)  # [RS] outputs returned or in flight
         self.max_out = np.zeros(n, np.int64)  # [RS] outputs it may sample (max_tokens)
@@ -73,6 +75,8 @@ class SlotTable:
         self.page_table[slot, : pages.size] = pages
         self.num_pages[slot] = pages.size
         self.num_computed[slot] = 0
+        self.num_cached_pages[slot] = 0
+        self.cached_prompt[slot] = request.num_cached_tokens or 0
         self.num_prefill[slot] = len(request.prompt_token_ids) + outputs
         self.out_known[slot] = self.out_scheduled[slot] = outputs
         self.max_out[slot] = request.max_tokens

@@ -39,6 +39,7 @@ class Completion:
     sent_text: int = 0  # characters of output.text already streamed
     sent_tokens: int = 0  # tokens already streamed
     last_token_at: float = 0.0
+    num_cached_tokens: int | None = None  # prompt tokens the engine found in its prefix cache
 
 
 @dataclass
@@ -101,6 +102,13 @@ class Generation:
         return sum(len(p) for p in self.prompts)
 
     @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache: per prompt (counted once, as in
+        prompt_tokens), those of its first sample."""
+        n = self.sampling.n
+        return sum(self.completions[p * n].num_cached_tokens or 0 for p in range(len(self.prompts)))
+
+    @property
     def completion_tokens(self) -> int:
         return sum(len(c.output.token_ids) for c in self.completions)
 
@@ -113,6 +121,7 @@ class Generation:
                 self.prompt_texts[p],
                 ids,
                 [c.output for c in self.completions[p * n : (p + 1) * n]],
+                self.completions[p * n].num_cached_tokens,
             )
             for p, ids in enumerate(self.prompts)
         ]
@@ -133,6 +142,8 @@ class Generation:
     def _apply_one(self, completion: Completion, update: TokenUpdate) -> bool:
         output, sampling = completion.output, completion.sampling
         output.token_ids.append(update.token_id)
+        if update.num_cached_tokens is not None:
+            completion.num_cached_tokens = update.num_cached_tokens
         if output.logprobs is not None and update.logprob is not None:
             text = self.token_text if self.tokenizer else None
             entry = {update.token_id: Logprob(update.logprob, text(update.token_id) if text else None)}

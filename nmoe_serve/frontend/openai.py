@@ -138,6 +138,11 @@ class OpenAIShapes:
         }
 
 
-def usage(generation: Generation) -> dict[str, int]:
+def usage(generation: Generation) -> dict[str, Any]:
     prompt, completion = generation.prompt_tokens, generation.completion_tokens
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": generation.cached_tokens},
+    }

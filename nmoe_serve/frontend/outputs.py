@@ -34,6 +34,7 @@ class RequestOutput:
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
+    num_cached_tokens: int | None = None  # prompt tokens read from the prefix cache (its first sample)
 
     @property
     def finished(self) -> bool:

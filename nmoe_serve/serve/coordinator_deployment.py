@@ -17,12 +17,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from nmoe_serve.config import ServerSection
 from nmoe_serve.engine.coordinator import Coordinator, StepReport
 from nmoe_serve.engine.scheduler import TokenUpdate
 from nmoe_serve.parallel.executor import Bundles, make_executor, rank_bundle
 from nmoe_serve.sampling.params import SamplingParams
+from nmoe_serve.serve.group_router import PrefixAffinityRouter
 from nmoe_serve.serve.metrics import EngineMetrics
 from nmoe_serve.serve.protocol import Overloaded
 from nmoe_serve.settings import EngineSettings
@@ -56,6 +58,15 @@ class CoordinatorDeployment:
         return {
             "name": "Coordinator",
             "num_replicas": server.ep_groups,
+            "request_router_config": RequestRouterConfig.model_validate(
+                {
+                    "request_router_class": f"{PrefixAffinityRouter.__module__}:{PrefixAffinityRouter.__name__}",
+                    "request_router_kwargs": {
+                        "affinity_tokens": server.group_affinity_tokens,
+                        "max_imbalance": server.group_max_imbalance,
+                    },
+                }
+            ),
             "ray_actor_options": {"num_cpus": replica["CPU"], "num_gpus": replica.get("GPU", 0.0)},
             "placement_group_bundles": bundles,
             "placement_group_strategy": "STRICT_PACK",
@@ -99,8 +110,13 @@ class CoordinatorDeployment:
         return self.coordinator.stats()
 
     async def scheduler_pages(self) -> dict[str, list[int]]:
-        """Pages in use and free per rank (for tests and diagnostics)."""
+        """Pages in use, free and cached per rank, and first admissions per rank (tests, benchmarks)."""
         return self.coordinator.pages()
+
+    async def reset_prefix_cache(self, group_index: int = 0) -> dict[str, Any]:
+        """Forget this group's prefix cache. `group_index` names the group for the request router
+        (serve/group_router.py sends the call to that replica); returns {group, dropped_pages}."""
+        return {"group": self.group, "dropped_pages": self.coordinator.reset_prefix_cache()}
 
     async def recent_steps(self, clear: bool = False) -> list[dict[str, Any]]:
         """The last steps as served: kind, busiest rank's work (seqs, tokens, context tokens,

@@ -234,6 +234,40 @@ class Ingress:
     async def chat_completions(self, request: Request) -> Response:
         return await self._handle(request, ChatCompletionRequest, chat=True)
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache(self, request: Request) -> Response:
+        """Admin: forget the prefix cache of every EP group (running requests keep their pages).
+        Needs the API key; with none configured the route is refused."""
+        if self.api_key is None:
+            return self._fail(
+                APIError(
+                    403,
+                    "admin routes need an API key: set [server] api_key and send 'Authorization: Bearer <key>'",
+                    "permission_error",
+                )
+            )
+        if (denied := self._check_auth(request)) is not None:
+            return denied
+        try:
+            answers = await asyncio.gather(
+                *(self.coordinator.reset_prefix_cache.remote(i) for i in range(self.server.ep_groups))
+            )
+        except Exception as e:
+            log.error("prefix cache reset failed: %r", e)
+            return self._fail(api_error(e, self.server.retry_after_s))
+        groups = {a["group"]: a["dropped_pages"] for a in answers}
+        if len(groups) < self.server.ep_groups:  # a group still starting or restarting was not reached
+            return self._fail(
+                APIError(
+                    503,
+                    f"only {len(groups)} of {self.server.ep_groups} EP groups are serving; their caches were "
+                    "reset: retry once every group serves",
+                    "service_unavailable",
+                    retry_after_s=self.server.retry_after_s,
+                )
+            )
+        return JSONResponse({"groups": groups, "dropped_pages": sum(groups.values())})
+
     async def check_health(self) -> None:
         """Serve's health check of this replica: its own loop only, never the engine."""
         self._ensure_poller()

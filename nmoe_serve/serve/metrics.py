@@ -77,6 +77,12 @@ class EngineMetrics:
             ("model", "group", "kind"),
         )
         self.preemptions = Counter("nmoe_preemptions_total", "Requests preempted (recomputed later)", tags)
+        self.cache_queries = Counter(
+            "nmoe_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache", tags
+        )
+        self.cache_hits = Counter(
+            "nmoe_prefix_cache_hits_total", "Prompt tokens found in the prefix cache (not computed)", tags
+        )
         for m in (
             self.running,
             self.waiting,
@@ -84,9 +90,12 @@ class EngineMetrics:
             self.prompt_tokens,
             self.generation_tokens,
             self.preemptions,
+            self.cache_queries,
+            self.cache_hits,
         ):
             m.set_default_tags(self.tags)
         self._preemptions_seen = 0
+        self._cache_seen = (0, 0)  # (queries, hits) counted so far
 
     def idle(self, stats: dict[str, float]) -> None:
         """Set the gauges from the coordinator's counters (between steps, or with no step at all:
@@ -105,3 +114,9 @@ class EngineMetrics:
         if report.preemptions > self._preemptions_seen:
             self.preemptions.inc(report.preemptions - self._preemptions_seen)
             self._preemptions_seen = report.preemptions
+        queries, hits = self._cache_seen
+        if report.cache_queries > queries:
+            self.cache_queries.inc(report.cache_queries - queries)
+        if report.cache_hits > hits:
+            self.cache_hits.inc(report.cache_hits - hits)
+        self._cache_seen = (report.cache_queries, report.cache_hits)

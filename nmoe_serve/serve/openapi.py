@@ -24,11 +24,13 @@ from nmoe_serve.serve.protocol import (
     ErrorResponse,
     HealthResponse,
     ModelList,
+    PrefixCacheReset,
 )
 
 ERRORS = {
     "400": "the request is malformed or cannot fit the model's context",
     "401": "no API key, or a wrong one",
+    "403": "an admin route, and the server has no API key configured",
     "404": "no such model or path",
     "405": "the path takes another method",
     "413": "the body is larger than the server accepts",
@@ -92,6 +94,7 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
         (ErrorResponse, "serialization"),
         (HealthResponse, "serialization"),
         (ModelList, "serialization"),
+        (PrefixCacheReset, "serialization"),
     ]
     _, schemas = models_json_schema(models, ref_template="#/components/schemas/{model}")  # type: ignore[arg-type]
     doc.setdefault("components", {})["schemas"] = schemas.get("$defs", {})
@@ -103,6 +106,10 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
         _generation(ChatCompletionRequest, ChatCompletionResponse, ChatCompletionChunk)
     )
     paths["/v1/models"]["get"]["responses"] = {"200": _json(ModelList, "the served model"), **_errors("401")}
+    paths["/reset_prefix_cache"]["post"]["responses"] = {
+        "200": _json(PrefixCacheReset, "every EP group's prefix cache is empty"),
+        **_errors("401", "403", "500", "503"),
+    }
     paths["/health"]["get"]["responses"] = {
         "200": _json(HealthResponse, "serving"),
         "503": _json(HealthResponse, "starting, or the engine is not answering")

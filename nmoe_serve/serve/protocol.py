@@ -300,10 +300,20 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens read from the prefix cache (per prompt, its first sample)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class PrefixCacheReset(BaseModel):
+    groups: dict[str, int]  # EP group -> cached pages dropped
+    dropped_pages: int
 
 
 class CompletionLogprobs(BaseModel):

@@ -34,6 +34,8 @@ def scheduler_limits(config: ServeConfig, pages_per_rank: int | None) -> Schedul
         max_prefill_steps_in_a_row=scheduler.max_prefill_steps_in_a_row,
         watermark_pages=int(scheduler.admission_watermark * pages),
         decode_prefill_tokens=scheduler.decode_prefill_tokens,
+        prefix_caching=config.cache.enable_prefix_caching,
+        max_rank_imbalance=config.cache.max_rank_imbalance,
     )
 
 

@@ -136,7 +136,8 @@ class Simulator:
         started = time.perf_counter()
         scheduler = Scheduler(self.limits, max_steps_in_flight=2 if self.overlap else 1)
         sampling = SamplingParams(max_tokens=workload.output_tokens, temperature=0.0, ignore_eos=True)
-        prompt = [1] * workload.prompt_tokens
+        # distinct prompts, as bench/latency.py's random ones: the prefix cache finds nothing to share
+        filler = [1] * (workload.prompt_tokens - 1)
         frontend = FrontEnd(self.frontend_s, self.frontend_token_s)
         arrivals: deque[float] = deque(workload.initial_arrivals())  # send times, not yet at the front end
         reaching: deque[tuple[float, float]] = deque()  # (sent, reaches the scheduler), in order
@@ -160,7 +161,7 @@ class Simulator:
                 at, _ = reaching.popleft()
                 request_id = f"sim-{sent}"
                 try:
-                    scheduler.add(request_id, prompt, sampling, frozenset())
+                    scheduler.add(request_id, [sent + 2, *filler], sampling, frozenset())
                 except RequestRejected as e:
                     raise WorkloadError(f"the scheduler refuses the workload's requests: {e}") from None
                 streams[request_id] = _Stream(at)

@@ -22,10 +22,11 @@ from nmoe_serve.engine.scheduler import RequestRejected, Scheduler, SchedulerLim
 from nmoe_serve.sampling.params import SamplingParams
 from tests.engine.test_scheduler_properties import (
     EOS,
-    VOCAB,
     FakeRanks,
     check_pages,
     expected_output,
+    make_prompt,
+    register_hashes,
     request_strategy,
 )
 
@@ -74,6 +75,9 @@ class FeedingRanks(FakeRanks):
     decode_prefill_tokens=st.one_of(st.none(), st.integers(1, 16)),
     max_prefill_steps_in_a_row=st.integers(1, 3),
     watermark=st.integers(0, 3),
+    prefix_caching=st.booleans(),
+    max_rank_imbalance=st.integers(0, 3),
+    reset_at=st.one_of(st.none(), st.integers(0, 40)),
     requests=st.lists(request_strategy, min_size=1, max_size=14),
     seed=st.integers(0, 2**16),
 )
@@ -86,6 +90,9 @@ def test_overlapped_steps_keep_every_invariant_and_the_exact_outputs(
     decode_prefill_tokens,
     max_prefill_steps_in_a_row,
     watermark,
+    prefix_caching,
+    max_rank_imbalance,
+    reset_at,
     requests,
     seed,
 ) -> None:
@@ -99,6 +106,8 @@ def test_overlapped_steps_keep_every_invariant_and_the_exact_outputs(
         max_prefill_tokens=max_prefill_tokens,
         max_prefill_steps_in_a_row=max_prefill_steps_in_a_row,
         watermark_pages=watermark,
+        prefix_caching=prefix_caching,
+        max_rank_imbalance=max_rank_imbalance,
         decode_prefill_tokens=decode_prefill_tokens,
     )
     scheduler = Scheduler(limits, max_steps_in_flight=2)
@@ -109,6 +118,8 @@ def test_overlapped_steps_keep_every_invariant_and_the_exact_outputs(
     outputs: dict[str, list[int]] = {}
     aborted: set[str] = set()
     pending = sorted(enumerate(requests), key=lambda kv: kv[1]["arrive_at"])
+    conversations: list[list[int]] = []  # prompt + reference output of each request so far
+    registry: dict[bytes, list[int]] = {}
     launched: list[list[StepResult]] = []  # results computed by the ranks, not yet taken
     step = 0
 
@@ -125,7 +136,7 @@ def test_overlapped_steps_keep_every_invariant_and_the_exact_outputs(
         while pending and pending[0][1]["arrive_at"] <= step:
             i, spec = pending.pop(0)
             rid = f"r{i}"
-            prompt = rng.integers(0, VOCAB, spec["prompt_len"]).tolist()
+            prompt = make_prompt(spec, rng, conversations)
             sampling = SamplingParams(
                 max_tokens=spec["max_tokens"],
                 ignore_eos=spec["ignore_eos"],
@@ -138,6 +149,8 @@ def test_overlapped_steps_keep_every_invariant_and_the_exact_outputs(
                 assert spec["prompt_len"] + spec["max_tokens"] > max_seq_len
                 continue
             expected[rid] = expected_output(prompt, sampling, spec["max_tokens"], max_seq_len)
+            conversations.append(prompt + expected[rid][0])
+            register_hashes(registry, conversations[-1], page_size)
             outputs[rid] = []
         for i, spec in enumerate(requests):
             rid = f"r{i}"
@@ -151,7 +164,10 @@ def test_overlapped_steps_keep_every_invariant_and_the_exact_outputs(
         elif plans is None:
             assert not scheduler.has_work() or pending, "work is left but nothing was scheduled (deadlock)"
         assert scheduler.num_in_flight == len(launched)
-        check_pages(scheduler)
+        if step == reset_at:
+            scheduler.reset_prefix_cache()
+            assert all(pool.num_cached == 0 for pool in scheduler.pools)
+        check_pages(scheduler, ranks, registry)
         step += 1
         assert step < 3000, "no progress"
     for rid, want in expected.items():

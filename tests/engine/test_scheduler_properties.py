@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nmoe_serve.engine.page_cache import extend_page_hashes
 from nmoe_serve.engine.plan import StepKind, StepPlan, StepResult
 from nmoe_serve.engine.request import FinishReason, RequestStatus
 from nmoe_serve.engine.scheduler import RequestRejected, Scheduler, SchedulerLimits
@@ -60,13 +62,23 @@ class FakeRanks:
 
     def _run(self, rank: int, plan: StepPlan) -> StepResult:
         p, cache = self.limits.page_size, self.slots[rank]
+        writer: dict[int, str] = {}  # cache slot -> the sequence writing it in this step
         start = 0
+        for i, rid in enumerate(plan.request_ids):
+            n, ctx = int(plan.query_lens[i]), int(plan.context_lens[i])
+            for pos in range(ctx - n, ctx):
+                slot = int(plan.page_table[i][pos // p]) * p + pos % p
+                assert slot not in writer, f"{rid} and {writer.get(slot)} write the same cache slot"
+                writer[slot] = rid
         sampled_ids, sampled = [], []
         for i, rid in enumerate(plan.request_ids):
             assert rid in self.state[rank], "a scheduled request has no sampler state"
             n, ctx = int(plan.query_lens[i]), int(plan.context_lens[i])
             pages = plan.page_table[i]
             assert (pages[: math.ceil(ctx / p)] >= 0).all(), "page table misses a page of the context"
+            for pos in range(ctx - n):
+                other = writer.get(int(pages[pos // p]) * p + pos % p)
+                assert other is None, f"{rid} reads a page that {other} writes in the same step"
             for j, pos in enumerate(range(ctx - n, ctx)):
                 cache[pages[pos // p] * p + pos % p] = plan.token_ids[start + j]
             start += n
@@ -93,20 +105,66 @@ def expected_output(
             return out, "length"
 
 
-def check_pages(scheduler: Scheduler) -> None:
+def check_pages(
+    scheduler: Scheduler, ranks: FakeRanks | None = None, registry: dict[bytes, list[int]] | None = None
+) -> None:
+    """Page accounting: every page is free, cached-and-unused or held; a page's reference count is
+    the number of page tables holding it; only full, computed pages are shared, and the
+    pages a request still writes are its own (a reset may leave shared pages uncached). With `ranks` and `registry` (page hash -> the page's
+    tokens), every cached page holds the tokens its hash stands for."""
+    page_size = scheduler.limits.page_size
     for rank, pool in enumerate(scheduler.pools):
-        owned: dict[int, str] = {}
+        refs: Counter[int] = Counter()
+        writes: set[int] = set()  # pages a running request has still to fill
+        cached = pool.cached_pages()
+        cached_pages = set(cached.values())
+        assert len(cached_pages) == len(cached), "a page cached under two hashes"
         for r in scheduler.running[rank]:
             assert r.status is RequestStatus.RUNNING and r.rank == rank
-            assert len(r.pages) * scheduler.limits.page_size >= r.num_computed_tokens
-            for page in r.pages:
-                assert page not in owned, f"page {page} owned by {owned.get(page)} and {r.request_id}"
-                assert not pool.is_free(page)
-                owned[page] = r.request_id
-        assert len(owned) == pool.num_used, "a page is neither free nor owned (leak)"
+            assert len(r.pages) * page_size >= r.num_computed_tokens
+            pages = [int(x) for x in r.pages]
+            assert len(set(pages)) == len(pages), f"{r.request_id} holds a page twice"
+            refs.update(pages)
+            writes.update(pages[r.num_computed_tokens // page_size :])
+        for page in range(pool.num_pages):
+            assert pool.refcount(page) == refs[page], (
+                f"page {page}: refcount {pool.refcount(page)}, held {refs[page]}"
+            )
+        for page in writes:
+            assert refs[page] == 1 and page not in cached_pages, (
+                f"page {page} is written but shared or cached"
+            )
+        assert pool.num_used == len(refs), "a page is neither free, cached nor held (leak)"
+        assert pool.num_free + pool.num_used == pool.num_pages
         assert len(scheduler.running[rank]) <= scheduler.limits.max_num_seqs
+        if ranks is not None and registry is not None:
+            for page_hash, page in cached.items():
+                assert page_hash in registry, "a cached hash that no request's tokens make"
+                held = ranks.slots[rank][page * page_size : (page + 1) * page_size].tolist()
+                assert held == registry[page_hash], f"cached page {page} holds other tokens"
     for r in scheduler.waiting:
         assert not r.pages and r.status is RequestStatus.WAITING
+
+
+def register_hashes(registry: dict[bytes, list[int]], tokens: list[int], page_size: int) -> None:
+    """Record page hash -> page tokens for every full page of `tokens`."""
+    for i, page_hash in enumerate(extend_page_hashes([], np.asarray(tokens, np.int64), page_size)):
+        registry[page_hash] = tokens[i * page_size : (i + 1) * page_size]
+
+
+SYSTEM = [(7 * i + 3) % VOCAB for i in range(24)]  # a prompt prefix many requests share
+
+
+def make_prompt(spec: dict, rng: np.random.Generator, earlier: list[list[int]]) -> list[int]:
+    """A random prompt of spec["prompt_len"] tokens that may start with the shared system prefix or
+    with an earlier request's prompt and reference output (the next turn of its conversation)."""
+    n = spec["prompt_len"]
+    head: list[int] = []
+    if spec["shares"] == "system":
+        head = SYSTEM[: max(0, n - spec["tail"])]
+    elif spec["shares"] == "turn" and earlier:
+        head = earlier[spec["tail"] % len(earlier)][: max(0, n - spec["tail"])]
+    return head + rng.integers(0, VOCAB, n - len(head)).tolist()
 
 
 request_strategy = st.fixed_dictionaries(
@@ -118,6 +176,8 @@ request_strategy = st.fixed_dictionaries(
         "stop_token_ids": st.lists(st.integers(1, VOCAB - 1), max_size=2),
         "arrive_at": st.integers(0, 30),
         "abort_at": st.one_of(st.none(), st.integers(0, 60)),
+        "shares": st.sampled_from([None, "system", "turn"]),
+        "tail": st.integers(0, 8),
     }
 )
 
@@ -131,6 +191,10 @@ request_strategy = st.fixed_dictionaries(
     max_prefill_tokens=st.integers(1, 48),
     max_prefill_steps_in_a_row=st.integers(1, 3),
     watermark=st.integers(0, 3),
+    prefix_caching=st.booleans(),
+    max_rank_imbalance=st.integers(0, 3),
+    reset_at=st.one_of(st.none(), st.integers(0, 40)),
+    fail_at=st.one_of(st.none(), st.integers(0, 40)),
     requests=st.lists(request_strategy, min_size=1, max_size=14),
     seed=st.integers(0, 2**16),
 )
@@ -142,6 +206,10 @@ def test_scheduler_invariants_and_exact_outputs(
     max_prefill_tokens,
     max_prefill_steps_in_a_row,
     watermark,
+    prefix_caching,
+    max_rank_imbalance,
+    reset_at,
+    fail_at,
     requests,
     seed,
 ) -> None:
@@ -155,6 +223,8 @@ def test_scheduler_invariants_and_exact_outputs(
         max_prefill_tokens=max_prefill_tokens,
         max_prefill_steps_in_a_row=max_prefill_steps_in_a_row,
         watermark_pages=watermark,
+        prefix_caching=prefix_caching,
+        max_rank_imbalance=max_rank_imbalance,
     )
     scheduler = Scheduler(limits)
     ranks = FakeRanks(limits)
@@ -164,12 +234,14 @@ def test_scheduler_invariants_and_exact_outputs(
     outputs: dict[str, list[int]] = {}
     aborted: set[str] = set()
     pending = sorted(enumerate(requests), key=lambda kv: kv[1]["arrive_at"])
+    conversations: list[list[int]] = []  # prompt + reference output of each request so far
+    registry: dict[bytes, list[int]] = {}
     step = 0
     while pending or scheduler.has_work():
         while pending and pending[0][1]["arrive_at"] <= step:
             i, spec = pending.pop(0)
             rid = f"r{i}"
-            prompt = rng.integers(0, VOCAB, spec["prompt_len"]).tolist()
+            prompt = make_prompt(spec, rng, conversations)
             sampling = SamplingParams(
                 max_tokens=spec["max_tokens"],
                 ignore_eos=spec["ignore_eos"],
@@ -185,20 +257,28 @@ def test_scheduler_invariants_and_exact_outputs(
                 continue
             assert not too_long
             expected[rid] = expected_output(prompt, sampling, spec["max_tokens"], max_seq_len)
+            conversations.append(prompt + expected[rid][0])
+            register_hashes(registry, conversations[-1], page_size)
             outputs[rid] = []
         for i, spec in enumerate(requests):
             rid = f"r{i}"
             if spec["abort_at"] == step and rid in outputs and rid not in finished and scheduler.abort(rid):
                 aborted.add(rid)
         plans = scheduler.schedule()
-        if plans is not None:
+        if plans is not None and step == fail_at:  # the step fails: its requests end, the gang restarts
+            aborted.update(scheduler.fail_in_flight())
+            ranks = FakeRanks(limits)  # fresh ranks: no KV, no sampler state (a cached page would read -1)
+        elif plans is not None:
             for update in scheduler.update(ranks.execute(plans)):
                 outputs[update.request_id].append(update.token_id)
                 if update.finish_reason is not None:
                     finished[update.request_id] = (outputs[update.request_id], update.finish_reason.value)
         else:
             assert not scheduler.has_work() or pending, "work is left but nothing was scheduled (deadlock)"
-        check_pages(scheduler)
+        if step == reset_at:
+            scheduler.reset_prefix_cache()
+            assert all(pool.num_cached == 0 for pool in scheduler.pools)
+        check_pages(scheduler, ranks, registry)
         step += 1
         assert step < 3000, "no progress"
     for rid, want in expected.items():

@@ -79,6 +79,7 @@ def test_stream_deltas_hold_back_a_possible_stop_string(tokenizer) -> None:
         "prompt_tokens": 1,
         "completion_tokens": usage["completion_tokens"],
         "total_tokens": usage["total_tokens"],
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
     assert usage["total_tokens"] == 1 + len(generation.completions[0].output.token_ids)
 

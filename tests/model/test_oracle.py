@@ -183,3 +183,52 @@ def test_greedy_generation_is_identical(oracle) -> None:
                 pad_token_id=0,
             )[0, len(seq) :].tolist()
         assert out.outputs[0].token_ids == expected
+
+
+def test_prefill_after_cached_pages_matches_a_fresh_prefill(oracle) -> None:
+    """Prefix caching: a sequence whose first pages are another's (shared page-table entries) and
+    whose prefill starts after them gives, from the first uncached position on, the logits of a fresh
+    prefill of the whole sequence (within 1e-5 in float32: the same kernels read the same latents)
+    and of transformers (TOL)."""
+    _, path, ref = oracle
+    worker = make_worker(path)
+    first, tail = prompts([48, 21], seed=5)
+    second = first[:40] + tail  # shares five full pages (40 tokens) with `first`
+    plans = ManualPlans(PAGE_SIZE, NUM_PAGES, seed=5)
+    worker.logits_for(plans.prefill([("first", first)]))
+    plans.pages["second"], plans.lengths["second"] = plans.pages["first"][:5], 40
+    cached = worker.logits_for(plans.prefill([("second", second[40:])]), all_positions=True)
+    fresh = worker.logits_for(plans.prefill([("fresh", second)]), all_positions=True)
+    torch.testing.assert_close(cached, fresh[40:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached, reference_logits(ref, second)[40:], **TOL)
+
+
+def test_greedy_generation_with_cached_prefixes_is_identical(oracle) -> None:
+    """Two turns of a conversation through the engine with prefix caching on: the second turn reads
+    the first turn's pages (prompt and decoded tokens) and still generates transformers' tokens."""
+    from nmoe_serve.llm import LLM
+
+    _, path, ref = oracle
+    llm = LLM(
+        path,
+        dtype="float32",
+        device="cpu",
+        page_size=PAGE_SIZE,
+        num_pages=NUM_PAGES,
+        max_seq_len=1024,
+        max_prefill_tokens=48,
+    )
+    ref.generation_config.eos_token_id = None
+    greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    system, user1, user2 = prompts([30, 7, 5], seed=6)
+    turn1 = llm.generate([system + user1], greedy)[0]
+    turn2_prompt = system + user1 + turn1.outputs[0].token_ids + user2
+    turn2 = llm.generate([turn2_prompt], greedy)[0]
+    assert turn1.num_cached_tokens == 0
+    assert turn2.num_cached_tokens == (len(system + user1) + 15) // PAGE_SIZE * PAGE_SIZE
+    for prompt, out in ((system + user1, turn1), (turn2_prompt, turn2)):
+        with torch.no_grad():
+            expected = ref.generate(
+                torch.tensor([prompt]), max_new_tokens=16, do_sample=False, pad_token_id=0
+            )
+        assert out.outputs[0].token_ids == expected[0, len(prompt) :].tolist()

@@ -74,6 +74,44 @@ def test_ep_sizes_give_identical_greedy_tokens(dev_config_path, ep8, expected) -
     assert ep8.engine.scheduler.num_preemptions > before
 
 
+def conversations(llm: LLM, turns: int = 3, count: int = 8, seed: int = 1) -> list[list[int]]:
+    """Greedy multi-turn chats sharing a system prompt, one llm.generate per turn (so later turns can
+    read the pages of earlier ones): every turn's output tokens, conversation after conversation."""
+    rng = random.Random(seed)
+    system = [rng.randrange(0, 496) for _ in range(40)]
+    history = [list(system) for _ in range(count)]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    outputs = []
+    for _ in range(turns):
+        for h in history:
+            h.extend(rng.randrange(0, 496) for _ in range(rng.randrange(3, 12)))
+        for h, out in zip(history, llm.generate([list(h) for h in history], params), strict=True):
+            h.extend(out.outputs[0].token_ids)
+            outputs.append(out.outputs[0].token_ids)
+    return outputs
+
+
+def test_prefix_caching_keeps_greedy_tokens_at_ep_1_2_and_8(dev_config_path, ep8) -> None:
+    """The same chats with the cache off (EP 1) and on (EP 1, 2, 8): identical tokens, and the cache
+    served part of every cached run's prompts."""
+    plain = LLM(config=dev_config_path, num_pages=10, enable_prefix_caching=False, **OPTIONS)
+    try:
+        expected = conversations(plain)
+        assert plain.engine.scheduler.cache_hits == 0
+    finally:
+        plain.shutdown()
+    for ep_size in (1, 2):
+        cached = LLM(config=dev_config_path, ep_size=ep_size, num_pages=10, **OPTIONS)
+        try:
+            assert conversations(cached) == expected, f"EP {ep_size}"
+            assert cached.engine.scheduler.cache_hits > 0, f"EP {ep_size}: nothing was read from the cache"
+        finally:
+            cached.shutdown()
+    hits = ep8.engine.scheduler.cache_hits
+    assert conversations(ep8) == expected
+    assert ep8.engine.scheduler.cache_hits > hits
+
+
 def stopping_workload(reference: LLM, count: int = 20, seed: int = 4):
     """Greedy params whose stop ids are tokens the model emits, so requests end on them (one step
     late under overlap), and on EOS and max_tokens."""

@@ -5,11 +5,13 @@ copy of dev.yaml with two more overrides, so 401 and 429 can be tested."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,9 +70,10 @@ def _stop(process: subprocess.Popen, timeout_s: float = 30) -> None:
             process.wait()
 
 
-@pytest.fixture(scope="session")
-def dev_server(tmp_path_factory: pytest.TempPathFactory, progress):
-    work = tmp_path_factory.mktemp("serve")
+@contextlib.contextmanager
+def run_dev_server(work: Path, progress, overrides: dict[str, object]) -> Iterator[DevServer]:
+    """A local Ray cluster running deployments/dev.yaml with `overrides` on top of the tests' own,
+    stopped (its own processes only) on exit."""
     gcs, dashboard, metrics, http = _free_port(), _free_port(), _free_port(), _free_port()
     env = {
         **os.environ,
@@ -106,7 +109,12 @@ def dev_server(tmp_path_factory: pytest.TempPathFactory, progress):
     _wait_for_port(dashboard, 120, head)
     config = yaml.safe_load((REPO / "deployments" / "dev.yaml").read_text())
     config["applications"][0]["args"]["overrides"].update(
-        {"api_key": API_KEY, "max_waiting_requests": MAX_WAITING, "default_max_tokens": DEFAULT_MAX_TOKENS}
+        {
+            "api_key": API_KEY,
+            "max_waiting_requests": MAX_WAITING,
+            "default_max_tokens": DEFAULT_MAX_TOKENS,
+            **overrides,
+        }
     )
     config["http_options"]["port"] = http  # not 8000: a developer's own dev server may be running
     spec = work / "dev-test.yaml"
@@ -150,13 +158,19 @@ def dev_server(tmp_path_factory: pytest.TempPathFactory, progress):
             if serve.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("serve run did not come up:\n" + (work / "serve.log").read_text()[-4000:])
             time.sleep(1)
-        progress(f"dev server up at {server.url}")
+        progress(f"dev server up at {server.url} ({overrides or 'deployments/dev.yaml'})")
         yield server
     finally:
         _stop(serve)
         _stop(head, timeout_s=60)
         log.close()
         head_log.close()
+
+
+@pytest.fixture(scope="session")
+def dev_server(tmp_path_factory: pytest.TempPathFactory, progress):
+    with run_dev_server(tmp_path_factory.mktemp("serve"), progress, {}) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -376,6 +376,40 @@ def test_metrics_are_exported(dev_server) -> None:
     assert re.search(r'ray_nmoe_request_errors_total\{[^}]*status="401"[^}]*\} [1-9]', text)
 
 
+def test_prefix_cache_usage_metrics_and_reset(dev_server, client) -> None:
+    prompt = list(range(5, 105))  # token ids: six full pages of 16 and a partial one
+
+    def create():
+        return client.completions.create(
+            model="tiny-seed0", prompt=prompt, max_tokens=4, temperature=0.0, extra_body={"ignore_eos": True}
+        )
+
+    first, again = create(), create()
+    assert again.choices[0].text == first.choices[0].text
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 96, "the rank holding the prefix took it"
+    assert _post(dev_server, "/reset_prefix_cache", {}, key=None).status_code == 401
+    reset = _post(dev_server, "/reset_prefix_cache", {})
+    assert reset.status_code == 200 and reset.json()["dropped_pages"] >= 6, reset.text
+    after = create()
+    assert (
+        after.usage.prompt_tokens_details.cached_tokens == 0
+        and after.choices[0].text == first.choices[0].text
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        text = httpx.get(dev_server.metrics_url, timeout=30).text
+        values = {
+            n: sum(float(m.group(1)) for m in re.finditer(rf"^{n}{{[^}}]*}} (\S+)$", text, re.M))
+            for n in ("ray_nmoe_prefix_cache_queries_total", "ray_nmoe_prefix_cache_hits_total")
+        }
+        if values["ray_nmoe_prefix_cache_hits_total"] >= 96:
+            break
+        assert time.monotonic() < deadline, values
+        time.sleep(2)
+    assert values["ray_nmoe_prefix_cache_queries_total"] >= 3 * len(prompt)
+
+
 @pytest.mark.parametrize(
     "script,args",
     [
