@@ -273,9 +273,13 @@ def test_overload_answers_429_with_retry_after(dev_server) -> None:
         async with httpx.AsyncClient(
             base_url=dev_server.url, timeout=300, headers={"Authorization": f"Bearer {dev_server.api_key}"}
         ) as client:
-            body = {"prompt": [7] * 200, "max_tokens": 16, "ignore_eos": True}
+            # 1000-token prompts, each its own (no prefix to share): a rank's 256 pages hold four, so
+            # 32 run, MAX_WAITING wait, and the rest must be refused whatever the timing.
+            def body(i: int) -> dict:
+                return {"prompt": [3 + i] + [7] * 999, "max_tokens": 16, "ignore_eos": True}
+
             return await asyncio.gather(
-                *(client.post("/v1/completions", json=body) for _ in range(4 * MAX_WAITING))
+                *(client.post("/v1/completions", json=body(i)) for i in range(4 * MAX_WAITING))
             )
 
     responses = asyncio.run(main())
