@@ -123,15 +123,15 @@ class SimResult:
                 "prefill_tokens_computed": self.prompt_tokens,
             },
             "admitted_by_rank": self.admitted_by_rank,
-            "rank_max_over_mean": max(self.admitted_by_rank) / mean
-            if (mean := _mean(self.admitted_by_rank))
-            else 0.0,
+            "rank_max_over_mean": _max_over_mean(self.admitted_by_rank),
             "simulator_wall_s": self.wall_s,
         }
 
 
-def _mean(values: list[int]) -> float:
-    return sum(values) / len(values) if values else 0.0
+def _max_over_mean(values: list[int]) -> float:
+    """The rank balance: the busiest rank's count over the mean (1.0 even; 0 when nothing ran)."""
+    total = sum(values)
+    return max(values) * len(values) / total if total else 0.0
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
