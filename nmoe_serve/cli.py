@@ -73,14 +73,42 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="step-cost model JSON (fit-cost-model; docs/perf/ has the fitted ones)",
     )
-    clients = sim.add_mutually_exclusive_group(required=True)
-    clients.add_argument("--concurrency", type=int, help="C clients in a closed loop (bench/latency.py's)")
-    clients.add_argument("--rate", type=float, help="Poisson arrivals, requests per second")
-    sim.add_argument("--prompt-tokens", type=int, required=True, help="P, prompt tokens per request")
+    sim.add_argument(
+        "--workload", choices=("fixed", "chat"), default="fixed",
+        help="fixed: every request P prompt + N output tokens, distinct prompts (default); chat: "
+        "multi-turn conversations sharing a system prompt, each turn re-sending the conversation (sim/chat.py)",
+    )  # fmt: skip
+    clients = sim.add_mutually_exclusive_group()
+    clients.add_argument(
+        "--concurrency", type=int, help="fixed: C clients in a closed loop (bench/latency.py's)"
+    )
+    clients.add_argument("--rate", type=float, help="fixed: Poisson arrivals, requests per second")
+    sim.add_argument("--prompt-tokens", type=int, help="fixed: P, prompt tokens per request")
     sim.add_argument(
         "--output-tokens", type=int, required=True, help="N, output tokens per request (EOS ignored)"
     )
-    sim.add_argument("--requests", type=int, help="requests in all (default: 2 x C; required with --rate)")
+    sim.add_argument(
+        "--requests", type=int, help="fixed: requests in all (default: 2 x C; required with --rate)"
+    )
+    sim.add_argument("--conversations", type=int, help="chat: M conversations")
+    sim.add_argument(
+        "--conversation-rate", type=float,
+        help="chat: conversations start as Poisson arrivals, per second (default: all at once)",
+    )  # fmt: skip
+    sim.add_argument(
+        "--turns", type=int, default=4, help="chat: K turns per conversation (default %(default)s)"
+    )
+    sim.add_argument(
+        "--system-prompt-tokens", type=int, default=2000,
+        help="chat: S, the system prompt every conversation shares (default %(default)s)",
+    )  # fmt: skip
+    sim.add_argument(
+        "--user-tokens", type=int, default=200, help="chat: U tokens per user message (default %(default)s)"
+    )
+    sim.add_argument(
+        "--output-tokens-max", type=int,
+        help="chat: answers of --output-tokens..this many tokens, drawn per turn (default: all --output-tokens)",
+    )  # fmt: skip
     sim.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="engine option override, e.g. --set decode_prefill_tokens=512 (as `generate --option`)",

@@ -7,6 +7,7 @@ import json
 
 from nmoe_serve.config import ConfigError, ServeConfig
 from nmoe_serve.engine.scheduler import SchedulerLimits
+from nmoe_serve.sim.chat import ChatWorkload
 from nmoe_serve.sim.cost_model import StepCostModel, load_points
 from nmoe_serve.sim.report import print_summary, write_json, write_png
 from nmoe_serve.sim.simulator import Simulator
@@ -54,21 +55,12 @@ def simulate(args: argparse.Namespace) -> int:
     overrides = dict(_parse_set(item) for item in args.set)
     config = read_config(args.config, overrides)
     limits = scheduler_limits(config, args.pages_per_rank)
-    if args.requests is None and args.rate is not None:
-        raise WorkloadError("--rate needs --requests (how many arrive in all)")
     if min(args.coordinator_ms, args.frontend_ms, args.frontend_token_us) < 0:
         raise WorkloadError(
             "--coordinator-ms, --frontend-ms and --frontend-token-us must be >= 0, got "
             f"{args.coordinator_ms}, {args.frontend_ms} and {args.frontend_token_us}"
         )
-    workload = Workload(
-        prompt_tokens=args.prompt_tokens,
-        output_tokens=args.output_tokens,
-        requests=args.requests if args.requests is not None else 2 * args.concurrency,
-        concurrency=args.concurrency,
-        rate=args.rate,
-        seed=args.seed,
-    )
+    workload = chat_workload(args) if args.workload == "chat" else fixed_workload(args)
     cost = StepCostModel.load(args.cost_model)
     overlap = config.scheduler.overlap and not args.serial
     simulator = Simulator(
@@ -107,6 +99,61 @@ def simulate(args: argparse.Namespace) -> int:
     write_json(result, args.out, settings)
     write_png(result, args.out.with_suffix(".png"), f"simulated: {title}")
     return 0
+
+
+def fixed_workload(args: argparse.Namespace) -> Workload:
+    if (
+        args.conversations is not None
+        or args.output_tokens_max is not None
+        or args.conversation_rate is not None
+    ):
+        raise WorkloadError(
+            "--conversations, --conversation-rate and --output-tokens-max are for --workload chat"
+        )
+    if args.prompt_tokens is None:
+        raise WorkloadError("--workload fixed needs --prompt-tokens (P, prompt tokens per request)")
+    if args.requests is None and args.rate is not None:
+        raise WorkloadError("--rate needs --requests (how many arrive in all)")
+    if args.concurrency is None and args.rate is None:
+        raise WorkloadError("give exactly one of --concurrency (closed loop) or --rate (Poisson arrivals)")
+    return Workload(
+        prompt_tokens=args.prompt_tokens,
+        output_tokens=args.output_tokens,
+        requests=args.requests if args.requests is not None else 2 * args.concurrency,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        seed=args.seed,
+    )
+
+
+def chat_workload(args: argparse.Namespace) -> ChatWorkload:
+    given = [
+        name
+        for name, value in (
+            ("--concurrency", args.concurrency),
+            ("--rate", args.rate),
+            ("--prompt-tokens", args.prompt_tokens),
+            ("--requests", args.requests),
+        )
+        if value is not None
+    ]
+    if given:
+        raise WorkloadError(
+            f"{', '.join(given)}: not for --workload chat (its prompts grow turn by turn; give "
+            "--conversations, --turns, --system-prompt-tokens, --user-tokens)"
+        )
+    if args.conversations is None:
+        raise WorkloadError("--workload chat needs --conversations (M)")
+    return ChatWorkload(
+        conversations=args.conversations,
+        turns=args.turns,
+        system_prompt_tokens=args.system_prompt_tokens,
+        user_tokens=args.user_tokens,
+        output_tokens=args.output_tokens,
+        output_tokens_max=args.output_tokens_max,
+        conversation_rate=args.conversation_rate,
+        seed=args.seed,
+    )
 
 
 def fit_cost_model(args: argparse.Namespace) -> int:

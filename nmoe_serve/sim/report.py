@@ -23,6 +23,14 @@ def print_summary(result: SimResult, title: str) -> None:
         f"  prefill {summary['prefill_tok_per_s']:,.0f} tok/s, decode {summary['decode_tok_per_s']:,.0f} tok/s "
         "(one EP group)"
     )
+    cache = summary["prefix_cache"]
+    assert isinstance(cache, dict)
+    print(
+        f"  prefix cache {'on' if cache['enabled'] else 'off'}: {cache['cached_tokens']:,} of "
+        f"{cache['prompt_tokens']:,} prompt tokens cached (hit rate {cache['hit_rate']:.3f}), "
+        f"{cache['prefill_tokens_computed']:,} computed; first admissions per rank {summary['admitted_by_rank']} "
+        f"(max/mean {summary['rank_max_over_mean']:.2f})"
+    )
     print(f"  {'ms':>12} {'p50':>9} {'p90':>9} {'p99':>9} {'max':>9}")
     for name in ("ttft_s", "itl_s", "e2e_s", "decode_step_s", "prefill_step_s"):
         p = summary[name]

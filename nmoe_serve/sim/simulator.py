@@ -2,7 +2,14 @@
 
 No worker runs: every plan the scheduler makes is priced by the cost model (its slowest rank) and
 answered with made-up tokens (the workload ignores EOS, so their values do not matter). Clients
-(sim/workload.py) send requests; a token counts as streamed when the step that sampled it ends.
+(sim/workload.py, sim/chat.py) send requests; a token counts as streamed when the step that sampled
+it ends.
+
+Prefix caching: the scheduler's own per-rank cache runs as served (SchedulerLimits.prefix_caching).
+A step's plans carry only the tokens it computes (query_lens start after a request's cached
+prefix), so the cost model charges prefill for the uncached tokens alone; the cached ones still
+count as context (S) and as keys of the attention pairs (A). The result reports the cache's hit
+rate and each rank's first admissions.
 
 Timing of the coordinator: `coordinator_s` is its turn between steps (results in, bookkeeping,
 next plans out: bench/step_overhead.py measures it). One step at a time, the ranks wait for it
@@ -24,6 +31,8 @@ between the experts.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -36,7 +45,7 @@ from nmoe_serve.engine.request import RequestRejected
 from nmoe_serve.engine.scheduler import Scheduler, SchedulerLimits
 from nmoe_serve.sampling.params import SamplingParams
 from nmoe_serve.sim.cost_model import StepCostModel
-from nmoe_serve.sim.workload import Workload, WorkloadError
+from nmoe_serve.sim.workload import ClientModel, WorkloadError
 
 MAX_SERIES = 4000  # time-series points kept in a result (evenly thinned)
 
@@ -61,16 +70,18 @@ class FrontEnd:
 @dataclass
 class _Stream:
     arrival: float
+    client: int
     token_times: list[float] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
 class SimResult:
     """What a simulated run measured; `summary()` is its JSON-ready digest."""
 
-    workload: Workload
+    workload: ClientModel
     makespan_s: float
-    prompt_tokens: int
+    prompt_tokens: int  # prefill tokens computed (cached ones left out, recomputation after preemption in)
     output_tokens: int
     ttft_s: list[float]
     itl_s: list[float]
@@ -81,6 +92,10 @@ class SimResult:
     steps: int
     preemptions: int
     wall_s: float
+    prompt_tokens_sent: int = 0  # the requests' prompts, summed
+    cached_tokens: int = 0  # of those, found in the prefix cache at first admission
+    prefix_caching: bool = False
+    admitted_by_rank: list[int] = field(default_factory=list)  # first admissions per rank
 
     def summary(self) -> dict[str, object]:
         kinds = np.array(self.series["kind"])
@@ -100,8 +115,23 @@ class SimResult:
             "e2e_s": percentiles(self.e2e_s),
             "decode_step_s": percentiles(step_s[kinds == 1].tolist()),
             "prefill_step_s": percentiles(step_s[kinds == 0].tolist()),
+            "prefix_cache": {
+                "enabled": self.prefix_caching,
+                "prompt_tokens": self.prompt_tokens_sent,
+                "cached_tokens": self.cached_tokens,
+                "hit_rate": self.cached_tokens / self.prompt_tokens_sent if self.prompt_tokens_sent else 0.0,
+                "prefill_tokens_computed": self.prompt_tokens,
+            },
+            "admitted_by_rank": self.admitted_by_rank,
+            "rank_max_over_mean": _max_over_mean(self.admitted_by_rank),
             "simulator_wall_s": self.wall_s,
         }
+
+
+def _max_over_mean(values: list[int]) -> float:
+    """The rank balance: the busiest rank's count over the mean (1.0 even; 0 when nothing ran)."""
+    total = sum(values)
+    return max(values) * len(values) / total if total else 0.0
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -132,18 +162,21 @@ class Simulator:
         self.limits, self.cost, self.overlap, self.coordinator_s = limits, cost, overlap, coordinator_s
         self.frontend_s, self.frontend_token_s = frontend_s, frontend_token_s
 
-    def run(self, workload: Workload, progress: Callable[[str], None] | None = None) -> SimResult:
+    def run(self, workload: ClientModel, progress: Callable[[str], None] | None = None) -> SimResult:
         started = time.perf_counter()
         scheduler = Scheduler(self.limits, max_steps_in_flight=2 if self.overlap else 1)
-        sampling = SamplingParams(max_tokens=workload.output_tokens, temperature=0.0, ignore_eos=True)
-        # distinct prompts, as bench/latency.py's random ones: the prefix cache finds nothing to share
-        filler = [1] * (workload.prompt_tokens - 1)
+        clients = workload.clients()
+        sampling: dict[int, SamplingParams] = {}  # by max_tokens
         frontend = FrontEnd(self.frontend_s, self.frontend_token_s)
-        arrivals: deque[float] = deque(workload.initial_arrivals())  # send times, not yet at the front end
-        reaching: deque[tuple[float, float]] = deque()  # (sent, reaches the scheduler), in order
+        # (send time, order, client), not yet at the front end, a heap: a client's next turn can be due
+        # before later first sends; then (sent, reaches the scheduler, client), in order
+        order = itertools.count()
+        arrivals = [(at, next(order), client) for at, client in clients.first_sends()]
+        heapq.heapify(arrivals)
+        reaching: deque[tuple[float, float, int]] = deque()
         streams: dict[str, _Stream] = {}
         done: list[_Stream] = []
-        sent = 0
+        sent = prompt_tokens_sent = 0
         series: dict[str, list[float]] = {
             k: [] for k in ("t", "step_s", "kind", "waiting", "running", "kv_usage", "preemptions")
         }
@@ -153,19 +186,25 @@ class Simulator:
         next_report = max(1, workload.requests // 10)
 
         def send_due() -> None:
-            nonlocal sent
-            while arrivals and arrivals[0] <= now:
-                at = arrivals.popleft()
-                reaching.append((at, frontend.request(at)))
+            nonlocal sent, prompt_tokens_sent
+            while arrivals and arrivals[0][0] <= now:
+                at, _, client = heapq.heappop(arrivals)
+                reaching.append((at, frontend.request(at), client))
             while reaching and reaching[0][1] <= now:
-                at, _ = reaching.popleft()
+                at, _, client = reaching.popleft()
                 request_id = f"sim-{sent}"
+                prompt, max_tokens = clients.prompt(client, sent)
+                if max_tokens not in sampling:
+                    sampling[max_tokens] = SamplingParams(
+                        max_tokens=max_tokens, temperature=0.0, ignore_eos=True
+                    )
                 try:
-                    scheduler.add(request_id, [sent + 2, *filler], sampling, frozenset())
+                    scheduler.add(request_id, prompt, sampling[max_tokens], frozenset())
                 except RequestRejected as e:
                     raise WorkloadError(f"the scheduler refuses the workload's requests: {e}") from None
-                streams[request_id] = _Stream(at)
+                streams[request_id] = _Stream(at, client)
                 sent += 1
+                prompt_tokens_sent += len(prompt)
 
         def take(plans: list[StepPlan], start: float, end: float) -> None:
             nonlocal prompt_tokens, output_tokens
@@ -177,11 +216,13 @@ class Simulator:
                 stream = streams[update.request_id]
                 delivered = frontend.token(end)
                 stream.token_times.append(delivered)
+                stream.token_ids.append(update.token_id)
                 output_tokens += 1
                 if update.finish_reason is not None:
                     done.append(streams.pop(update.request_id))
-                    if workload.closed_loop and sent + len(arrivals) + len(reaching) < workload.requests:
-                        arrivals.append(delivered)  # the client sends its next request
+                    again = clients.answered(stream.client, stream.token_ids, delivered)
+                    if again is not None:
+                        heapq.heappush(arrivals, (again, next(order), stream.client))  # its next request
             if plans[0].kind == StepKind.PREFILL:
                 prompt_tokens += sum(p.num_tokens for p in plans)
             series["t"].append(end)
@@ -209,7 +250,7 @@ class Simulator:
             elif plans is None:
                 upcoming = [
                     t
-                    for t in (arrivals[0] if arrivals else None, reaching[0][1] if reaching else None)
+                    for t in (arrivals[0][0] if arrivals else None, reaching[0][1] if reaching else None)
                     if t is not None
                 ]
                 if not upcoming:
@@ -239,6 +280,10 @@ class Simulator:
             steps=steps,
             preemptions=scheduler.num_preemptions,
             wall_s=time.perf_counter() - started,
+            prompt_tokens_sent=prompt_tokens_sent,
+            cached_tokens=scheduler.cache_hits,
+            prefix_caching=self.limits.prefix_caching,
+            admitted_by_rank=list(scheduler.admitted_by_rank),
         )
 
 
