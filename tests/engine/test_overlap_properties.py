@@ -10,7 +10,6 @@ worker state must not leak, and a request that ends costs at most one wasted row
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 import numpy as np
@@ -28,6 +27,7 @@ from tests.engine.test_scheduler_properties import (
     make_prompt,
     register_hashes,
     request_strategy,
+    scheduler_limits,
 )
 
 
@@ -67,49 +67,15 @@ class FeedingRanks(FakeRanks):
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    num_ranks=st.integers(1, 3),
-    page_size=st.sampled_from([1, 2, 4, 8]),
-    extra_pages=st.integers(0, 40),
-    max_num_seqs=st.integers(1, 6),
-    max_prefill_tokens=st.integers(1, 48),
-    decode_prefill_tokens=st.one_of(st.none(), st.integers(1, 16)),
-    max_prefill_steps_in_a_row=st.integers(1, 3),
-    watermark=st.integers(0, 3),
-    prefix_caching=st.booleans(),
-    max_rank_imbalance=st.integers(0, 3),
+    limits=scheduler_limits(decode_prefill=True),
     reset_at=st.one_of(st.none(), st.integers(0, 40)),
     requests=st.lists(request_strategy, min_size=1, max_size=14),
     seed=st.integers(0, 2**16),
 )
 def test_overlapped_steps_keep_every_invariant_and_the_exact_outputs(
-    num_ranks,
-    page_size,
-    extra_pages,
-    max_num_seqs,
-    max_prefill_tokens,
-    decode_prefill_tokens,
-    max_prefill_steps_in_a_row,
-    watermark,
-    prefix_caching,
-    max_rank_imbalance,
-    reset_at,
-    requests,
-    seed,
+    limits, reset_at, requests, seed
 ) -> None:
-    max_seq_len = 48
-    limits = SchedulerLimits(
-        num_ranks=num_ranks,
-        pages_per_rank=math.ceil(max_seq_len / page_size) + extra_pages,
-        page_size=page_size,
-        max_seq_len=max_seq_len,
-        max_num_seqs=max_num_seqs,
-        max_prefill_tokens=max_prefill_tokens,
-        max_prefill_steps_in_a_row=max_prefill_steps_in_a_row,
-        watermark_pages=watermark,
-        prefix_caching=prefix_caching,
-        max_rank_imbalance=max_rank_imbalance,
-        decode_prefill_tokens=decode_prefill_tokens,
-    )
+    max_seq_len, page_size = limits.max_seq_len, limits.page_size
     scheduler = Scheduler(limits, max_steps_in_flight=2)
     ranks = FeedingRanks(limits)
     rng = np.random.default_rng(seed)

@@ -167,6 +167,8 @@ def make_prompt(spec: dict, rng: np.random.Generator, earlier: list[list[int]]) 
     return head + rng.integers(0, VOCAB, n - len(head)).tolist()
 
 
+MAX_SEQ_LEN = 48
+
 request_strategy = st.fixed_dictionaries(
     {
         "prompt_len": st.integers(1, 40),
@@ -182,50 +184,37 @@ request_strategy = st.fixed_dictionaries(
 )
 
 
+@st.composite
+def scheduler_limits(draw, decode_prefill: bool = False) -> SchedulerLimits:
+    """A small group's limits (1-3 ranks, up to 40 pages a rank beyond one longest sequence, tiny
+    batches and budgets, caching on or off); `decode_prefill`: a prefill budget while decoding too."""
+    page_size = draw(st.sampled_from([1, 2, 4, 8]))
+    budget = draw(st.one_of(st.none(), st.integers(1, 16))) if decode_prefill else None
+    return SchedulerLimits(
+        num_ranks=draw(st.integers(1, 3)),
+        pages_per_rank=math.ceil(MAX_SEQ_LEN / page_size) + draw(st.integers(0, 40)),
+        page_size=page_size,
+        max_seq_len=MAX_SEQ_LEN,
+        max_num_seqs=draw(st.integers(1, 6)),
+        max_prefill_tokens=draw(st.integers(1, 48)),
+        max_prefill_steps_in_a_row=draw(st.integers(1, 3)),
+        watermark_pages=draw(st.integers(0, 3)),
+        prefix_caching=draw(st.booleans()),
+        max_rank_imbalance=draw(st.integers(0, 3)),
+        decode_prefill_tokens=budget,
+    )
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    num_ranks=st.integers(1, 3),
-    page_size=st.sampled_from([1, 2, 4, 8]),
-    extra_pages=st.integers(0, 40),
-    max_num_seqs=st.integers(1, 6),
-    max_prefill_tokens=st.integers(1, 48),
-    max_prefill_steps_in_a_row=st.integers(1, 3),
-    watermark=st.integers(0, 3),
-    prefix_caching=st.booleans(),
-    max_rank_imbalance=st.integers(0, 3),
+    limits=scheduler_limits(),
     reset_at=st.one_of(st.none(), st.integers(0, 40)),
     fail_at=st.one_of(st.none(), st.integers(0, 40)),
     requests=st.lists(request_strategy, min_size=1, max_size=14),
     seed=st.integers(0, 2**16),
 )
-def test_scheduler_invariants_and_exact_outputs(
-    num_ranks,
-    page_size,
-    extra_pages,
-    max_num_seqs,
-    max_prefill_tokens,
-    max_prefill_steps_in_a_row,
-    watermark,
-    prefix_caching,
-    max_rank_imbalance,
-    reset_at,
-    fail_at,
-    requests,
-    seed,
-) -> None:
-    max_seq_len = 48
-    limits = SchedulerLimits(
-        num_ranks=num_ranks,
-        pages_per_rank=math.ceil(max_seq_len / page_size) + extra_pages,
-        page_size=page_size,
-        max_seq_len=max_seq_len,
-        max_num_seqs=max_num_seqs,
-        max_prefill_tokens=max_prefill_tokens,
-        max_prefill_steps_in_a_row=max_prefill_steps_in_a_row,
-        watermark_pages=watermark,
-        prefix_caching=prefix_caching,
-        max_rank_imbalance=max_rank_imbalance,
-    )
+def test_scheduler_invariants_and_exact_outputs(limits, reset_at, fail_at, requests, seed) -> None:
+    max_seq_len, page_size = limits.max_seq_len, limits.page_size
     scheduler = Scheduler(limits)
     ranks = FakeRanks(limits)
     rng = np.random.default_rng(seed)
