@@ -59,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--out", required=True, type=Path, help="output directory")
     tiny.add_argument("--fp8", action="store_true", help="FP8 e4m3 weights with 128x128 block scales")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--mtp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write the multi-token-prediction layer after the last decoder layer, as DeepSeek-V3 "
+        "checkpoints carry it (num_nextn_predict_layers = 1); --no-mtp leaves it out (default: --mtp)",
+    )
 
     sim = sub.add_parser(
         "simulate",
@@ -238,8 +245,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _make_tiny(args: argparse.Namespace) -> int:
     from nmoe_serve.model.tiny import make_tiny_checkpoint
 
-    out = make_tiny_checkpoint(args.out, seed=args.seed, fp8=args.fp8)
-    print(f"wrote a tiny DeepSeek-V3 checkpoint ({'fp8' if args.fp8 else 'bf16'}, seed {args.seed}) to {out}")
+    overrides = None if args.mtp else {"num_nextn_predict_layers": 0}
+    out = make_tiny_checkpoint(args.out, seed=args.seed, fp8=args.fp8, overrides=overrides)
+    kind = f"{'fp8' if args.fp8 else 'bf16'}, {'with' if args.mtp else 'without'} the MTP layer"
+    print(f"wrote a tiny DeepSeek-V3 checkpoint ({kind}, seed {args.seed}) to {out}")
     return 0
 
 

@@ -498,7 +498,10 @@ class Decoder(nn.Module):
 class DeepseekV3(nn.Module):
     """The causal LM. `owned` is the range of routed experts this rank holds (all of them with one
     rank); `backend` picks the layer implementations (default: the torch reference); `transport`
-    carries the MoE layers' tokens to their experts (default: all experts on this rank)."""
+    carries the MoE layers' tokens to their experts (default: all experts on this rank).
+    It holds no multi-token-prediction layer (`mtp_depth` 0): DeepseekV3WithMTP (model/mtp.py) does."""
+
+    mtp_depth = 0  # MTP layers held, the checkpoint's layers n_layers .. n_layers + mtp_depth - 1
 
     def __init__(
         self,
@@ -522,9 +525,14 @@ class DeepseekV3(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
 
+    def module_name(self, name: str) -> str:
+        """The name in this module of checkpoint tensor (or submodule) `name`: the same name."""
+        return name
+
     def checkpoint_tensor(self, name: str) -> torch.Tensor:
         """The tensor that the (non-expert) checkpoint tensor `name` fills: the parameter of the
-        same name, or rows of a StackedLinear for the projections it stacks."""
+        same name (`module_name`), or rows of a StackedLinear for the projections it stacks."""
+        name = self.module_name(name)
         parent, _, leaf = name.rpartition(".")
         owner, _, proj = parent.rpartition(".")
         if owner:

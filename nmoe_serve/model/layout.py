@@ -2,7 +2,9 @@
 
 One place lists them, so the loader's checks, the tiny-checkpoint writer and the dummy loader
 agree. Routed experts are listed per expert (`mlp.experts.E.gate_proj.weight`), as real
-checkpoints store them; a rank keeps only the experts it owns.
+checkpoints store them; a rank keeps only the experts it owns. Multi-token-prediction (MTP)
+layers follow the last decoder layer (`model.layers.{n_layers + i}.`), each a decoder block plus
+`embed_tokens`, `enorm`, `hnorm`, `eh_proj` and `shared_head` (`mtp_tensors`).
 """
 
 from __future__ import annotations
@@ -25,15 +27,35 @@ class TensorSpec:
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def checkpoint_tensors(args: ModelArgs) -> list[TensorSpec]:
-    """Every tensor the model reads from a checkpoint, in file order (MTP layers excluded)."""
+def checkpoint_tensors(args: ModelArgs, mtp_layers: int = 0) -> list[TensorSpec]:
+    """Every tensor the model reads from a checkpoint, in file order, with the first
+    `mtp_layers` MTP layers (none by default)."""
     specs = [TensorSpec("model.embed_tokens.weight", (args.vocab_size, args.dim), False)]
     for layer in range(args.n_layers):
         specs += layer_tensors(args, layer)
     specs.append(TensorSpec("model.norm.weight", (args.dim,), False))
     if not args.tie_word_embeddings:
         specs.append(TensorSpec("lm_head.weight", (args.vocab_size, args.dim), False))
+    for mtp in range(mtp_layers):
+        specs += mtp_tensors(args, args.n_layers + mtp)
     return specs
+
+
+def mtp_tensors(args: ModelArgs, layer: int) -> list[TensorSpec]:
+    """A multi-token-prediction layer as DeepSeek-V3 stores it after the last decoder layer: its
+    own copies of the embedding and the output head (equal to the main model's in DeepSeek-V3),
+    the two input norms and the projection of their concatenation, a decoder block, a final norm."""
+    p = f"model.layers.{layer}."
+    h = args.dim
+    return [
+        TensorSpec(p + "embed_tokens.weight", (args.vocab_size, h), False),
+        TensorSpec(p + "enorm.weight", (h,), False),
+        TensorSpec(p + "hnorm.weight", (h,), False),
+        TensorSpec(p + "eh_proj.weight", (h, 2 * h), True),
+        *layer_tensors(args, layer),
+        TensorSpec(p + "shared_head.norm.weight", (h,), False),
+        TensorSpec(p + "shared_head.head.weight", (args.vocab_size, h), False),
+    ]
 
 
 def layer_tensors(args: ModelArgs, layer: int) -> list[TensorSpec]:
@@ -86,7 +108,8 @@ def scale_name(weight_name: str) -> str:
     return weight_name.removesuffix(".weight") + ".weight_scale_inv"
 
 
-def is_mtp_tensor(name: str, args: ModelArgs) -> bool:
-    """Tensors of the multi-token-prediction layers stored after the last decoder layer."""
+def is_mtp_tensor(name: str, args: ModelArgs, beyond: int = 0) -> bool:
+    """Tensors of the multi-token-prediction layers stored after the last decoder layer (those
+    of MTP layer `beyond` and later: the ones a model holding `beyond` MTP layers skips)."""
     m = _LAYER.match(name)
-    return m is not None and int(m.group(1)) >= args.n_layers
+    return m is not None and int(m.group(1)) >= args.n_layers + beyond

@@ -1,7 +1,8 @@
 """Load HF safetensors checkpoints (bf16 or FP8 block-scaled) into a DeepseekV3 rank.
 
 A rank reads only the tensors it holds: everything except routed experts, plus the routed experts
-it owns. Multi-token-prediction layers are skipped. Every tensor is checked before it is copied:
+it owns. Multi-token-prediction layers are read only by a model that holds them (`mtp_depth`,
+DeepseekV3WithMTP) and skipped otherwise. Every tensor is checked before it is copied:
 a missing, unexpected or misshaped tensor raises CheckpointError naming the tensor, its file and
 the expected shape. Pickle checkpoints (.bin, .pt) are refused and never unpickled.
 
@@ -82,8 +83,9 @@ def load_checkpoint(model: DeepseekV3, path: str | Path) -> None:
     """Fill `model`'s parameters from the checkpoint at `path`, showing progress in the log."""
     args = model.args
     files = checkpoint_files(path)
-    wanted = _wanted_tensors(args, model.owned)
-    _check_names(args, files, wanted, Path(path))
+    wanted = _wanted_tensors(args, model.owned, model.mtp_depth)
+    _check_mtp(args, files, wanted, model.mtp_depth, Path(path))
+    _check_names(args, files, wanted, model.mtp_depth, Path(path))
     by_file: dict[Path, list[TensorSpec]] = defaultdict(list)
     for spec in wanted:
         by_file[files[spec.name]].append(spec)
@@ -109,13 +111,32 @@ def load_checkpoint(model: DeepseekV3, path: str | Path) -> None:
     log.info("loaded weights in %.1f s", time.monotonic() - started)
 
 
-def _wanted_tensors(args: ModelArgs, owned: range) -> list[TensorSpec]:
-    return [s for s in checkpoint_tensors(args) if s.expert is None or s.expert in owned]
+def _wanted_tensors(args: ModelArgs, owned: range, mtp_layers: int) -> list[TensorSpec]:
+    specs = checkpoint_tensors(args, mtp_layers)
+    return [s for s in specs if s.expert is None or s.expert in owned]
 
 
-def _check_names(args: ModelArgs, files: dict[str, Path], wanted: list[TensorSpec], path: Path) -> None:
+def _check_mtp(
+    args: ModelArgs, files: dict[str, Path], wanted: list[TensorSpec], mtp_layers: int, path: Path
+) -> None:
+    """A model with MTP layers asked to load a checkpoint that lacks them: say so and what to do."""
+    missing = [s.name for s in wanted if is_mtp_tensor(s.name, args) and s.name not in files]
+    if not missing:
+        return
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    raise CheckpointError(
+        f"the model was built with {mtp_layers} multi-token-prediction layer(s) but checkpoint {path} lacks "
+        f"{len(missing)} of their tensors: {shown}. Use a checkpoint that carries its MTP layer "
+        f"(model.layers.{args.n_layers}.*, num_nextn_predict_layers >= {mtp_layers} in config.json; "
+        "`nmoe-serve make-tiny-checkpoint --mtp` writes one), or build the model without MTP (DeepseekV3)"
+    )
+
+
+def _check_names(
+    args: ModelArgs, files: dict[str, Path], wanted: list[TensorSpec], mtp_layers: int, path: Path
+) -> None:
     known = set()
-    for spec in checkpoint_tensors(args):
+    for spec in checkpoint_tensors(args, mtp_layers):
         known.add(spec.name)
         if spec.quantizable:
             known.add(scale_name(spec.name))
@@ -133,7 +154,7 @@ def _check_names(args: ModelArgs, files: dict[str, Path], wanted: list[TensorSpe
             f"checkpoint {path} is missing {len(missing)} tensor(s) that its config.json implies: {shown}{more}. "
             "The files do not match config.json (wrong or incomplete download?)"
         )
-    unexpected = sorted(n for n in files if n not in known and not is_mtp_tensor(n, args))
+    unexpected = sorted(n for n in files if n not in known and not is_mtp_tensor(n, args, mtp_layers))
     if unexpected:
         shown = ", ".join(unexpected[:5]) + (
             f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
@@ -194,8 +215,7 @@ def _read(f, file: Path, name: str, files: dict[str, Path]) -> torch.Tensor:  # 
 def _target(model: DeepseekV3, spec: TensorSpec) -> torch.Tensor:
     if spec.expert is None:
         return model.checkpoint_tensor(spec.name)
-    layer = spec.name.split(".")[2]
-    experts = model.get_submodule(f"model.layers.{layer}.mlp.experts")
+    experts = model.get_submodule(model.module_name(_experts_name(spec)))
     proj = spec.name.split(".")[-2]
     return experts.expert_weight(spec.expert, proj)  # type: ignore[operator]
 
@@ -204,9 +224,13 @@ def _scale_target(model: DeepseekV3, spec: TensorSpec) -> torch.Tensor:
     """The parameter (or stacked slice) that an FP8 weight's weight_scale_inv fills."""
     if spec.expert is None:
         return model.checkpoint_tensor(scale_name(spec.name))
-    layer = spec.name.split(".")[2]
-    experts = model.get_submodule(f"model.layers.{layer}.mlp.experts")
+    experts = model.get_submodule(model.module_name(_experts_name(spec)))
     return experts.expert_scale(spec.expert, spec.name.split(".")[-2])  # type: ignore[operator]
+
+
+def _experts_name(spec: TensorSpec) -> str:
+    """model.layers.N.mlp.experts.E.proj.weight → model.layers.N.mlp.experts."""
+    return spec.name.split(".experts.")[0] + ".experts"
 
 
 def _nbytes(spec: TensorSpec, args: ModelArgs) -> int:

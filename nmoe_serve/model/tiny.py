@@ -1,7 +1,8 @@
 """Tiny random DeepSeek-V3 checkpoints in the real HF layout, for CPU development and tests.
 
 `make_tiny_checkpoint` writes config.json, sharded safetensors with an index, the tokenizer files
-and a multi-token-prediction layer (which loaders must skip), in bf16/float32 or FP8 e4m3 with
+and a multi-token-prediction layer (unless num_nextn_predict_layers is overridden to 0; models
+without MTP skip it), in bf16/float32 or FP8 e4m3 with
 128×128 block scales. Weights are drawn with variances that keep activations and logits of order
 one, so greedy decoding is not decided by rounding noise. `cached_tiny_checkpoint` builds one on
 first use into the user's cache directory (`tiny_checkpoint_dir`), under a lock and atomically,
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nmoe_serve.model.args import ModelArgs
-from nmoe_serve.model.layout import TensorSpec, checkpoint_tensors, layer_tensors, scale_name
+from nmoe_serve.model.layout import TensorSpec, checkpoint_tensors, scale_name
 from nmoe_serve.tokenizer.tiny import TINY_BOS_ID, TINY_EOS_ID, TINY_VOCAB_SIZE, write_tiny_tokenizer
 
 if TYPE_CHECKING:
@@ -202,9 +203,7 @@ def _random_tensors(
 
     from nmoe_serve.kernels.fp8_format import quantize_weight_blocks
 
-    specs = checkpoint_tensors(args)
-    for mtp in range(int(config.get("num_nextn_predict_layers") or 0)):
-        specs += _mtp_tensors(args, args.n_layers + mtp)
+    specs = checkpoint_tensors(args, mtp_layers=int(config.get("num_nextn_predict_layers") or 0))
     for spec in specs:
         value = _random_value(spec, generator)
         if fp8 and spec.quantizable:
@@ -213,21 +212,6 @@ def _random_tensors(
             yield scale_name(spec.name), scale_inv
         else:
             yield spec.name, value.to(torch.float32 if spec.float32 else dtype)
-
-
-def _mtp_tensors(args: ModelArgs, layer: int) -> list[TensorSpec]:
-    """A multi-token-prediction layer as DeepSeek-V3 stores it after the last decoder layer."""
-    p = f"model.layers.{layer}."
-    h = args.dim
-    return [
-        TensorSpec(p + "embed_tokens.weight", (args.vocab_size, h), False),
-        TensorSpec(p + "enorm.weight", (h,), False),
-        TensorSpec(p + "hnorm.weight", (h,), False),
-        TensorSpec(p + "eh_proj.weight", (h, 2 * h), True),
-        *layer_tensors(args, layer),
-        TensorSpec(p + "shared_head.norm.weight", (h,), False),
-        TensorSpec(p + "shared_head.head.weight", (args.vocab_size, h), False),
-    ]
 
 
 def _random_value(spec: TensorSpec, generator: torch.Generator) -> torch.Tensor:
