@@ -155,6 +155,33 @@ def inflight_bound(settings: EngineSettings, server: ServerSection) -> int:
     return max(1, capacity // server.ingress_replicas)
 
 
+class Admission:
+    """The engine requests one ingress replica has in flight, held below its bound: past it a
+    request gets 503 with Retry-After before any expensive work."""
+
+    def __init__(self, bound: int, retry_after_s: int) -> None:
+        self.bound, self.retry_after_s, self.inflight = bound, retry_after_s, 0
+
+    def check(self, count: int) -> None:
+        """Refuse (APIError 503, code at_capacity) if `count` more would pass the bound."""
+        if self.inflight + count > self.bound:
+            raise APIError(
+                503,
+                f"the server is at capacity ({self.inflight} completions in flight); retry later",
+                "service_unavailable",
+                code="at_capacity",
+                retry_after_s=self.retry_after_s,
+            )
+
+    def reserve(self, count: int) -> int:
+        self.check(count)
+        self.inflight += count
+        return count
+
+    def release(self, count: int) -> None:
+        self.inflight -= count
+
+
 def serve_request_id() -> str:
     """Serve's id of the HTTP request (its access log line carries it), else a fresh one."""
     try:
@@ -192,8 +219,7 @@ class Ingress:
         self.api_key = server.api_key or None
         self.metrics = FrontendMetrics(self.model_name)
         self.shapes = {chat: OpenAIShapes(self.model_name, chat) for chat in (False, True)}
-        self.max_inflight = inflight_bound(settings, server)
-        self.inflight = 0
+        self.admission = Admission(inflight_bound(settings, server), server.retry_after_s)
         self.created = int(time.time())
         self.state = "starting"
         self.last_answer = 0.0
@@ -281,10 +307,9 @@ class Ingress:
         try:
             if (denied := self._check_auth(request)) is not None:
                 return denied
-            self._reserve(1)  # at capacity: refused before the body is even read
-            self._release(1)
+            self.admission.check(1)  # at capacity: refused before the body is even read
             body = await self._parse(request, model)
-            reserved = self._reserve(self._sequences(body, chat))
+            reserved = self.admission.reserve(self._sequences(body, chat))
             generation = await self._prepare(body, chat, request_id)
             events = self._events(generation, started, reserved)
             reserved = 0  # the events own the reservation now, and release it when they end
@@ -292,7 +317,7 @@ class Ingress:
         except (APIError, InvalidRequest, RequestRejected) as e:
             return self._fail(api_error(e, self.server.retry_after_s, request_id))
         finally:
-            self._release(reserved)
+            self.admission.release(reserved)
         headers = {"X-Request-Id": generation.request_id}
         if body.stream:
             return StreamingResponse(
@@ -391,21 +416,6 @@ class Ingress:
             )
         return count
 
-    def _reserve(self, count: int) -> int:
-        if self.inflight + count > self.max_inflight:
-            raise APIError(
-                503,
-                f"the server is at capacity ({self.inflight} completions in flight); retry later",
-                "service_unavailable",
-                code="at_capacity",
-                retry_after_s=self.server.retry_after_s,
-            )
-        self.inflight += count
-        return count
-
-    def _release(self, count: int) -> None:
-        self.inflight -= count
-
     async def _prepare(self, body: Any, chat: bool, request_id: str) -> Generation:
         """Tokenize (in a thread: a long text must not stall other streams) and fan out."""
         frontend = self.frontend
@@ -460,7 +470,7 @@ class Ingress:
         finally:
             for task in tasks.values():
                 task.cancel()
-            self._release(reserved)
+            self.admission.release(reserved)
 
     async def _pump(self, completion: Completion, queue: asyncio.Queue[StreamItem]) -> None:
         stream = self.coordinator.options(stream=True).generate.remote(

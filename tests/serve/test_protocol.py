@@ -163,3 +163,19 @@ def test_the_ingress_replica_takes_refusals_beside_its_admitted_requests(dev_con
     options = Ingress.deployment_options(resolve(config), config.server)
     assert options["max_ongoing_requests"] == 900
     assert options["health_check_timeout_s"] >= 60
+
+
+def test_admission_refuses_past_its_bound_with_retry_after() -> None:
+    from nmoe_serve.serve.ingress import Admission
+    from nmoe_serve.serve.protocol import APIError
+
+    admission = Admission(bound=5, retry_after_s=3)
+    assert admission.reserve(4) == 4
+    admission.check(1)  # exactly at the bound: still admitted
+    with pytest.raises(APIError) as refused:
+        admission.reserve(2)
+    assert refused.value.status == 503 and refused.value.code == "at_capacity"
+    assert refused.value.retry_after_s == 3 and "4 completions in flight" in str(refused.value)
+    assert admission.inflight == 4  # a refused reservation takes nothing
+    admission.release(4)
+    assert admission.reserve(5) == 5
