@@ -17,9 +17,9 @@ table (for docs/PERF.md) and writes every run's summary as JSON. These are predi
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
+
+from report import write_json
 
 from nmoe_serve.sim.cli import read_config, scheduler_limits
 from nmoe_serve.sim.cost_model import StepCostModel
@@ -79,22 +79,14 @@ def main() -> int:
             )
             runs.append({"workload": name, "policy": policy, "overrides": overrides, "overlap": overlap, **s})
     payload = {
-        "date": time.strftime("%Y-%m-%d"),
         "prediction": "simulated, not measured",
         "config": args.config,
         "pages_per_rank": args.pages_per_rank,
         "coordinator_ms": args.coordinator_ms,
-        "cost_model": {
-            "path": str(args.cost_model),
-            "source": cost.source,
-            "date": cost.date,
-            "fit": cost.fit,
-        },
+        "cost_model": cost.provenance(args.cost_model),
         "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, payload)
     return 0
 
 

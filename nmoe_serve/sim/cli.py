@@ -88,12 +88,7 @@ def simulate(args: argparse.Namespace) -> int:
         "coordinator_ms": args.coordinator_ms,
         "frontend_ms": args.frontend_ms,
         "frontend_token_us": args.frontend_token_us,
-        "cost_model": {
-            "path": str(args.cost_model),
-            "source": cost.source,
-            "date": cost.date,
-            "fit": cost.fit,
-        },
+        "cost_model": cost.provenance(args.cost_model),
         "prediction": "simulated, not measured",
     }
     write_json(result, args.out, settings)

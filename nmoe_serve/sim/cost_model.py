@@ -113,6 +113,10 @@ class StepCostModel:
             }
         return cls(coefficients, source, date, fit, tuple(points))
 
+    def provenance(self, path: Path) -> dict[str, Any]:
+        """Where the model loaded from `path` comes from and how well it fits, for a result file."""
+        return {"path": str(path), "source": self.source, "date": self.date, "fit": self.fit}
+
     def save(self, path: Path) -> None:
         payload = {
             "source": self.source,
