@@ -244,6 +244,19 @@ def test_fused_moe_rejects_bad_input():
             fused_moe(**args)
 
 
+def _deepseek_rank_inputs(T: int, fp8: bool) -> tuple:
+    """DeepSeek-V3's MoE on one of 8 EP ranks (H 7168, 2048 intermediate, 32 of 256 experts,
+    top-8), every token routed to at least one local expert: (x, ids, weights, w, expert_start)."""
+    H, inter, E, K, total, expert_start = 7168, 2048, 32, 8, 256, 64
+    x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
+    scores = torch.rand(T, total, device="cuda")
+    local = expert_start + torch.randint(0, E, (T,), device="cuda")
+    scores[torch.arange(T, device="cuda"), local] = 2.0  # every token has local work
+    ids = scores.topk(K, dim=1).indices.to(torch.int32)  # [T, K]
+    weights = torch.rand(T, K, device="cuda") + 0.1
+    return x, ids, weights, _weights(E, H, inter, torch.bfloat16, fp8, "cuda"), expert_start
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("T", [1, 32, 256, 4096])
@@ -259,14 +272,7 @@ def test_fused_moe_gpu_deepseek_shapes(T, fp8):
     extra error is the FP8 accumulator flipping the fp8 rounding of some h elements. The norm
     bound below catches a wrong kernel that the max bound would let through.
     """
-    H, inter, E, K, total, expert_start = 7168, 2048, 32, 8, 256, 64
-    x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
-    scores = torch.rand(T, total, device="cuda")
-    local = expert_start + torch.randint(0, E, (T,), device="cuda")
-    scores[torch.arange(T, device="cuda"), local] = 2.0  # every token has local work
-    ids = scores.topk(K, dim=1).indices.to(torch.int32)  # [T, K]
-    weights = torch.rand(T, K, device="cuda") + 0.1
-    w = _weights(E, H, inter, torch.bfloat16, fp8, "cuda")
+    x, ids, weights, w, expert_start = _deepseek_rank_inputs(T, fp8)
     out = fused_moe(x, ids, weights, expert_start=expert_start, **w)
     want = fused_moe_ref(x, ids, weights, expert_start=expert_start, **w)
     assert _rel_err(out, want) <= 2e-2
@@ -391,14 +397,7 @@ def test_fused_moe_gluon_matches_reference(T, H, inter, E, K, total, start, stag
 def test_fused_moe_gluon_deepseek_shapes(T):
     """DeepSeek-V3 on one of 8 EP ranks (as test_fused_moe_gpu_deepseek_shapes, same bounds),
     the Gluon GEMMs with their default tiles, deterministic."""
-    H, inter, E, K, total, expert_start = 7168, 2048, 32, 8, 256, 64
-    x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
-    scores = torch.rand(T, total, device="cuda")
-    local = expert_start + torch.randint(0, E, (T,), device="cuda")
-    scores[torch.arange(T, device="cuda"), local] = 2.0  # every token has local work
-    ids = scores.topk(K, dim=1).indices.to(torch.int32)  # [T, K]
-    weights = torch.rand(T, K, device="cuda") + 0.1
-    w = _weights(E, H, inter, torch.bfloat16, True, "cuda")
+    x, ids, weights, w, expert_start = _deepseek_rank_inputs(T, fp8=True)
     args = (x, ids, weights, w["w13"], w["w2"], expert_start, w["w13_scale"], w["w2_scale"], _gluon_config())
     out = fused_moe_with_config(*args)
     want = fused_moe_ref(x, ids, weights, expert_start=expert_start, **w)

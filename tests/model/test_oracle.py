@@ -158,11 +158,11 @@ def test_empty_step_runs(oracle) -> None:
         assert worker.logits_for(plan, all_positions=True).shape == (0, 512)
 
 
-def test_greedy_generation_is_identical(oracle) -> None:
+def oracle_llm(path):
+    """The offline engine on the oracle's checkpoint: float32 on the CPU, 48-token prefill chunks."""
     from nmoe_serve.llm import LLM
 
-    _, path, ref = oracle
-    llm = LLM(
+    return LLM(
         path,
         dtype="float32",
         device="cpu",
@@ -171,6 +171,11 @@ def test_greedy_generation_is_identical(oracle) -> None:
         max_seq_len=1024,
         max_prefill_tokens=48,
     )
+
+
+def test_greedy_generation_is_identical(oracle) -> None:
+    _, path, ref = oracle
+    llm = oracle_llm(path)
     seqs = prompts([12, 50, 3], seed=4)
     outputs = llm.generate(seqs, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
     ref.generation_config.eos_token_id = None
@@ -206,18 +211,8 @@ def test_prefill_after_cached_pages_matches_a_fresh_prefill(oracle) -> None:
 def test_greedy_generation_with_cached_prefixes_is_identical(oracle) -> None:
     """Two turns of a conversation through the engine with prefix caching on: the second turn reads
     the first turn's pages (prompt and decoded tokens) and still generates transformers' tokens."""
-    from nmoe_serve.llm import LLM
-
     _, path, ref = oracle
-    llm = LLM(
-        path,
-        dtype="float32",
-        device="cpu",
-        page_size=PAGE_SIZE,
-        num_pages=NUM_PAGES,
-        max_seq_len=1024,
-        max_prefill_tokens=48,
-    )
+    llm = oracle_llm(path)
     ref.generation_config.eos_token_id = None
     greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     system, user1, user2 = prompts([30, 7, 5], seed=6)
