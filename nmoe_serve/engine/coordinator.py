@@ -51,6 +51,9 @@ class StepReport:
     busiest: tuple[int, int, int, int] = (0, 0, 0, 0)  # StepPlan.work() of its busiest rank
     cache_queries: int = 0  # prompt tokens looked up in the prefix cache, since the start
     cache_hits: int = 0  # of those, tokens found cached
+    spec_drafts: int = 0  # speculative decoding, since the start: sequence-steps verified ...
+    spec_draft_tokens: int = 0  # ... draft tokens they verified ...
+    spec_accepted_tokens: int = 0  # ... and of those, accepted
 
 
 class Coordinator:
@@ -227,6 +230,9 @@ class Coordinator:
             completed.busiest,
             scheduler.cache_queries,
             scheduler.cache_hits,
+            scheduler.num_verified_seqs,
+            scheduler.num_drafted,
+            scheduler.num_accepted,
         )
         for listener in self.step_listeners:
             listener(report)

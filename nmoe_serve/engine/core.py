@@ -47,6 +47,13 @@ class CoreSettings:
     decode_prefill_tokens: int | None = None  # prompt tokens per rank per prefill step while decoding
     prefix_caching: bool = True  # reuse the KV pages of equal prefixes on a rank
     max_rank_imbalance: int = 4  # running sequences a cache hit may put on a rank over the least loaded
+    num_draft_tokens: int = 0  # speculative decoding: tokens drafted per sequence per step (0: off)
+
+    @property
+    def max_decode_tokens(self) -> int:
+        """The most tokens a rank computes in a decode step: a token per sequence, or with
+        speculative decoding 1 + num_draft_tokens (a verify step)."""
+        return self.max_num_seqs * (1 + self.num_draft_tokens)
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,7 @@ class EngineCore:
             decode_prefill_tokens=settings.decode_prefill_tokens,
             prefix_caching=settings.prefix_caching,
             max_rank_imbalance=settings.max_rank_imbalance,
+            num_draft_tokens=settings.num_draft_tokens,
         )
         self.overlap = settings.overlap
         self.scheduler = Scheduler(self.limits, max_steps_in_flight=2 if self.overlap else 1)

@@ -40,13 +40,16 @@ class TokenUpdate:
 class RankOutputs:
     """The accepted tokens of one rank in one step.
 
-    rows: [B_a] int64, the accepted rows of `result` (rows of requests that ended or were preempted
-    or aborted while the step was in flight are left out); finish: [B_a] int8 finish codes;
+    rows: [B_a] int64, the accepted token rows of `result` (rows of requests that ended or were
+    preempted or aborted while the step was in flight are left out, and with speculative decoding
+    the tokens past a request's end); seqs: [B_a] int64, each one's sequence (its index in
+    `result.request_ids`; equal to rows with one token per sequence); finish: [B_a] int8 finish codes;
     stop_token: [B_a] int64, the stop token id that ended the row (-1: none, or an EOS); cached:
     [B_a] int64, on a request's first output its prompt tokens found in the prefix cache (else -1)."""
 
     result: StepResult
     rows: np.ndarray
+    seqs: np.ndarray
     finish: np.ndarray
     stop_token: np.ndarray
     cached: np.ndarray
@@ -75,8 +78,9 @@ class StepOutputs:
             tokens = result.token_ids[part.rows].tolist()
             ids = result.request_ids
             with_logprobs = result.num_top is not None
-            for row, token, code, stop, cached in zip(
+            for row, seq, token, code, stop, cached in zip(
                 part.rows.tolist(),
+                part.seqs.tolist(),
                 tokens,
                 part.finish.tolist(),
                 part.stop_token.tolist(),
@@ -84,7 +88,7 @@ class StepOutputs:
                 strict=True,
             ):
                 update = TokenUpdate(
-                    ids[row],
+                    ids[seq],
                     token,
                     finish_reason=FINISH_CODES[code],
                     stop_token_id=None if stop < 0 else stop,

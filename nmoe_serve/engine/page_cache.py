@@ -23,14 +23,18 @@ import numpy as np
 from nmoe_serve.engine.page_pool import PagePool
 
 
-def extend_page_hashes(hashes: list[bytes], tokens: np.ndarray, page_size: int) -> list[bytes]:
+def extend_page_hashes(
+    hashes: list[bytes], tokens: np.ndarray, page_size: int, lookahead: int = 0
+) -> list[bytes]:
     """Append to `hashes` (those of the first len(hashes) pages of `tokens`) the hash of every
-    further full page of `tokens` [n] int64; returns `hashes`. A page's hash covers its tokens and,
-    through its parent's hash, all the tokens before it."""
+    further full page of `tokens` [n] int64 that has `lookahead` tokens after it; returns `hashes`.
+    A page's hash covers its tokens, the `lookahead` tokens after it and, through its parent's
+    hash, all the tokens before it. (Speculative decoding's draft layer keeps, at a token's slot,
+    a value that depends on the next token too: its pages are hashed with lookahead 1.)"""
     tokens = np.asarray(tokens, np.int64)
     parent = hashes[-1] if hashes else b""
-    for page in range(len(hashes), tokens.shape[0] // page_size):
-        chunk = tokens[page * page_size : (page + 1) * page_size]
+    for page in range(len(hashes), (tokens.shape[0] - lookahead) // page_size):
+        chunk = tokens[page * page_size : (page + 1) * page_size + lookahead]
         parent = hashlib.blake2b(parent + chunk.tobytes(), digest_size=16).digest()
         hashes.append(parent)
     return hashes

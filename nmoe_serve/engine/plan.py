@@ -7,6 +7,12 @@ with zero sequences (T = 0) and still runs the step, so collectives stay aligned
 Fed tokens: with overlapped steps the coordinator plans step n+1 before it knows the tokens of
 step n. A decode row's token id is then -1 - i: the token this rank sampled for the i-th sampled
 row of its previous step (`fed_token`), which the rank keeps on its device and feeds itself.
+
+Speculative decoding (k draft tokens per sequence): a decode plan then carries 1 + k tokens per
+sequence, the last output followed by the k drafts its rank made after the sequence's previous
+step (a verify step); each rank's result gives per sampled sequence the tokens the target model
+accepted (1 to 1 + k) and the k drafts for its next step. A prefill plan carries the token after
+each sequence's chunk (`next_token_ids`), which the draft layer reads at the chunk's last token.
 """
 
 from __future__ import annotations
@@ -50,6 +56,9 @@ class StepPlan:
     token_ids: np.ndarray  # [T] int64, the new tokens, sequence after sequence (-1 - i: fed, see above)
     page_table: np.ndarray  # [B, W] int32, -1 past each sequence's pages
     sample: np.ndarray  # [B] bool, sample a token after this step (complete prefills, all decodes)
+    # [B] int64, speculative decoding only: the known token after each sequence's new tokens (the
+    # next prompt token of a chunk), -1 where it is the one this step samples; None otherwise
+    next_token_ids: np.ndarray | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -101,13 +110,19 @@ def fed_token(sampled_row: Rows) -> Rows:
 
 @dataclass(frozen=True)
 class StepResult:
-    """The tokens a rank sampled in one step, for the sequences whose plan row had sample=True."""
+    """The tokens a rank sampled in one step, for the sequences whose plan row had sample=True.
+
+    One token per sampled sequence, or with speculative decoding `num_emitted[i]` tokens for the
+    i-th (B_e = their sum, sequence after sequence): token_ids and the logprob arrays have a row
+    per token. Shapes: B_s sampled sequences, B_e tokens, k top logprobs (here), Kd drafts."""
 
     step_id: int
     rank: int
     request_ids: tuple[str, ...]  # [B_s], the sampled sequences
-    token_ids: np.ndarray  # [B_s] int64
-    logprobs: np.ndarray | None = None  # [B_s] float32, sampled token's logprob (rows that asked)
-    top_token_ids: np.ndarray | None = None  # [B_s, k] int64
-    top_logprobs: np.ndarray | None = None  # [B_s, k] float32
-    num_top: np.ndarray | None = None  # [B_s] int32, alternatives each row asked for (-1: no logprobs)
+    token_ids: np.ndarray  # [B_e] int64
+    logprobs: np.ndarray | None = None  # [B_e] float32, sampled token's logprob (rows that asked)
+    top_token_ids: np.ndarray | None = None  # [B_e, k] int64
+    top_logprobs: np.ndarray | None = None  # [B_e, k] float32
+    num_top: np.ndarray | None = None  # [B_e] int32, alternatives each row asked for (-1: no logprobs)
+    num_emitted: np.ndarray | None = None  # [B_s] int64, tokens per sequence (None: one each)
+    draft_token_ids: np.ndarray | None = None  # [B_s, Kd] int64, drafts for each sequence's next step

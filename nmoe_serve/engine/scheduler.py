@@ -37,6 +37,19 @@ plan (token id -1 - i: the token the rank sampled for its i-th sampled row of th
 plan.py) and the owner rank feeds it from the device. A request can only end on its own results,
 so it is learnt one step late: a request that sampled EOS may take one more (wasted) row, whose
 token is dropped, never emitted. max_tokens counts the tokens in flight, so it is never exceeded.
+
+Speculative decoding (`num_draft_tokens` k > 0; steps one at a time): every decode step is a
+verify step of 1 + k tokens per sequence, its last output and the k drafts its rank returned
+with it. The rank returns 1 to 1 + k accepted tokens per sequence; they are taken in order and
+the request ends at the first that ends it (EOS, a stop id, max_tokens): nothing past it is
+emitted. The KV of the rejected drafts' positions is rolled back by the count alone (the next
+step writes over it): after the step a sequence has start + accepted tokens computed. Pages:
+a verify step writes positions up to start + k and the draft layer, drafting k tokens ahead of
+the last accepted one, up to start + 2k - 1, so a decoding sequence holds pages for its
+computed tokens + 2k, and an admitted one for its known tokens + k - 1; admission refuses a
+request whose prompt + max_tokens + 2k - 1 does not fit a rank. The draft layer keeps, at each
+token's slot, a value that depends on the next token as well, so with k > 0 the prefix cache
+hashes each page with the token after it and offers a page only once that token is known.
 """
 
 from __future__ import annotations
@@ -47,7 +60,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nmoe_serve.engine.outputs import STOPPED, RankOutputs, StepOutputs, TokenUpdate
+from nmoe_serve.engine.outputs import GOES_ON, STOPPED, RankOutputs, StepOutputs, TokenUpdate
 from nmoe_serve.engine.page_cache import PageCache, extend_page_hashes
 from nmoe_serve.engine.plan import NewRequest, StepKind, StepPlan, StepResult, fed_token
 from nmoe_serve.engine.request import FinishReason, Request, RequestRejected, RequestStatus, output_budget
@@ -70,6 +83,7 @@ class SchedulerLimits:
     decode_prefill_tokens: int | None = None  # prompt tokens per rank per prefill step while sequences decode
     prefix_caching: bool = True  # share full pages of equal prefixes on a rank (engine/page_cache.py)
     max_rank_imbalance: int = 4  # running sequences a cache hit may put on a rank over the least loaded
+    num_draft_tokens: int = 0  # speculative decoding: tokens drafted per sequence per step (0: off)
 
     def pages_for(self, tokens: int) -> int:
         return math.ceil(tokens / self.page_size)
@@ -79,6 +93,24 @@ class SchedulerLimits:
         if self.decode_prefill_tokens is None:
             return self.max_prefill_tokens
         return min(self.decode_prefill_tokens, self.max_prefill_tokens)
+
+    @property
+    def decode_lookahead(self) -> int:
+        """Positions from a decoding sequence's first uncomputed one that its pages must hold
+        before a decode step: the one it writes, or with k drafts those of a verify step and of
+        the drafts after it (2k)."""
+        return 2 * self.num_draft_tokens if self.num_draft_tokens else 1
+
+    @property
+    def admission_tail(self) -> int:
+        """Positions past its known tokens an admitted sequence's pages hold: with k > 1 drafts,
+        those the drafts after its prefill write (k - 1)."""
+        return max(self.num_draft_tokens - 1, 0)
+
+    @property
+    def hash_lookahead(self) -> int:
+        """Tokens after a page its prefix-cache hash covers (1 with speculative decoding)."""
+        return 1 if self.num_draft_tokens else 0
 
 
 @dataclass(slots=True)
@@ -106,12 +138,23 @@ class Scheduler:
         next step while the last one runs (the engine core's overlap)."""
         if max_steps_in_flight not in (1, 2):
             raise ValueError(f"max_steps_in_flight must be 1 or 2, got {max_steps_in_flight}")
+        if limits.num_draft_tokens and max_steps_in_flight != 1:
+            raise ValueError(
+                "speculative decoding plans each step once the last one's results are in: "
+                "max_steps_in_flight must be 1 (scheduler.overlap = false)"
+            )
         self.limits = limits
         self.max_steps_in_flight = max_steps_in_flight
         self.pools = [
             PageCache(limits.pages_per_rank, limits.prefix_caching) for _ in range(limits.num_ranks)
         ]
-        self.table = SlotTable(limits.num_ranks, limits.max_num_seqs, limits.pages_for(limits.max_seq_len))
+        self.num_draft_tokens = limits.num_draft_tokens
+        self.table = SlotTable(
+            limits.num_ranks,
+            limits.max_num_seqs,
+            limits.pages_for(limits.max_seq_len + 2 * limits.num_draft_tokens),
+            num_drafts=limits.num_draft_tokens,
+        )
         self.waiting: deque[Request] = deque()
         self.requests: dict[str, Request] = {}
         self._released: list[list[str]] = [[] for _ in range(limits.num_ranks)]
@@ -125,6 +168,9 @@ class Scheduler:
         self.cache_queries = 0  # prompt tokens looked up in the prefix cache (first admissions)
         self.cache_hits = 0  # of those, tokens found cached
         self.admitted_by_rank = [0] * limits.num_ranks  # first admissions per rank (the rank balance)
+        self.num_drafted = 0  # speculative decoding: draft tokens verified ...
+        self.num_accepted = 0  # ... and of those, accepted (emitted tokens minus one per sequence-step)
+        self.num_verified_seqs = 0  # sequence-steps of verify steps (the mean accepted length's count)
 
     # ---- requests in and out -------------------------------------------------------------------
 
@@ -142,9 +188,10 @@ class Scheduler:
             raise RequestRejected(f"request id {request_id!r} is already in use")
         prompt_len = len(prompt_token_ids)
         max_tokens = output_budget(prompt_len, sampling.max_tokens, self.limits.max_seq_len)
-        if self.limits.pages_for(prompt_len + max_tokens) > self.limits.pages_per_rank:
+        need = self.limits.pages_for(prompt_len + max_tokens - 1 + self.limits.decode_lookahead)
+        if need > self.limits.pages_per_rank:
             raise RequestRejected(
-                f"the request needs up to {self.limits.pages_for(prompt_len + max_tokens)} KV pages but a rank has "
+                f"the request needs up to {need} KV pages but a rank has "
                 f"{self.limits.pages_per_rank}: lower max_tokens or shorten the prompt"
             )
         eos = frozenset() if sampling.ignore_eos else eos_token_ids
@@ -274,7 +321,10 @@ class Scheduler:
                     f"rank {rank} returned tokens for {len(result.request_ids)} sequences of step "
                     f"{step.step_id} that differ from the {len(rows.request_ids)} its plan sampled"
                 )
-        outputs = self._accept(results, step.sampled)
+        if self.num_draft_tokens:
+            outputs = self._accept_speculative(results, step.sampled, step.plans[0].kind)
+        else:
+            outputs = self._accept(results, step.sampled)
         self._apply_deferred_aborts()
         return outputs
 
@@ -332,9 +382,92 @@ class Scheduler:
         for j, rank in enumerate(ranks):
             a, b = cuts[j], cuts[j + 1]
             if a < b:
+                rows = accepted[a:b] - offsets[j]
+                parts.append(
+                    RankOutputs(results[rank], rows, rows, finish[a:b], stop_token[a:b], cached[a:b])
+                )
+        return StepOutputs(parts)
+
+    def _accept_speculative(
+        self, results: list[StepResult], sampled: list[_SampledRows], kind: StepKind
+    ) -> StepOutputs:
+        """`_accept` for steps with 1 to 1 + k tokens per sequence: each sequence's tokens are
+        taken in order until one ends the request; a verify step's computed count becomes its
+        start plus the tokens taken (the rejected drafts' KV rolled back), and the sequences that
+        go on keep the drafts for their next step."""
+        ranks = [r for r, rows in enumerate(sampled) if rows.slots.size]
+        if not ranks:
+            return StepOutputs()
+        table, q = self.table, 1 + self.num_draft_tokens
+        slots = np.concatenate([sampled[r].slots for r in ranks])  # [S]
+        generation = np.concatenate([sampled[r].generation for r in ranks])
+        counts = np.concatenate([_emitted(results[r]) for r in ranks])  # [S]
+        drafts = np.concatenate([_drafts(results[r], self.num_draft_tokens) for r in ranks])  # [S, k]
+        flat = np.concatenate([results[r].token_ids for r in ranks])  # [S_e]
+        first = np.concatenate(([0], np.cumsum(counts)[:-1]))  # [S], each sequence's first token
+        valid = (table.generation[slots] == generation) & ~table.aborting[slots]
+        finish = np.zeros(slots.size, np.int8)
+        taken = np.zeros(slots.size, np.int64)
+        token_rows, seq_rows, codes, stops, cached_parts = [], [], [], [], []
+        for j in range(int(counts.max())):
+            live = np.flatnonzero(valid & (counts > j) & (finish == GOES_ON))
+            if not live.size:
+                break
+            tokens = flat[first[live] + j]
+            code = table.accept(slots[live], tokens)
+            finish[live] = code
+            taken[live] += 1
+            known = table.out_known[slots[live]]
+            stop = np.where(code == STOPPED, tokens, -1)
+            token_rows.append(first[live] + j)
+            seq_rows.append(live)
+            codes.append(code)
+            stops.append(stop)
+            cached_parts.append(np.where(known == 1, table.cached_prompt[slots[live]], -1))
+        rows_v = np.flatnonzero(valid)
+        kept = slots[rows_v]
+        if kind == StepKind.DECODE:
+            table.num_computed[kept] += taken[rows_v] - q  # planned start + q -> start + taken
+            self.num_verified_seqs += rows_v.size
+            self.num_drafted += rows_v.size * self.num_draft_tokens
+            self.num_accepted += int((counts[rows_v] - 1).sum())
+        table.out_scheduled[kept] = table.out_known[kept]
+        table.drafts[kept] = drafts[rows_v]
+        if not token_rows:
+            return StepOutputs()
+        order = np.argsort(np.concatenate(token_rows), kind="stable")
+        token_row = np.concatenate(token_rows)[order]
+        seq_row = np.concatenate(seq_rows)[order]
+        code_all = np.concatenate(codes)[order]
+        stop_all = np.concatenate(stops)[order]
+        cached_all = np.concatenate(cached_parts)[order]
+        for i in np.flatnonzero(code_all).tolist():
+            request = table.occupant[int(slots[seq_row[i]])]
+            assert request is not None
+            token = int(flat[token_row[i]])
+            reason = FinishReason.STOP if code_all[i] == STOPPED else FinishReason.LENGTH
+            if reason is FinishReason.STOP and token not in request.eos_token_ids:
+                request.stop_token_id = token
+            else:
+                stop_all[i] = -1
+            self._finish(request, reason)
+            del self.requests[request.request_id]
+        # back to rank parts: each rank's tokens and sequences, counted from its own first
+        seq_offsets = np.cumsum([0] + [sampled[r].slots.size for r in ranks])
+        token_offsets = np.cumsum([0] + [int(_emitted(results[r]).sum()) for r in ranks])
+        cuts = np.searchsorted(token_row, token_offsets)
+        parts = []
+        for j, rank in enumerate(ranks):
+            a, b = cuts[j], cuts[j + 1]
+            if a < b:
                 parts.append(
                     RankOutputs(
-                        results[rank], accepted[a:b] - offsets[j], finish[a:b], stop_token[a:b], cached[a:b]
+                        results[rank],
+                        token_row[a:b] - token_offsets[j],
+                        seq_row[a:b] - seq_offsets[j],
+                        code_all[a:b],
+                        stop_all[a:b],
+                        cached_all[a:b],
                     )
                 )
         return StepOutputs(parts)
@@ -387,7 +520,7 @@ class Scheduler:
         more than the least loaded fitting rank, so a hot prefix cannot pin the traffic to one rank
         (the others then compute it once and cache it too)."""
         limits, counts = self.limits, self.table.counts
-        total = limits.pages_for(request.num_tokens)
+        total = limits.pages_for(request.num_tokens + limits.admission_tail)
         # a prompt is never wholly cached: its last token is computed to sample from it
         hashes = self._page_hashes(request, (request.num_tokens - 1) // limits.page_size)
         candidates = [request.rank] if request.rank is not None else range(limits.num_ranks)
@@ -414,7 +547,9 @@ class Scheduler:
         prefill starts after the cached tokens."""
         pool, table = self.pools[rank], self.table
         pool.acquire(hit)  # first, so that the allocation cannot evict them
-        fresh = pool.allocate(self.limits.pages_for(request.num_tokens) - len(hit))
+        fresh = pool.allocate(
+            self.limits.pages_for(request.num_tokens + self.limits.admission_tail) - len(hit)
+        )
         assert fresh is not None  # _choose_rank checked the pool
         pages = np.concatenate([np.asarray(hit, np.int32), fresh])
         request.rank, request.status = rank, RequestStatus.RUNNING
@@ -436,22 +571,25 @@ class Scheduler:
         """The hashes of the request's first `count` pages (their tokens must be known)."""
         if not self.limits.prefix_caching or count <= 0:
             return []
-        hashes, page_size = request.page_hashes, self.limits.page_size
+        hashes, page_size, ahead = request.page_hashes, self.limits.page_size, self.limits.hash_lookahead
         if len(hashes) < count:
-            prompt = request.prompt_token_ids
-            tokens = prompt if count * page_size <= prompt.shape[0] else request.all_token_ids
-            extend_page_hashes(hashes, tokens[: count * page_size], page_size)
+            prompt, end = request.prompt_token_ids, count * page_size + ahead
+            tokens = prompt if end <= prompt.shape[0] else request.all_token_ids
+            extend_page_hashes(hashes, tokens[:end], page_size, ahead)
         return hashes[:count]
 
     def _cache_pages(self, slot: int, tokens: int) -> None:
         """Offer the slot's full pages among its first `tokens` (computed, or planned in a step
-        already made, and known) to its rank's cache."""
+        already made, and known, with the `hash_lookahead` tokens after them) to its rank's cache."""
         table = self.table
-        first, last = int(table.num_cached_pages[slot]), tokens // self.limits.page_size
-        if not self.limits.prefix_caching or last <= first:
+        if not self.limits.prefix_caching:
             return
         request = table.occupant[slot]
         assert request is not None and request.rank is not None
+        tokens = min(tokens, request.num_tokens - self.limits.hash_lookahead)
+        first, last = int(table.num_cached_pages[slot]), tokens // self.limits.page_size
+        if last <= first:
+            return
         hashes = self._page_hashes(request, last)
         pool = self.pools[request.rank]
         for page, page_hash in zip(table.page_table[slot, first:last].tolist(), hashes[first:], strict=True):
@@ -477,12 +615,13 @@ class Scheduler:
         slots = np.array([s for s, _ in chunks], np.int64)
         counts = np.array([n for _, n in chunks], np.int64)
         starts = table.num_computed[slots]
-        new_requests, tokens = [], []
+        new_requests, tokens, next_tokens = [], [], []
         for (slot, n), start in zip(chunks, starts.tolist(), strict=True):
             request = table.occupant[slot]
             assert request is not None
             known = request.prompt_token_ids if request.num_stored_outputs == 0 else request.all_token_ids
             tokens.append(known[start : start + n])
+            next_tokens.append(int(known[start + n]) if start + n < known.shape[0] else -1)
             if not request.on_worker:
                 new_requests.append(
                     NewRequest(
@@ -510,6 +649,7 @@ class Scheduler:
             np.concatenate(tokens),
             sample,
             tuple(new_requests),
+            np.asarray(next_tokens, np.int64) if self.num_draft_tokens else None,
         )
         ids = plan.request_ids if sample.all() else tuple(table.request_ids[sampled])
         return plan, _SampledRows(sampled, table.generation[sampled], ids)
@@ -521,9 +661,13 @@ class Scheduler:
         rows = self._reserve_pages(decodable)
         if not rows.size:
             return None
-        in_flight = table.out_scheduled[rows] > table.out_known[rows]
-        tokens = np.where(in_flight, fed_token(table.fed_index[rows]), table.last_token[rows])
-        computed = table.num_computed[rows] + 1
+        q = 1 + self.num_draft_tokens  # tokens per sequence
+        if self.num_draft_tokens:  # a verify step: the last output, then its drafts
+            tokens = np.column_stack([table.last_token[rows], table.drafts[rows]])  # [rows, q]
+        else:
+            in_flight = table.out_scheduled[rows] > table.out_known[rows]
+            tokens = np.where(in_flight, fed_token(table.fed_index[rows]), table.last_token[rows])
+        computed = table.num_computed[rows] + q
         table.num_computed[rows] = computed
         table.out_scheduled[rows] += 1
         cuts = np.searchsorted(rows, table.rank_bounds)
@@ -535,7 +679,7 @@ class Scheduler:
         num_pages = table.num_pages[rows]
         page_table = table.page_table[rows, : int(num_pages.max())]
         request_ids = table.request_ids[rows]
-        ones_i32 = np.ones(rows.size, np.int32)
+        query_lens = np.full(rows.size, q, np.int32)
         ones = np.ones(rows.size, bool)
         planned = []
         for rank, (a, b) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
@@ -552,9 +696,9 @@ class Scheduler:
                 released=released,
                 new_requests=(),
                 request_ids=ids,
-                query_lens=ones_i32[a:b],
+                query_lens=query_lens[a:b],
                 context_lens=context[a:b],
-                token_ids=tokens[a:b],
+                token_ids=tokens[a:b].reshape(-1),
                 page_table=page_table[a:b, : int(num_pages[a:b].max())],
                 sample=ones[a:b],
             )
@@ -562,33 +706,37 @@ class Scheduler:
         return planned
 
     def _reserve_pages(self, rows: np.ndarray) -> np.ndarray:
-        """The decode rows, each with a page for the position it writes (preempting if needed)."""
-        table, page_size = self.table, self.limits.page_size
-        need = rows[table.num_computed[rows] >= table.num_pages[rows] * page_size]
-        if not need.size:
-            return rows
-        short = False
-        for rank, need_r in enumerate(table.split(need)):
-            if not need_r.size:
-                continue
-            pages = self.pools[rank].allocate(need_r.size)
-            if pages is None:
-                self._reserve_or_preempt(rank)
-                short = True
-                continue
-            table.page_table[need_r, table.num_pages[need_r]] = pages
-            table.num_pages[need_r] += 1
-        return table.decodable() if short else rows
+        """The decode rows, each with pages for the positions it writes (`decode_lookahead`),
+        preempting if needed."""
+        table, page_size, ahead = self.table, self.limits.page_size, self.limits.decode_lookahead
+        while True:  # one page per row per round: more than one only when 2k > page_size
+            need = rows[table.num_computed[rows] + ahead > table.num_pages[rows] * page_size]
+            if not need.size:
+                return rows
+            short = False
+            for rank, need_r in enumerate(table.split(need)):
+                if not need_r.size:
+                    continue
+                pages = self.pools[rank].allocate(need_r.size)
+                if pages is None:  # the rank's rows get all their pages, or some are preempted
+                    self._reserve_or_preempt(rank)
+                    short = True
+                    continue
+                table.page_table[need_r, table.num_pages[need_r]] = pages
+                table.num_pages[need_r] += 1
+            if short:
+                rows = table.decodable()
 
     def _reserve_or_preempt(self, rank: int) -> None:
         """Too few free pages on `rank`: oldest first, each decoding request takes the page it needs
         or the rank's newest request is preempted (possibly itself)."""
         table, pool, page_size = self.table, self.pools[rank], self.limits.page_size
+        ahead = self.limits.decode_lookahead
         decoding = set(table.decodable().tolist())
         for slot in table.by_admission(rank).tolist():
             if slot not in decoding:
                 continue
-            while table.active[slot] and table.num_computed[slot] >= table.num_pages[slot] * page_size:
+            while table.active[slot] and table.num_computed[slot] + ahead > table.num_pages[slot] * page_size:
                 page = pool.allocate(1)
                 if page is not None:
                     table.page_table[slot, table.num_pages[slot]] = page[0]
@@ -608,6 +756,7 @@ class Scheduler:
         token_ids: np.ndarray,
         sample: np.ndarray,
         new_requests: tuple[NewRequest, ...],
+        next_token_ids: np.ndarray | None = None,
     ) -> StepPlan:
         table = self.table
         released = tuple(self._released[rank])
@@ -625,6 +774,7 @@ class Scheduler:
             token_ids=token_ids,
             page_table=table.page_table[slots, :width],
             sample=sample,
+            next_token_ids=next_token_ids,
         )
 
     def _idle_plan(self, kind: StepKind, rank: int) -> StepPlan:
@@ -656,3 +806,21 @@ class Scheduler:
             assert request.rank is not None
             self._released[request.rank].append(request.request_id)
             request.on_worker = False
+
+
+def _emitted(result: StepResult) -> np.ndarray:
+    """[B_s] int64, tokens per sampled sequence of a result."""
+    if result.num_emitted is None:
+        return np.ones(len(result.request_ids), np.int64)
+    return result.num_emitted.astype(np.int64, copy=False)
+
+
+def _drafts(result: StepResult, num_drafts: int) -> np.ndarray:
+    """[B_s, k] int64, the drafts a result returned for its sequences' next steps."""
+    drafts = result.draft_token_ids
+    if drafts is None or drafts.shape != (len(result.request_ids), num_drafts):
+        raise RuntimeError(
+            f"rank {result.rank} returned no drafts of {num_drafts} token(s) for its {len(result.request_ids)} "
+            f"sampled sequences in step {result.step_id} (speculative decoding is on: every sampling step drafts)"
+        )
+    return drafts.astype(np.int64, copy=False)

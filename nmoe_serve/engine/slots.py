@@ -16,8 +16,8 @@ row fills or the request leaves. Each slot fills after its own count (`flush_at`
 
 Shapes: the legend in docs/ARCHITECTURE.md; here S slots per rank (max_num_seqs), RS = EP·S rows,
 W page-table width (pages of one max_seq_len sequence), Ks stop ids per slot (the most any
-running request has), Hw outputs a slot holds before they move (`history_width`), B_a rows
-accepted in a step.
+running request has), Kd draft tokens per slot (speculative decoding; 0 without), Hw outputs a
+slot holds before they move (`history_width`), B_a rows accepted in a step.
 """
 
 from __future__ import annotations
@@ -31,7 +31,14 @@ HISTORY_WIDTH = 256
 
 
 class SlotTable:
-    def __init__(self, num_ranks: int, capacity: int, width: int, history_width: int = HISTORY_WIDTH) -> None:
+    def __init__(
+        self,
+        num_ranks: int,
+        capacity: int,
+        width: int,
+        history_width: int = HISTORY_WIDTH,
+        num_drafts: int = 0,
+    ) -> None:
         n = num_ranks * capacity
         self.num_ranks, self.capacity = num_ranks, capacity
         self.width, self.history_width = width, history_width
@@ -54,6 +61,7 @@ class SlotTable:
         self.fed_index = np.full(n, -1, np.int64)  # [RS] its row among the last planned step's samples
         self.stop_ids = np.full((n, 1), -1, np.int64)  # [RS, Ks], -1 past each slot's ids
         self.aborting = np.zeros(n, bool)  # [RS] aborted while a step that runs it is in flight
+        self.drafts = np.zeros((n, num_drafts), np.int64)  # [RS, Kd] speculative drafts for the next step
         self.history = np.zeros((n, history_width), np.int64)  # [RS, Hw]
         self.history_len = np.zeros(n, np.int64)  # [RS]
         self.flush_at = np.full(n, history_width, np.int64)  # [RS] history length at which outputs move
