@@ -58,6 +58,7 @@ from nmoe_serve.model.attention import SdpaPrefill
 from nmoe_serve.model.backend import choose_decode_attention, kernel_backend, reference_ops, triton_ops
 from nmoe_serve.model.deepseek_v3 import DeepseekV3
 from nmoe_serve.model.loader import fill_dummy
+from nmoe_serve.model.mtp import DeepseekV3WithMTP
 from nmoe_serve.model.rope import RotaryEmbedding
 from nmoe_serve.worker.cuda_graphs import DecodeGraphs, EagerSteps
 from nmoe_serve.worker.kv_cache import KVCache
@@ -131,25 +132,28 @@ class LocalFeed:
     name = "local-feed"
 
     def __init__(self) -> None:
-        self.rows = self.ids = self.weights = torch.empty(0)
+        # tokens per rank -> (rows, ids, weights): a step may exchange at several sizes (the MTP
+        # draft passes of bench/spec_step.py); a layer input of another size takes the last set
+        self.routes: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.last = 0
 
     def set(self, args: ModelArgs, tokens_per_rank: int, seed: int, device: torch.device) -> dict:
         g = torch.Generator(device=device).manual_seed(seed)
         ids, weights = route(args, EP * tokens_per_rank, g, device)
         local = args.n_routed_experts // EP
         mine = (ids < local).any(dim=1)
-        self.ids, self.weights = ids[mine].contiguous(), weights[mine].contiguous()
-        received = int(self.ids.shape[0])
-        self.rows = torch.arange(received, device=device) % tokens_per_rank
-        return {"tokens_received": received, "local_pairs": int((self.ids < local).sum())}
+        ids, weights = ids[mine].contiguous(), weights[mine].contiguous()
+        received = int(ids.shape[0])
+        rows = torch.arange(received, device=device) % max(tokens_per_rank, 1)
+        self.routes[tokens_per_rank], self.last = (rows, ids, weights), tokens_per_rank
+        return {"tokens_received": received, "local_pairs": int((ids < local).sum())}
 
     def exchange(self, x, topk_ids, topk_weights, experts, decode):  # type: ignore[no-untyped-def]
-        y = experts(x[self.rows], self.ids, self.weights)  # [Mr, H]
+        rows, ids, weights = self.routes.get(int(x.shape[0]), self.routes[self.last])
+        y = experts(x[rows], ids, weights)  # [Mr, H]
         # Summed in float32 (native float atomics); the engine's prefill combine (model/transport.py)
         # sums in bf16, which this does not time.
-        combined = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(
-            0, self.rows, y.float()
-        )
+        combined = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, rows, y.float())
         return combined.to(x.dtype)
 
 
@@ -558,7 +562,8 @@ def build_rank(opts: argparse.Namespace, device: torch.device) -> Rank:
         decode = choose_decode_attention(args, ops, PAGE, torch.bfloat16, device)
     backend = kernel_backend(args, ops, SdpaPrefill(), decode)
     feed = LocalFeed()
-    model = DeepseekV3(
+    model_class = DeepseekV3WithMTP if getattr(opts, "mtp", False) else DeepseekV3  # bench/spec_step.py
+    model = model_class(
         args,
         torch.bfloat16,
         device,
@@ -568,8 +573,8 @@ def build_rank(opts: argparse.Namespace, device: torch.device) -> Rank:
     )
     fill_dummy(model, seed=0)
     model.eval()
-    kv = KVCache(args, num_pages, PAGE, torch.bfloat16, device)
-    for layer in kv.layers:  # filled pages: random latents of unit scale
+    kv = KVCache(args, num_pages, PAGE, torch.bfloat16, device, extra_layers=model.mtp_depth)
+    for layer in kv.layers + kv.extra_layers:  # filled pages: random latents of unit scale
         for start in range(0, layer.shape[0], 1024):
             layer[start : start + 1024].normal_()
     table = np.random.default_rng(0).permutation(num_pages).astype(np.int32).reshape(-1, pages_per_seq)

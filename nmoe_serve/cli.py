@@ -142,6 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument(
         "--serial", action="store_true", help="one step at a time (default: the config's scheduler.overlap)"
     )
+    sim.add_argument(
+        "--acceptance",
+        type=float,
+        default=0.8,
+        help="speculative decoding ([speculative] in the config): the chance each draft is accepted given "
+        "the ones before it were (assumed; default %(default)s)",
+    )
+    sim.add_argument(
+        "--draft-ms",
+        type=float,
+        help="speculative decoding: the drafter's time per step on the slowest rank (bench/spec_step.py)",
+    )
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--out", type=Path, default=Path("sim.json"), help="JSON out; the PNG goes beside it")
 

@@ -1,7 +1,8 @@
 """ServeConfig: every setting of a deployment, read from TOML and checked before anything starts.
 
 A TOML file has one table per section (`[model]`, `[parallel]`, `[cache]`, `[scheduler]`,
-`[device]`). String values may use `${VAR}` or `${VAR:-default}`, replaced from the environment.
+`[device]`, `[server]`, `[speculative]`). String values may use `${VAR}` or `${VAR:-default}`,
+replaced from the environment.
 Unknown keys, wrong types and impossible combinations raise ConfigError naming the key, the value
 and the fix. The config is frozen once built; values that depend on the checkpoint or the hardware
 ("auto") are resolved once, at engine start, into the engine's own frozen settings.
@@ -152,8 +153,24 @@ class DeviceSection(_Section):
     cuda_graph_max_batch: int | None = Field(
         None,
         ge=1,
-        description="largest decode batch captured in a graph (default: scheduler.max_num_seqs); "
-        "larger batches run eagerly",
+        description="largest decode batch (token rows) captured in a graph (default: scheduler.max_num_seqs, "
+        "times 1 + speculative.num_draft_tokens with speculative decoding); larger batches run eagerly",
+    )
+
+
+class SpeculativeSection(_Section):
+    method: Literal["none", "mtp"] = Field(
+        "none",
+        description="speculative decoding: mtp drafts tokens with the checkpoint's multi-token-prediction "
+        "layer (DeepSeek-V3's num_nextn_predict_layers = 1) and verifies them in the next decode step; "
+        "none decodes one token per step",
+    )
+    num_draft_tokens: int = Field(
+        1,
+        ge=1,
+        le=4,
+        description="tokens drafted per sequence per step (mtp: 1 uses the layer once, more reuse it "
+        "autoregressively); a verify step carries 1 + num_draft_tokens tokens per sequence",
     )
 
 
@@ -207,6 +224,17 @@ class ServeConfig(_Section):
     scheduler: SchedulerSection = SchedulerSection()
     device: DeviceSection = DeviceSection()
     server: ServerSection = ServerSection()
+    speculative: SpeculativeSection = SpeculativeSection()
+
+    @model_validator(mode="after")
+    def _speculative_steps_one_at_a_time(self) -> ServeConfig:
+        if self.speculative.method != "none" and self.scheduler.overlap:
+            raise ValueError(
+                f"speculative.method = {self.speculative.method!r} runs its steps one at a time (the next "
+                "verify step needs this one's accepted tokens and drafts): set scheduler.overlap = false, "
+                "or speculative.method = 'none' to keep overlapped steps"
+            )
+        return self
 
     @model_validator(mode="after")
     def _cache_holds_one_sequence(self) -> ServeConfig:
@@ -263,6 +291,7 @@ def override_keys() -> dict[str, tuple[str, str]]:
         for field in sub.model_fields:  # type: ignore[union-attr]
             keys[field if field not in keys else f"{section}_{field}"] = (section, field)
     keys["device"] = ("device", "kind")
+    keys["speculative_method"] = keys.pop("method")  # LLM(speculative_method="mtp", num_draft_tokens=2)
     return keys
 
 

@@ -101,9 +101,10 @@ def resolve_settings(config: ServeConfig, cuda_available: bool) -> EngineSetting
             f"least {need} or set a smaller model.max_seq_len"
         )
     scheduler = config.scheduler
+    num_draft_tokens = _num_draft_tokens(config, args, path)
     kernels, graph_max_batch = device_paths(
         device, dtype, config.device.kernels, config.device.cuda_graphs, config.device.cuda_graph_max_batch,
-        scheduler.max_num_seqs,
+        scheduler.max_num_seqs * (1 + num_draft_tokens),
     )  # fmt: skip
     settings = EngineSettings(
         model_name=name,
@@ -135,11 +136,12 @@ def resolve_settings(config: ServeConfig, cuda_available: bool) -> EngineSetting
             decode_prefill_tokens=scheduler.decode_prefill_tokens,
             prefix_caching=config.cache.enable_prefix_caching,
             max_rank_imbalance=config.cache.max_rank_imbalance,
+            num_draft_tokens=num_draft_tokens,
         ),
     )
     log.info(
         "engine: model %s (%s), dtype %s, device %s, ep_size %d, max_seq_len %d, load_format %s, "
-        "kernels %s, decode CUDA graphs %s",
+        "kernels %s, decode CUDA graphs %s, speculative decoding %s",
         name,
         path,
         dtype,
@@ -149,8 +151,24 @@ def resolve_settings(config: ServeConfig, cuda_available: bool) -> EngineSetting
         settings.load_format,
         kernels,
         f"up to batch {graph_max_batch}" if graph_max_batch else "off",
+        f"mtp, {num_draft_tokens} draft token(s) per step" if num_draft_tokens else "off",
     )
     return settings
+
+
+def _num_draft_tokens(config: ServeConfig, args: ModelArgs, path: Path) -> int:
+    """Tokens drafted per sequence per step: 0 without speculative decoding."""
+    spec = config.speculative
+    if spec.method == "none":
+        return 0
+    if args.num_mtp_layers < 1:
+        raise ConfigError(
+            f"speculative.method = 'mtp' but the checkpoint at {path} has no multi-token-prediction layer "
+            "(num_nextn_predict_layers = 0 in its config.json): use a checkpoint that carries it "
+            "(DeepSeek-V3's does; `nmoe-serve make-tiny-checkpoint --mtp` writes a tiny one) or set "
+            "speculative.method = 'none'"
+        )
+    return spec.num_draft_tokens
 
 
 def _device(kind: str, cuda_available: bool) -> str:
@@ -169,9 +187,10 @@ def device_paths(
     kernels: str,
     cuda_graphs: bool,
     cuda_graph_max_batch: int | None,
-    max_num_seqs: int,
+    max_decode_rows: int,
 ) -> tuple[str, int]:
-    """(kernels, largest CUDA-graph decode batch or 0). Triton kernels on CUDA with bf16/fp16
+    """(kernels, largest CUDA-graph decode batch or 0); max_decode_rows: the most token rows of a
+    decode step (max_num_seqs, times 1 + the drafts with speculative decoding). Triton kernels on CUDA with bf16/fp16
     compute unless device.kernels = "torch" (float32 stays on the torch reference: the kernels'
     float32 dots run in TF32). Decode graphs need the kernels (the torch expert loop syncs with
     the host); the worker captures them at a ladder of sizes up to the largest."""
@@ -179,4 +198,4 @@ def device_paths(
     chosen = "triton" if use_kernels else "torch"
     if not (use_kernels and cuda_graphs):
         return chosen, 0
-    return chosen, min(cuda_graph_max_batch or max_num_seqs, max_num_seqs)
+    return chosen, min(cuda_graph_max_batch or max_decode_rows, max_decode_rows)

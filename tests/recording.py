@@ -72,7 +72,7 @@ class RecordingWorkerActor(WorkerActor):
         args, topology = self.settings.args, self.topology
         per_rank = len(topology.owned_experts(args.n_routed_experts))
         self.transport = RecordingTransport(
-            topology.rank, topology.world_size, per_rank, self.settings.core.max_num_seqs
+            topology.rank, topology.world_size, per_rank, self.settings.core.max_decode_tokens
         )
         return RecordingWorker(self.settings, topology, self.transport)
 

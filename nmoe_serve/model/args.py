@@ -119,6 +119,7 @@ class ModelArgs:
     eos_token_ids: tuple[int, ...] = ()
     checkpoint_dtype: str = "bfloat16"  # torch_dtype of the non-quantized tensors
     fp8: bool = False  # FP8 e4m3 weights in 128x128 blocks (kernels/fp8_format.py)
+    num_mtp_layers: int = 0  # num_nextn_predict_layers: multi-token-prediction layers the checkpoint holds
 
     @property
     def qk_head_dim(self) -> int:
@@ -257,6 +258,7 @@ class ModelArgs:
             eos_token_ids=eos_ids,
             checkpoint_dtype=dtype,
             fp8=_is_fp8(hf, source),
+            num_mtp_layers=reader.int("num_nextn_predict_layers", default=0, minimum=0),
         )
 
 

@@ -18,8 +18,9 @@ DeepSeek-V3 stores the layer after the last decoder layer, as `model.layers.{n_l
 (`layout.mtp_tensors`). Its embedding and head equal the main model's in DeepSeek-V3, but the
 checkpoint stores them separately and this layer loads its own copies.
 
-Which hidden state the caller passes as h (the main model's final hidden state before or after
-its final norm) is the draft step's choice, not made here.
+The draft step (worker/drafter.py) passes as h the main model's final hidden state after its
+final norm (what DeepseekV3.forward returns, as vLLM and SGLang pass it) and, for further drafts,
+this layer's own output stream before shared_head's norm (`draft`).
 
 Shapes: the legend in docs/ARCHITECTURE.md (T, H, C).
 """
@@ -79,11 +80,19 @@ class MTPLayer(Block):
     ) -> torch.Tensor:
         """hidden [T, H] (h_i) and next_ids [T] (t_{i+1}) → normalised hidden states [T, H] of the
         prediction of t_{i+2}; writes the step's latents to this layer's kv_cache [pages, P, C]."""
+        return self.draft(hidden, next_ids, batch, kv_cache)[0]
+
+    def draft(
+        self, hidden: torch.Tensor, next_ids: torch.Tensor, batch: StepBatch, kv_cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`predict`, with the layer's output stream as well: (normalised hidden states [T, H],
+        for `compute_logits`; the residual stream before shared_head's norm [T, H], the h of the
+        layer's next autoregressive use when it drafts more than one token, as vLLM and SGLang
+        feed it)."""
         emb = self.enorm(self.embed_tokens(next_ids))  # [T, H]
         x = self.eh_proj(torch.cat([emb, self.hnorm(hidden)], dim=-1))  # [T, 2H] -> [T, H]
         out, residual = self(self.input_layernorm(x), x, batch, kv_cache)  # Block.forward
-        h, _ = self.shared_head.norm.add(out, residual)
-        return h
+        return self.shared_head.norm.add(out, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """predict's hidden states [B, H] → float32 logits [B, vocab]."""

@@ -122,11 +122,81 @@ class DeviceSample:
 
 
 @dataclass
+class VerifyOutput:
+    """The tokens of one `Sampler.verify_on_device` call, as numpy arrays (q = 1 + Kd positions).
+
+    Attributes:
+        token_ids: [B, q] int64, the target's token at each position; row b's first
+            num_emitted[b] are its emitted tokens, the rest mean nothing.
+        num_emitted: [B] int64, 1 + the drafts accepted.
+        logprobs, top_token_ids, top_logprobs, num_top: as SamplerOutput's, with a position axis
+            ([B, q], [B, q, k], [B, q, k], [B, q]); None when no row asked.
+    """
+
+    token_ids: np.ndarray
+    num_emitted: np.ndarray
+    logprobs: np.ndarray | None = None
+    top_token_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
+    num_top: np.ndarray | None = None
+
+
+@dataclass
+class DeviceVerify:
+    """The tokens of one `Sampler.verify_on_device` call, on the device: token_ids [B, q] int64,
+    num_emitted [B] int64; the logprobs of the rows that asked as one DeviceSample over their
+    B_l·q position rows (`positions`)."""
+
+    token_ids: torch.Tensor
+    num_emitted: torch.Tensor
+    positions: DeviceSample | None = None
+    _host: tuple[torch.Tensor, torch.Tensor] | None = None
+    _copied: torch.cuda.Event | None = None
+
+    def start_copy(self) -> None:
+        """Start copying the tokens (and logprobs) to pinned host memory (CUDA); `to_host` waits."""
+        if self.positions is not None:
+            self.positions.start_copy()
+        if self.token_ids.device.type != "cuda":
+            return
+        host = tuple(
+            torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (self.token_ids, self.num_emitted)
+        )
+        host[0].copy_(self.token_ids, non_blocking=True)
+        host[1].copy_(self.num_emitted, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+        self._host = (host[0], host[1])
+
+    def to_host(self) -> VerifyOutput:
+        """The same as numpy arrays (waits for the device)."""
+        if self._host is not None:
+            assert self._copied is not None
+            self._copied.synchronize()
+            token_ids, num_emitted = self._host
+        else:
+            token_ids, num_emitted = self.token_ids.cpu(), self.num_emitted.cpu()
+        b, q = token_ids.shape
+        out = VerifyOutput(token_ids.numpy().astype(np.int64), num_emitted.numpy().astype(np.int64))
+        if self.positions is not None:
+            rows = self.positions.to_host()  # [B·q] position rows
+            assert rows.logprobs is not None and rows.top_token_ids is not None
+            assert rows.top_logprobs is not None and rows.num_top is not None
+            k = rows.top_token_ids.shape[1]
+            out.logprobs = rows.logprobs.reshape(b, q)
+            out.top_token_ids = rows.top_token_ids.reshape(b, q, k)
+            out.top_logprobs = rows.top_logprobs.reshape(b, q, k)
+            out.num_top = rows.num_top.reshape(b, q)
+        return out
+
+
+@dataclass
 class _Request:
     params: SamplingParams
     num_outputs: int
     slot: int | None  # row in the penalty tables; None when the request has no penalties
     min_tokens_ids: tuple[int, ...]  # stop_token_ids inside the vocabulary, masked until min_tokens
+    verifying: bool = False  # a verify's tokens are out, its `advance` not yet called
 
     @property
     def greedy(self) -> bool:
@@ -295,9 +365,110 @@ class Sampler:
         self._record(requests, token_ids)
         return sample
 
+    def verify_on_device(
+        self,
+        request_ids: Sequence[str],
+        logits: torch.Tensor,
+        draft_token_ids: torch.Tensor,
+        eos_token_id: int | None,
+    ) -> DeviceVerify:
+        """Verify Kd greedy drafts per request (speculative decoding): sample the target's token at
+        each of the q = 1 + Kd positions, position j as if the first j drafts had been emitted (its
+        seed's noise for output num_outputs + j, its min_tokens mask, its penalty counts), and
+        accept the drafts up to the first that differs from the target's token there; the emitted
+        tokens are the target's up to and including that one (1 to q per request).
+
+        Drafts are deterministic (an argmax), so this is rejection sampling with a one-hot draft
+        distribution: a draft d is accepted with probability p(d), and on rejection the token is
+        drawn from p restricted to the other tokens; every emitted token is a sample of the target's
+        distribution given the real prefix, and the output distribution equals sampling without
+        drafts. A seeded request draws the same noise at each output position either way, so its
+        tokens do not depend on speculation (up to the logits' rounding).
+
+        Args:
+            request_ids: [B] the requests, each at most once.
+            logits: [B·q, V] float, row b·q + j = position j of request b.
+            draft_token_ids: [B, Kd] int64 on the Sampler's device.
+            eos_token_id: masked while min_tokens is pending.
+
+        The penalty counts record the emitted tokens on the device; num_outputs moves only with
+        `advance`, once the emitted counts are on the host (a request cannot be sampled again before).
+        """
+        b = len(request_ids)
+        if draft_token_ids.dim() != 2 or draft_token_ids.shape[0] != b or draft_token_ids.shape[1] < 1:
+            raise ValueError(
+                f"Sampler.verify_on_device: draft_token_ids have shape {tuple(draft_token_ids.shape)}, expected "
+                f"[{b}, k] with k >= 1 (one row of drafts per request)"
+            )
+        q = 1 + int(draft_token_ids.shape[1])
+        if logits.dim() != 2 or logits.shape[0] != b * q:
+            raise ValueError(
+                f"Sampler.verify_on_device: logits have shape {tuple(logits.shape)}, expected [{b * q}, "
+                f"{self.vocab_size}] ({b} requests x {q} positions)"
+            )
+        if draft_token_ids.numel() and (
+            int(draft_token_ids.min()) < 0 or int(draft_token_ids.max()) >= self.vocab_size
+        ):
+            raise ValueError(
+                f"Sampler.verify_on_device: draft ids outside the vocabulary [0, {self.vocab_size}): min "
+                f"{int(draft_token_ids.min())}, max {int(draft_token_ids.max())}"
+            )
+        requests = self._batch(request_ids, logits.view(b, q, logits.shape[1])[:, 0], eos_token_id)
+        rows = [r for r in requests for _ in range(q)]
+        ahead = list(range(q)) * b
+        if all(
+            r.greedy and r.slot is None and r.params.logprobs is None and not r.min_tokens_pending
+            for r in requests
+        ):
+            token_ids = logits.argmax(dim=-1)  # [B·q]: the all-greedy batch is one argmax
+        else:
+            token_ids = self._sample_general(rows, logits, eos_token_id, ahead, draft_token_ids)
+        tokens = token_ids.view(b, q)
+        matches = (tokens[:, :-1] == draft_token_ids).to(torch.int64).cumprod(dim=1)  # [B, Kd]
+        verify = DeviceVerify(tokens, 1 + matches.sum(dim=1))
+        if any(r.params.logprobs is not None for r in requests):
+            verify.positions = DeviceSample(token_ids)
+            self._logprobs(verify.positions, rows, logits, token_ids)
+        penalized = [i for i, r in enumerate(requests) if r.slot is not None]
+        if penalized:
+            index = self._index(penalized)
+            emitted = torch.arange(q, device=self.device)[None, :] < verify.num_emitted[index][:, None]
+            slots = self._slots([requests[i] for i in penalized])[:, None].expand(-1, q)
+            self._tables.counts.index_put_(
+                (slots.reshape(-1), tokens[index].reshape(-1)),
+                emitted.reshape(-1).to(torch.int32),
+                accumulate=True,
+            )
+        for r in requests:
+            r.verifying = True
+        return verify
+
+    def advance(self, request_ids: Sequence[str], num_emitted: np.ndarray) -> None:
+        """After a verify: each request's output count moves by its emitted tokens [B] (host)."""
+        if len(num_emitted) != len(request_ids):
+            raise ValueError(
+                f"Sampler.advance: {len(num_emitted)} emitted counts for {len(request_ids)} requests"
+            )
+        for rid, n in zip(request_ids, np.asarray(num_emitted).tolist(), strict=True):
+            r = self._lookup(rid, "advance")
+            if not r.verifying:
+                raise RuntimeError(f"Sampler.advance: request {rid!r} has no verify waiting to be advanced")
+            r.num_outputs += int(n)
+            r.verifying = False
+
     def _sample_general(
-        self, requests: list[_Request], logits: torch.Tensor, eos_token_id: int | None
+        self,
+        requests: list[_Request],
+        logits: torch.Tensor,
+        eos_token_id: int | None,
+        ahead: list[int] | None = None,
+        drafts: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """One token per row. ahead[i] (verify steps): row i samples its request's output
+        `num_outputs + ahead[i]`, as if its first ahead[i] drafts (`drafts` [B_r, Kd], a row per
+        request, in the order the requests first appear) had been emitted: its seed's noise, its
+        min_tokens mask and its penalty counts are those of that position."""
+        offsets = ahead or [0] * len(requests)
         x = logits.float()  # [B, V]
         if x.data_ptr() == logits.data_ptr():
             x = x.clone()  # the caller's logits stay untouched
@@ -306,9 +477,12 @@ class Sampler:
         if penalized:
             rows = self._index(penalized)
             slots = self._slots([requests[i] for i in penalized])
+            counts = self._tables.counts[slots]  # [B_p, V]
+            if drafts is not None and any(offsets[i] for i in penalized):
+                counts = counts + self._draft_counts(requests, penalized, offsets, drafts)
             x[rows] = apply_penalties(
                 x[rows],
-                self._tables.counts[slots],
+                counts,
                 self._tables.prompt_mask[slots],
                 repetition=self._floats([requests[i].params.repetition_penalty for i in penalized]),
                 frequency=self._floats([requests[i].params.frequency_penalty for i in penalized]),
@@ -318,7 +492,7 @@ class Sampler:
         blocked_rows: list[int] = []
         blocked_ids: list[int] = []
         for i, r in enumerate(requests):
-            if r.min_tokens_pending:
+            if r.num_outputs + offsets[i] < r.params.min_tokens:
                 ids = r.min_tokens_ids if eos_token_id is None else (eos_token_id, *r.min_tokens_ids)
                 blocked_rows.extend([i] * len(ids))
                 blocked_ids.extend(ids)
@@ -333,10 +507,30 @@ class Sampler:
         sampled = [i for i, r in enumerate(requests) if not r.greedy]
         if sampled:
             rows = self._index(sampled)
-            token_ids[rows] = self._sample_at_temperature(x[rows], [requests[i] for i in sampled])
+            token_ids[rows] = self._sample_at_temperature(
+                x[rows], [requests[i] for i in sampled], [offsets[i] for i in sampled]
+            )
         return token_ids
 
-    def _sample_at_temperature(self, logits: torch.Tensor, requests: list[_Request]) -> torch.Tensor:
+    def _draft_counts(
+        self, requests: list[_Request], penalized: list[int], offsets: list[int], drafts: torch.Tensor
+    ) -> torch.Tensor:
+        """[B_p, V] int32: how often each token occurs among the drafts before each penalized row's
+        position (verify rows: request b's rows follow each other, ahead 0..Kd)."""
+        first: dict[int, int] = {}  # id(request) -> its row in `drafts`
+        for r in requests:
+            first.setdefault(id(r), len(first))
+        extra = torch.zeros(len(penalized), self.vocab_size, dtype=torch.int32, device=self.device)
+        for n, i in enumerate(penalized):
+            ahead = offsets[i]
+            if ahead:
+                row = drafts[first[id(requests[i])], :ahead]
+                extra[n].index_add_(0, row, torch.ones_like(row, dtype=torch.int32))
+        return extra
+
+    def _sample_at_temperature(
+        self, logits: torch.Tensor, requests: list[_Request], offsets: list[int]
+    ) -> torch.Tensor:
         params = [r.params for r in requests]
         x = logits / self._floats([p.temperature for p in params])[:, None]  # [B_t, V]
         if any(p.top_k > 0 for p in params) or any(p.top_p < 1.0 for p in params):
@@ -345,16 +539,16 @@ class Sampler:
             x = apply_top_k_top_p(x, self._index(top_k), self._floats(top_p))
         if any(p.min_p > 0.0 for p in params):
             x = apply_min_p(x, self._floats([p.min_p for p in params]))
-        noise = self._exponential_noise(requests)  # [B_t, V]
+        noise = self._exponential_noise(requests, offsets)  # [B_t, V]
         return (x - noise.log()).argmax(dim=-1)
 
-    def _exponential_noise(self, requests: list[_Request]) -> torch.Tensor:
+    def _exponential_noise(self, requests: list[_Request], offsets: list[int]) -> torch.Tensor:
         noise = torch.empty(len(requests), self.vocab_size, device=self.device)  # [B_t, V]
         if any(r.params.seed is None for r in requests):
             noise.exponential_(generator=self._shared_generator)
-        for i, r in enumerate(requests):
+        for i, (r, ahead) in enumerate(zip(requests, offsets, strict=True)):
             if r.params.seed is not None:
-                self._seeded_generator.manual_seed(position_seed(r.params.seed, r.num_outputs))
+                self._seeded_generator.manual_seed(position_seed(r.params.seed, r.num_outputs + ahead))
                 noise[i].exponential_(generator=self._seeded_generator)
         # An exact 0 would make -log(q) infinite, and a masked token (-inf) NaN.
         return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
@@ -405,7 +599,14 @@ class Sampler:
         if len(set(request_ids)) != len(request_ids):
             twice = sorted(rid for rid, n in Counter(request_ids).items() if n > 1)
             raise ValueError(f"Sampler.sample: request ids appear more than once in the batch: {twice}")
-        return [self._lookup(rid, "sample") for rid in request_ids]
+        requests = [self._lookup(rid, "sample") for rid in request_ids]
+        waiting = [rid for rid, r in zip(request_ids, requests, strict=True) if r.verifying]
+        if waiting:
+            raise RuntimeError(
+                f"Sampler: requests {waiting[:4]} have a verify whose emitted counts were not passed to "
+                "advance(): call advance() first"
+            )
+        return requests
 
     def _lookup(self, request_id: str, caller: str) -> _Request:
         try:

@@ -83,6 +83,25 @@ class EngineMetrics:
         self.cache_hits = Counter(
             "nmoe_prefix_cache_hits_total", "Prompt tokens found in the prefix cache (not computed)", tags
         )
+        # speculative decoding, named like vLLM's spec_decode metrics; the acceptance rate is
+        # accepted / draft tokens and the mean accepted length 1 + accepted / drafts (per step)
+        self.spec_drafts = Counter(
+            "nmoe_spec_decode_num_drafts_total", "Sequence-steps whose drafts were verified", tags
+        )
+        self.spec_draft_tokens = Counter(
+            "nmoe_spec_decode_num_draft_tokens_total", "Draft tokens verified", tags
+        )
+        self.spec_accepted_tokens = Counter(
+            "nmoe_spec_decode_num_accepted_tokens_total", "Draft tokens accepted", tags
+        )
+        self.spec_acceptance_rate = Gauge(
+            "nmoe_spec_decode_acceptance_rate", "Draft tokens accepted / verified, since the start", tags
+        )
+        self.spec_mean_accepted_length = Gauge(
+            "nmoe_spec_decode_mean_accepted_length",
+            "Tokens a sequence gets per verify step (1 + accepted drafts), since the start",
+            tags,
+        )
         for m in (
             self.running,
             self.waiting,
@@ -92,10 +111,16 @@ class EngineMetrics:
             self.preemptions,
             self.cache_queries,
             self.cache_hits,
+            self.spec_drafts,
+            self.spec_draft_tokens,
+            self.spec_accepted_tokens,
+            self.spec_acceptance_rate,
+            self.spec_mean_accepted_length,
         ):
             m.set_default_tags(self.tags)
         self._preemptions_seen = 0
         self._cache_seen = (0, 0)  # (queries, hits) counted so far
+        self._spec_seen = (0, 0, 0)  # (drafts, draft tokens, accepted) counted so far
 
     def idle(self, stats: dict[str, float]) -> None:
         """Set the gauges from the coordinator's counters (between steps, or with no step at all:
@@ -120,3 +145,20 @@ class EngineMetrics:
         if report.cache_hits > hits:
             self.cache_hits.inc(report.cache_hits - hits)
         self._cache_seen = (report.cache_queries, report.cache_hits)
+        self._speculative(report)
+
+    def _speculative(self, report: StepReport) -> None:
+        seen = self._spec_seen
+        now = (report.spec_drafts, report.spec_draft_tokens, report.spec_accepted_tokens)
+        if now == seen:
+            return
+        for counter, before, after in zip(
+            (self.spec_drafts, self.spec_draft_tokens, self.spec_accepted_tokens), seen, now, strict=True
+        ):
+            if after > before:
+                counter.inc(after - before)
+        self._spec_seen = now
+        drafts, draft_tokens, accepted = now
+        if draft_tokens:
+            self.spec_acceptance_rate.set(accepted / draft_tokens)
+            self.spec_mean_accepted_length.set(1 + accepted / drafts)

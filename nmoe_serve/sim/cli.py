@@ -10,7 +10,7 @@ from nmoe_serve.engine.scheduler import SchedulerLimits
 from nmoe_serve.sim.chat import ChatWorkload
 from nmoe_serve.sim.cost_model import StepCostModel, load_points
 from nmoe_serve.sim.report import print_summary, write_json, write_png
-from nmoe_serve.sim.simulator import Simulator
+from nmoe_serve.sim.simulator import Simulator, Speculation
 from nmoe_serve.sim.workload import Workload, WorkloadError
 
 
@@ -37,6 +37,7 @@ def scheduler_limits(config: ServeConfig, pages_per_rank: int | None) -> Schedul
         decode_prefill_tokens=scheduler.decode_prefill_tokens,
         prefix_caching=config.cache.enable_prefix_caching,
         max_rank_imbalance=config.cache.max_rank_imbalance,
+        num_draft_tokens=config.speculative.num_draft_tokens if config.speculative.method == "mtp" else 0,
     )
 
 
@@ -63,12 +64,21 @@ def simulate(args: argparse.Namespace) -> int:
     workload = chat_workload(args) if args.workload == "chat" else fixed_workload(args)
     cost = StepCostModel.load(args.cost_model)
     overlap = config.scheduler.overlap and not args.serial
+    speculation = None
+    if limits.num_draft_tokens:
+        if args.draft_ms is None:
+            raise WorkloadError(
+                "the config enables speculative decoding: pass --draft-ms (the drafter's time per step, "
+                "measured by bench/spec_step.py) and --acceptance (the chance a draft is accepted)"
+            )
+        speculation = Speculation(args.acceptance, args.draft_ms / 1e3)
     simulator = Simulator(
         limits,
         cost,
         overlap=overlap,
         coordinator_s=args.coordinator_ms / 1e3,
         frontend_s=args.frontend_ms / 1e3,
+        speculation=speculation,
     )
     print(
         f"simulate: {workload.describe()} on {limits.num_ranks} rank(s), {limits.max_num_seqs} seqs/rank, "
@@ -89,6 +99,14 @@ def simulate(args: argparse.Namespace) -> int:
         "frontend_ms": args.frontend_ms,
         "frontend_token_us": args.frontend_token_us,
         "cost_model": cost.provenance(args.cost_model),
+        "speculation": None
+        if speculation is None
+        else {
+            "num_draft_tokens": limits.num_draft_tokens,
+            "acceptance": speculation.acceptance,
+            "draft_ms": args.draft_ms,
+            "assumed": "acceptance independent per draft",
+        },
         "prediction": "simulated, not measured",
     }
     write_json(result, args.out, settings)

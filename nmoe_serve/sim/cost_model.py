@@ -14,6 +14,10 @@ together), so `step_seconds(plans)` is the maximum over the ranks; an idle rank 
 step's kind. The model carries where its points came from (`source`, `date`) and how well it fits
 them (`fit`: mean and largest relative error per kind). Refit it when the kernels get faster.
 
+A speculative verify step (1 + k tokens per sequence) is priced as the decode step of its token
+rows: the decode coefficients were fitted at one token per sequence, so this extrapolates to
+B·(1 + k) rows (bench/spec_step.py measures the real verify step).
+
 Shapes: the legend in docs/ARCHITECTURE.md (B, T, S); A as above.
 """
 
@@ -50,7 +54,17 @@ class StepShape:
 
     @classmethod
     def of(cls, plan: StepPlan) -> StepShape:
-        return cls("prefill" if plan.kind == StepKind.PREFILL else "decode", *plan.work())
+        """A rank's shape; a decode plan of q > 1 tokens per sequence (a speculative verify step)
+        is the decode step of its token rows, as the worker runs it (step_batch.token_rows): B·q
+        rows, row j of a sequence with j + 1 tokens of context past its start."""
+        if plan.kind == StepKind.PREFILL:
+            return cls("prefill", *plan.work())
+        rows, seqs = plan.num_tokens, plan.num_seqs
+        if rows == seqs:
+            return cls("decode", *plan.work())
+        q = rows // seqs
+        context = int(plan.context_lens.astype(np.int64).sum()) * q - seqs * q * (q - 1) // 2
+        return cls("decode", seqs=rows, tokens=rows, context_tokens=context, attention_pairs=context)
 
     def features(self) -> np.ndarray:
         values = {

@@ -24,6 +24,12 @@ scheduler sees it, and `frontend_token_s` on each token it streams back; a clien
 when the front end has sent it. Both 0 (the default) leave it out. Its times are not measured
 here: bench/sim_check.py fits them to served TTFTs at other concurrencies.
 
+Speculative decoding (`Speculation`, with SchedulerLimits.num_draft_tokens = k): every decode step
+is a verify step of 1 + k tokens per sequence, priced by the cost model as the decode step of its
+token rows (StepShape.of) plus the drafts' `draft_s`; each sequence accepts its drafts one after
+another with probability `acceptance` each (independently, a stated assumption) up to the first
+rejection, so it gets 1 to 1 + k tokens a step. Steps run one at a time, as served.
+
 Not modelled: the all-to-all's own time (taken to hide under compute, as rank_sim assumes),
 detokenization and streaming (their CPU time is in step times measured as served), load imbalance
 between the experts.
@@ -48,6 +54,23 @@ from nmoe_serve.sim.cost_model import StepCostModel
 from nmoe_serve.sim.workload import ClientModel, WorkloadError
 
 MAX_SERIES = 4000  # time-series points kept in a result (evenly thinned)
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """Speculative decoding in the simulator: the drafts' acceptance and cost (assumed or measured:
+    bench/spec_step.py measures draft_s for one rank)."""
+
+    acceptance: float  # probability that a draft is accepted, given the ones before it were
+    draft_s: float  # the drafter's seconds per step (the MTP layer's passes), on the slowest rank
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.acceptance <= 1.0 or self.draft_s < 0:
+            raise WorkloadError(
+                f"speculation: acceptance must be in [0, 1] and draft seconds >= 0, got {self.acceptance} "
+                f"and {self.draft_s}"
+            )
 
 
 class FrontEnd:
@@ -158,7 +181,18 @@ class Simulator:
         coordinator_s: float = 0.0,
         frontend_s: float = 0.0,
         frontend_token_s: float = 0.0,
+        speculation: Speculation | None = None,
     ) -> None:
+        if (speculation is None) != (limits.num_draft_tokens == 0):
+            raise WorkloadError(
+                "speculative decoding in the simulator needs both a Speculation (acceptance, draft cost) and "
+                f"limits.num_draft_tokens > 0; got {speculation} and {limits.num_draft_tokens} draft token(s)"
+            )
+        if speculation is not None and overlap:
+            raise WorkloadError(
+                "speculative decoding runs its steps one at a time: simulate with overlap off"
+            )
+        self.speculation = speculation
         self.limits, self.cost, self.overlap, self.coordinator_s = limits, cost, overlap, coordinator_s
         self.frontend_s, self.frontend_token_s = frontend_s, frontend_token_s
 
@@ -184,6 +218,7 @@ class Simulator:
         now = device_free = 0.0
         prompt_tokens = output_tokens = steps = 0
         next_report = max(1, workload.requests // 10)
+        rng = np.random.default_rng(self.speculation.seed if self.speculation else 0)
 
         def send_due() -> None:
             nonlocal sent, prompt_tokens_sent
@@ -208,10 +243,7 @@ class Simulator:
 
         def take(plans: list[StepPlan], start: float, end: float) -> None:
             nonlocal prompt_tokens, output_tokens
-            results = [
-                StepResult(p.step_id, p.rank, _sampled(p), np.ones(int(p.sample.sum()), np.int64))
-                for p in plans
-            ]
+            results = [self._result(p, rng) for p in plans]
             for update in scheduler.update(results):
                 stream = streams[update.request_id]
                 delivered = frontend.token(end)
@@ -238,7 +270,7 @@ class Simulator:
             plans = scheduler.schedule()
             if plans is not None:
                 start = max(now, device_free)
-                end = start + self.cost.step_seconds(plans)
+                end = start + self.step_seconds(plans)
                 device_free = end
                 launched.append((plans, start, end))
                 steps += 1
@@ -284,6 +316,35 @@ class Simulator:
             cached_tokens=scheduler.cache_hits,
             prefix_caching=self.limits.prefix_caching,
             admitted_by_rank=list(scheduler.admitted_by_rank),
+        )
+
+    def step_seconds(self, plans: list[StepPlan]) -> float:
+        """A step's seconds: the cost model's, and the drafts' with speculative decoding."""
+        seconds = self.cost.step_seconds(plans)
+        if self.speculation is not None and any(p.num_seqs for p in plans):
+            seconds += self.speculation.draft_s
+        return seconds
+
+    def _result(self, plan: StepPlan, rng: np.random.Generator) -> StepResult:
+        """Made-up tokens for `plan`'s sampled rows (with speculation: accepted counts, drafts)."""
+        ids = _sampled(plan)
+        spec = self.speculation
+        if spec is None:
+            return StepResult(plan.step_id, plan.rank, ids, np.ones(len(ids), np.int64))
+        k = self.limits.num_draft_tokens
+        if plan.kind == StepKind.DECODE:
+            accepted = np.cumprod(rng.random((len(ids), k)) < spec.acceptance, axis=1).sum(axis=1)
+            emitted: np.ndarray | None = 1 + accepted.astype(np.int64)
+        else:
+            emitted = None
+        count = len(ids) if emitted is None else int(emitted.sum())
+        return StepResult(
+            plan.step_id,
+            plan.rank,
+            ids,
+            np.ones(count, np.int64),
+            num_emitted=emitted,
+            draft_token_ids=np.ones((len(ids), k), np.int64),
         )
 
 

@@ -17,21 +17,38 @@ import torch
 from nmoe_serve.model.args import ModelArgs
 
 
-def page_bytes(args: ModelArgs, page_size: int, dtype: torch.dtype) -> int:
-    """Bytes one page takes across all layers."""
-    return args.n_layers * page_size * args.kv_cache_dim * torch.finfo(dtype).bits // 8
+def page_bytes(args: ModelArgs, page_size: int, dtype: torch.dtype, extra_layers: int = 0) -> int:
+    """Bytes one page takes across all layers (the model's, and `extra_layers` more: a draft layer's)."""
+    return (args.n_layers + extra_layers) * page_size * args.kv_cache_dim * torch.finfo(dtype).bits // 8
 
 
 class KVCache:
+    """extra_layers: layers after the model's that share its pages (speculative decoding's MTP
+    draft layer): a page holds its tokens' latents in every layer, so a sequence's pages are
+    accounted once for all of them."""
+
     def __init__(
-        self, args: ModelArgs, num_pages: int, page_size: int, dtype: torch.dtype, device: torch.device
+        self,
+        args: ModelArgs,
+        num_pages: int,
+        page_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        extra_layers: int = 0,
     ) -> None:
         self.num_pages, self.page_size = num_pages, page_size
         self.scratch_page = num_pages
         self.storage = torch.zeros(
-            args.n_layers, num_pages + 1, page_size, args.kv_cache_dim, dtype=dtype, device=device
+            args.n_layers + extra_layers,
+            num_pages + 1,
+            page_size,
+            args.kv_cache_dim,
+            dtype=dtype,
+            device=device,
         )  # [layers, NP + 1 (the scratch page), P, C]
-        self.layers = list(self.storage.unbind(0))  # per-layer views [NP + 1, P, C]
+        views = list(self.storage.unbind(0))  # per-layer views [NP + 1, P, C]
+        self.layers = views[: args.n_layers]  # the model's
+        self.extra_layers = views[args.n_layers :]  # the draft layer's
 
     @property
     def nbytes(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -100,6 +102,33 @@ def build_step_batch(
     if feed is not None:
         input_ids[feed[0]] = feed[1]
     return input_ids, batch
+
+
+def token_rows(plan: StepPlan) -> StepPlan:
+    """A decode plan of q > 1 tokens per sequence (a speculative verify step) as the decode plan
+    of one row per token: row b·q + j is token j of sequence b, at position start_b + j with
+    start_b + j + 1 tokens of context (its own and the earlier ones of its sequence written by the
+    same step: each layer writes the step's latents before it attends), on its sequence's pages.
+    The decode paths (eager, CUDA graphs, the MoE's fixed exchange) then run it unchanged. Its
+    request ids repeat each sequence's q times; every row is sampled. A plan of one token per
+    sequence is returned as it is."""
+    if plan.kind != StepKind.DECODE:
+        raise PlanError(f"step {plan.step_id}: only decode plans have token rows")
+    q = int(plan.query_lens[0]) if plan.num_seqs else 1
+    if np.any(plan.query_lens != q):
+        raise PlanError(f"step {plan.step_id}: a decode plan's sequences must have equal token counts")
+    if q == 1:
+        return plan
+    rows = plan.num_seqs * q
+    context = (plan.context_lens.astype(np.int64) - q)[:, None] + np.arange(1, q + 1)  # [B, q]
+    return dataclasses.replace(
+        plan,
+        request_ids=tuple(rid for rid in plan.request_ids for _ in range(q)),
+        query_lens=np.ones(rows, np.int32),
+        context_lens=context.reshape(-1).astype(np.int32),
+        page_table=np.repeat(plan.page_table, q, axis=0),
+        sample=np.ones(rows, bool),
+    )
 
 
 def decode_inputs(plan: StepPlan, page_size: int) -> dict[str, np.ndarray]:

@@ -10,6 +10,12 @@ the last one's. Either way the tokens a step samples stay on the device, and a d
 token id is -1 - i takes the token this rank sampled for its previous step's i-th sampled row
 (the coordinator planned the step before that token reached it). A StepClock records when each
 step's device work starts and ends, so the idle time between steps can be read (`idle_times`).
+
+Speculative decoding (CoreSettings.num_draft_tokens k > 0): the model holds the checkpoint's MTP
+layer (its latents in one more layer of the KV cache, on the same pages), steps run through
+`execute` only, a decode plan is a verify step of 1 + k tokens per sequence (run as one decode row
+per token), the sampler accepts a prefix of the drafts, and the drafter (worker/drafter.py) makes
+the next k drafts of every sampled sequence; the result carries both.
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from nmoe_serve.engine.plan import StepKind, StepPlan, StepResult
 from nmoe_serve.model.backend import ModelBackend, choose_backend
 from nmoe_serve.model.deepseek_v3 import DeepseekV3
 from nmoe_serve.model.loader import fill_dummy, load_checkpoint
+from nmoe_serve.model.mtp import DeepseekV3WithMTP
 from nmoe_serve.model.rope import RotaryEmbedding
 from nmoe_serve.model.tiny import cached_tiny_checkpoint
 from nmoe_serve.model.transport import ExpertTransport, make_transport
@@ -32,9 +40,10 @@ from nmoe_serve.sampling.sampler import DeviceSample, Sampler
 from nmoe_serve.settings import EngineSettings
 from nmoe_serve.topology import Topology
 from nmoe_serve.worker.cuda_graphs import DecodeGraphs, EagerSteps, graph_batch_sizes
+from nmoe_serve.worker.drafter import MTPDrafter
 from nmoe_serve.worker.kv_cache import KVCache, page_bytes
 from nmoe_serve.worker.pipeline import StepPipeline
-from nmoe_serve.worker.step_batch import Feed, fed_rows, to_device
+from nmoe_serve.worker.step_batch import Feed, fed_rows, to_device, token_rows
 from nmoe_serve.worker.step_clock import StepClock
 
 log = logging.getLogger(__name__)
@@ -70,19 +79,23 @@ class Worker:
         args, core = settings.args, settings.core
         dtype = TORCH_DTYPES[settings.dtype]
         started = time.monotonic()
-        self.model = DeepseekV3(
+        self.num_drafts = core.num_draft_tokens
+        model_class = DeepseekV3WithMTP if self.num_drafts else DeepseekV3
+        self.model = model_class(
             args,
             dtype=dtype,
             device=self.device,
             owned=topology.owned_experts(args.n_routed_experts),
             backend=backend or choose_backend(settings.kernels, args, core.page_size, dtype, self.device),
-            transport=transport or make_transport(topology, args.n_routed_experts, core.max_num_seqs),
+            transport=transport or make_transport(topology, args.n_routed_experts, core.max_decode_tokens),
         )
         self._load_weights()
         self.model.eval()
         self.rope = RotaryEmbedding(args.rope, self.device)
         self.num_pages = self._kv_pages(dtype)
-        self.kv_cache = KVCache(args, self.num_pages, core.page_size, dtype, self.device)
+        self.kv_cache = KVCache(
+            args, self.num_pages, core.page_size, dtype, self.device, extra_layers=self.model.mtp_depth
+        )
         self.sampler = Sampler(args.vocab_size, self.device, seed=settings.seed + topology.rank)
         self.eos_token_id = args.eos_token_ids[0] if args.eos_token_ids else None
         eager = EagerSteps(self.model, self.kv_cache.layers, self.rope, core.page_size, self.device)
@@ -107,13 +120,24 @@ class Worker:
             )
             graphs.capture()
             self.steps[StepKind.DECODE] = graphs
+        self.drafter: MTPDrafter | None = None
+        if isinstance(self.model, DeepseekV3WithMTP):
+            self.drafter = MTPDrafter(
+                self.model.mtp,
+                self.kv_cache.extra_layers[0],
+                self.rope,
+                core.page_size,
+                self.num_drafts,
+                self.device,
+                self.model.backend.decode_attention.plan,
+            )
         self.clock = StepClock(self.device)
         self._last_ids: tuple[str, ...] = ()  # the previous step's sampled requests ...
         self._last_tokens = torch.zeros(0, dtype=torch.int64, device=self.device)  # ... and their tokens
         self._pipeline: StepPipeline[tuple[torch.Tensor, torch.Tensor], _Launched] | None = None
         log.info(
             "rank %d/%d: experts %s, %s, transport %s, decode %s, %d KV pages of %d tokens (%.1f MB), "
-            "ready in %.1f s",
+            "speculative %s, ready in %.1f s",
             topology.rank,
             topology.world_size,
             self.model.owned,
@@ -123,6 +147,7 @@ class Worker:
             self.num_pages,
             core.page_size,
             self.kv_cache.nbytes / 1e6,
+            f"MTP with {self.num_drafts} draft(s)" if self.num_drafts else "off",
             time.monotonic() - started,
         )
 
@@ -140,7 +165,7 @@ class Worker:
         settings, core = self.settings, self.settings.core
         if settings.num_pages is not None:
             return settings.num_pages
-        per_page = page_bytes(settings.args, core.page_size, dtype)
+        per_page = page_bytes(settings.args, core.page_size, dtype, extra_layers=self.model.mtp_depth)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             total = torch.cuda.get_device_properties(self.device).total_memory
@@ -163,10 +188,16 @@ class Worker:
         if self._pipeline is not None:
             raise RuntimeError("execute() after launch(): a worker runs its steps one way (flush() first)")
         self._admit(plan)
+        if self.drafter is not None:
+            return self._speculative_step(plan, self.drafter)
         return self._resolve(self._sample(plan, self._forward(plan)))
 
     def launch(self, plan: StepPlan) -> StepResult | None:
         """Start `plan` on the step thread; return the previous launched step's results (None if none)."""
+        if self.drafter is not None:
+            raise RuntimeError(
+                "launch(): speculative decoding runs its steps one at a time (execute); set scheduler.overlap = false"
+            )
         if self._pipeline is None:
             self._pipeline = StepPipeline(
                 self._admit,
@@ -232,6 +263,61 @@ class Worker:
         sample.start_copy()
         self.clock.end()
         return _Launched(plan.step_id, sampled_ids, sample)
+
+    def _speculative_step(self, plan: StepPlan, drafter: MTPDrafter) -> StepResult:
+        """One step with speculative decoding: the target's forward (a verify step for a decode
+        plan), its tokens, then the next drafts of every sampled sequence."""
+        self.clock.begin(plan.step_id, int(plan.kind))
+        sampled_ids = (
+            plan.request_ids
+            if plan.sample.all()
+            else tuple(rid for rid, s in zip(plan.request_ids, plan.sample, strict=True) if s)
+        )
+        if plan.kind == StepKind.PREFILL:
+            hidden, logits_rows = self.steps[plan.kind].run(plan)
+            sample = self.sampler.sample_on_device(
+                sampled_ids, self.model.compute_logits(hidden[logits_rows]), self.eos_token_id
+            )
+            drafts = drafter.after_prefill(plan, hidden, sample.token_ids, logits_rows)
+            out = sample.to_host()
+            num_emitted = None
+            token_ids, logprobs, top_ids, top_logprobs, num_top = (
+                out.token_ids, out.logprobs, out.top_token_ids, out.top_logprobs, out.num_top,
+            )  # fmt: skip
+        else:
+            q = 1 + self.num_drafts
+            rows = token_rows(plan)
+            hidden, logits_rows = self.steps[plan.kind].run(rows)
+            proposed = to_device(plan.token_ids.reshape(-1, q)[:, 1:], self.device)  # [B, k] the drafts
+            verify = self.sampler.verify_on_device(
+                sampled_ids, self.model.compute_logits(hidden[logits_rows]), proposed, self.eos_token_id
+            )
+            verify.start_copy()
+            checked = verify.to_host()
+            num_emitted = checked.num_emitted
+            self.sampler.advance(sampled_ids, num_emitted)
+            drafts = drafter.after_verify(rows, q, hidden, verify.token_ids, num_emitted)
+            kept = np.arange(q)[None, :] < num_emitted[:, None]  # [B, q] the emitted tokens, row-major
+            token_ids = checked.token_ids[kept]
+            logprobs, top_ids, top_logprobs, num_top = (
+                None if a is None else a[kept]
+                for a in (checked.logprobs, checked.top_token_ids, checked.top_logprobs, checked.num_top)
+            )
+        drafts_host = drafts.cpu().numpy().astype(np.int64, copy=False)
+        self.clock.end()
+        self.clock.resolved(plan.step_id)
+        return StepResult(
+            step_id=plan.step_id,
+            rank=self.topology.rank,
+            request_ids=sampled_ids,
+            token_ids=token_ids,
+            logprobs=logprobs,
+            top_token_ids=top_ids,
+            top_logprobs=top_logprobs,
+            num_top=num_top,
+            num_emitted=num_emitted,
+            draft_token_ids=drafts_host,
+        )
 
     def _resolve(self, launched: _Launched) -> StepResult:
         out = launched.sample.to_host()

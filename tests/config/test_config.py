@@ -328,3 +328,20 @@ def test_config_is_frozen(dev_config_path: Path):
     with pytest.raises(pydantic.ValidationError, match="frozen"):
         config.parallel = config.parallel  # type: ignore[misc]
     assert config.cache.page_size == 16
+
+
+@pytest.mark.parametrize("name", ["dev", "production", "benchmark_lmsys"])
+def test_shipped_configs_are_valid(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NMOE_MODEL_PATH", "/models/deepseek-v3")
+    config = ServeConfig.from_toml(Path(__file__).parents[2] / "configs" / f"{name}.toml")
+    if name == "production":  # MTP on, so its steps run one at a time
+        assert config.speculative.method == "mtp" and not config.scheduler.overlap
+    else:
+        assert config.speculative.method == "none"
+
+
+def test_speculative_options_reach_the_llm_keywords() -> None:
+    keys = override_keys()
+    assert keys["speculative_method"] == ("speculative", "method")
+    assert keys["num_draft_tokens"] == ("speculative", "num_draft_tokens")
+    assert "method" not in keys

@@ -160,7 +160,9 @@ def speculative_limits(draw) -> SchedulerLimits:
     )
 
 
-def check_cached_pages(scheduler: Scheduler, ranks: FakeSpeculativeRanks, registry: dict[bytes, list[int]]) -> None:
+def check_cached_pages(
+    scheduler: Scheduler, ranks: FakeSpeculativeRanks, registry: dict[bytes, list[int]]
+) -> None:
     """Every cached page holds, in both caches, the tokens its hash (with the token after it) stands for."""
     p = scheduler.limits.page_size
     for rank, pool in enumerate(scheduler.pools):
@@ -283,7 +285,9 @@ def test_a_verify_step_carries_the_last_token_and_its_drafts_and_rolls_back_the_
     assert out == expected_output(prompt, sampling, 20, 64)[0]
     verify = [(plan, n) for plan, n in steps if plan.kind == StepKind.DECODE and plan.num_seqs]
     assert verify and all(plan.num_tokens == 3 for plan, _ in verify)
-    assert any(n == 3 for _, n in verify) and any(n == 1 for _, n in verify), "full and no acceptance both seen"
+    assert any(n == 3 for _, n in verify) and any(n == 1 for _, n in verify), (
+        "full and no acceptance both seen"
+    )
     assert len(verify) < 19, "accepted drafts took fewer steps than tokens"
     assert 0 < scheduler.num_accepted < scheduler.num_drafted
     # a verify step starts after every known token but the last: the previous start + its tokens

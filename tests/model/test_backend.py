@@ -195,7 +195,7 @@ def test_device_paths_are_resolved_once() -> None:
     def paths(
         device: str, dtype: str, kernels: str = "auto", graphs: bool = True, graph_max: int | None = None
     ):
-        return device_paths(device, dtype, kernels, graphs, graph_max, max_num_seqs=100)
+        return device_paths(device, dtype, kernels, graphs, graph_max, max_decode_rows=100)
 
     assert paths("cuda", "bfloat16") == ("triton", 100)  # max_num_seqs
     assert paths("cuda", "float16") == ("triton", 100)

@@ -11,7 +11,7 @@ import pytest
 from nmoe_serve.cli import main
 from nmoe_serve.engine.scheduler import SchedulerLimits
 from nmoe_serve.sim.cost_model import StepCostModel
-from nmoe_serve.sim.simulator import Simulator
+from nmoe_serve.sim.simulator import Simulator, Speculation
 from nmoe_serve.sim.workload import Workload, WorkloadError
 
 DECODE_S, PREFILL_S, PER_TOKEN_S = 0.05, 0.2, 0.001
@@ -142,3 +142,30 @@ def test_streamed_tokens_queue_at_the_front_end() -> None:
         Workload(prompt_tokens=16, output_tokens=3, requests=8, concurrency=8)
     )
     assert max(slow.itl_s) >= 8 * 0.01 - 1e-9, "8 streams' tokens take 80 ms to send: more than a step"
+
+
+def test_speculative_decoding_gives_each_sequence_one_to_1_plus_k_tokens_a_verify_step() -> None:
+    """k = 2 drafts, each accepted with probability 0.75: a sequence gets 1 + a + a^2 = 2.3125
+    tokens a verify step on average, so the output takes that many fewer decode steps; each step
+    costs the decode step of its token rows plus the drafts' time."""
+    workload = Workload(prompt_tokens=16, output_tokens=400, requests=8, concurrency=8)
+    spec = Speculation(acceptance=0.75, draft_s=0.004, seed=1)
+    result = Simulator(limits(num_draft_tokens=2), constant_model(), overlap=False, speculation=spec).run(
+        workload
+    )
+    plain = Simulator(limits(), constant_model(), overlap=False).run(workload)
+    assert result.output_tokens == plain.output_tokens == 8 * 400
+    decode_steps = plain.steps - result.steps
+    assert result.steps < plain.steps and decode_steps > 0
+    tokens_per_step = 8 * 400 / (result.steps - 1)  # all but the first (the prefill) are verify steps
+    # 8 sequences a step (4 a rank); the last steps, as sequences end, carry fewer
+    assert tokens_per_step / 8 == pytest.approx(1 + 0.75 + 0.75**2, rel=0.1)
+    assert result.summary()["itl_s"]["p50"] == pytest.approx(0.0, abs=1e-9), (
+        "tokens of one step arrive together"
+    )
+    with pytest.raises(WorkloadError, match="num_draft_tokens"):
+        Simulator(limits(), constant_model(), overlap=False, speculation=spec)
+    with pytest.raises(WorkloadError, match="one at a time"):
+        Simulator(limits(num_draft_tokens=2), constant_model(), overlap=True, speculation=spec)
+    with pytest.raises(WorkloadError, match="acceptance"):
+        Speculation(acceptance=1.5, draft_s=0.0)
