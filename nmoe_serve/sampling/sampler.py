@@ -181,8 +181,8 @@ class DeviceVerify:
         """The same as numpy arrays (waits for the device).
 
         Raises:
-            ValueError: a draft id was outside the vocabulary (the request's verify is then not
-                advanceable: remove the request, or fix the drafts).
+            ValueError: a draft id was outside the vocabulary: a bug of the drafter; the verify's
+                requests can then only be removed.
         """
         token_ids, num_emitted, in_vocab, *rest = _host_arrays(self._tensors(), self._host, self._copied)
         if not in_vocab.all():
