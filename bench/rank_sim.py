@@ -597,17 +597,23 @@ def build_rank(opts: argparse.Namespace, device: torch.device) -> Rank:
     )
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", type=Path, default=Path("rank_sim.json"))
+def rank_arguments(doc: str, out: str, reserve_gib: float) -> argparse.ArgumentParser:
+    """The parser of a benchmark of this rank: the output file and how the rank is built."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(out))
     parser.add_argument(
         "--smoke", action="store_true", help="small dims (any device; CPU uses the torch refs)"
     )
     parser.add_argument("--moe-layers", type=int, default=None, help="MoE layers to build (default: as fit)")
-    parser.add_argument("--reserve-gib", type=float, default=20.0, help="GPU memory kept for activations")
+    parser.add_argument(
+        "--reserve-gib", type=float, default=reserve_gib, help="GPU memory kept for activations"
+    )
     parser.add_argument("--reps", type=int, default=10)
+    return parser
+
+
+def main() -> int:
+    parser = rank_arguments(__doc__ or "", "rank_sim.json", 20.0)
     parser.add_argument("--skip-eager", action="store_true", help="do not time eager decode")
     parser.add_argument("--skip-prefill", action="store_true")
     parser.add_argument("--profile", action="store_true", help="kernel times of one MoE layer")

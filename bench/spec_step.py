@@ -25,15 +25,24 @@ sequences per rank.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-from rank_sim import EP, PAGE, Rank, build_rank, cuda_time, decode_plan, scaled, truncated, wall
+from rank_sim import (
+    EP,
+    PAGE,
+    Rank,
+    build_rank,
+    cuda_time,
+    decode_plan,
+    rank_arguments,
+    scaled,
+    truncated,
+    wall,
+)
 
 from nmoe_serve.engine.plan import StepPlan
 from nmoe_serve.model.mtp import DeepseekV3WithMTP
@@ -129,18 +138,9 @@ def time_step(rank: Rank, batch: int, k: int, rng: np.random.Generator) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", type=Path, default=Path("spec_step.json"))
-    parser.add_argument(
-        "--smoke", action="store_true", help="small dims (any device; CPU uses the torch refs)"
-    )
+    parser = rank_arguments(__doc__ or "", "spec_step.json", 30.0)
     parser.add_argument("--seqs", type=int, default=None, help="sequences per rank (default 256; smoke 16)")
     parser.add_argument("--drafts", default="1,2", help="k values to time beside the plain step")
-    parser.add_argument("--moe-layers", type=int, default=None)
-    parser.add_argument("--reserve-gib", type=float, default=30.0)
-    parser.add_argument("--reps", type=int, default=10)
     opts = parser.parse_args()
     opts.mtp, opts.skip_eager, opts.decode_attention, opts.moe_kernels = True, True, "auto", "auto"
     opts.link_gbps, opts.link_latency_us = 150.0, 25.0

@@ -6,14 +6,14 @@ from typing import TYPE_CHECKING, Any
 
 from nmoe_serve.sampling.params import SamplingParams
 
-__all__ = ["Sampler", "SamplerOutput", "SamplingParams"]
+__all__ = ["Sampler", "SamplerOutput", "SamplingParams", "VerifyOutput"]
 
 if TYPE_CHECKING:
-    from nmoe_serve.sampling.sampler import Sampler, SamplerOutput
+    from nmoe_serve.sampling.sampler import Sampler, SamplerOutput, VerifyOutput
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Sampler", "SamplerOutput"):
+    if name in ("Sampler", "SamplerOutput", "VerifyOutput"):
         from nmoe_serve.sampling import sampler
 
         return getattr(sampler, name)

@@ -11,6 +11,14 @@ The race is the exponential race (Gumbel-max): argmax(logit_i - log q_i) with q_
 the same token as argmax(p_i / q_i), so one draw of V numbers decides a row. Logprobs are of the raw
 logits, before penalties, temperature and truncation.
 
+Speculative decoding (MTP): `Sampler.verify_on_device` takes the target's logits at J positions
+of each request, J - 1 greedy drafts d_1..d_{J-1} after its last output. Position j is sampled with
+the state `sample` would use had d_1..d_j already been emitted (output position num_outputs + j:
+its seeded noise, min_tokens, penalties that count the drafts), and draft d_{j+1} is accepted iff
+that sample equals it. Drafts being deterministic, this is rejection sampling: the tokens emitted
+(the samples up to and including the first that rejects) have exactly the non-speculative
+distribution, and with a seed they are the tokens of sequential `sample` calls.
+
 Randomness: a request with a seed draws the noise for output position n from a generator seeded
 with a 64-bit mix of (seed, n). Its tokens therefore do not depend on the other rows of the batch,
 their order, or whether the request was preempted and re-added with its output so far. Requests
@@ -18,7 +26,8 @@ without a seed share one generator of the Sampler.
 
 Shapes: the legend in docs/ARCHITECTURE.md: B rows in the batch (the sampled sequences), V, and
 the subsets B_p rows with penalties, B_t rows that sample at a temperature, B_l rows that ask for
-logprobs, B_c rows of the penalty tables; k top logprobs.
+logprobs, B_c rows of the penalty tables; k top logprobs; J positions a verify samples per
+request (its drafts + 1), R = B·J rows of a verify's logits (R_x: a subset of them, named by x).
 """
 
 from __future__ import annotations
@@ -83,32 +92,21 @@ class DeviceSample:
 
     def start_copy(self) -> None:
         """Start copying the tensors to pinned host memory (CUDA) without waiting; `to_host` waits."""
-        if self.token_ids.device.type != "cuda":
-            return
-        tensors = [
+        self._host, self._copied = _start_copy(self._tensors())
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [
             t for t in (self.token_ids, self.logprobs, self.top_logprobs, self.top_token_ids) if t is not None
         ]
-        host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors)
-        for h, t in zip(host, tensors, strict=True):
-            h.copy_(t, non_blocking=True)
-        self._copied = torch.cuda.Event()
-        self._copied.record()
-        self._host = host
 
     def to_host(self) -> SamplerOutput:
         """The same as numpy arrays (waits for the device)."""
-        if self._host is not None:
-            assert self._copied is not None
-            self._copied.synchronize()
-            token_ids, *rest = self._host
-        else:
-            token_ids = self.token_ids.cpu()
-            rest = [t.cpu() for t in (self.logprobs, self.top_logprobs, self.top_token_ids) if t is not None]
-        output = SamplerOutput(token_ids=token_ids.numpy().astype(np.int64, copy=False))
+        token_ids, *rest = _host_arrays(self._tensors(), self._host, self._copied)
+        output = SamplerOutput(token_ids=token_ids.astype(np.int64, copy=False))
         if self.num_top is None:
             return output
         assert self.asking is not None
-        logprobs, top_logprobs, top_ids = (t.numpy() for t in rest)
+        logprobs, top_logprobs, top_ids = rest
         rows, k, num_top, asking = len(self.num_top), top_logprobs.shape[1], self.num_top, self.asking
         output.num_top = num_top
         output.logprobs = np.full(rows, np.nan, dtype=np.float32)
@@ -123,14 +121,18 @@ class DeviceSample:
 
 @dataclass
 class VerifyOutput:
-    """The tokens of one `Sampler.verify_on_device` call, as numpy arrays (q = 1 + Kd positions).
+    """The tokens of one `Sampler.verify_on_device` call, as numpy arrays.
 
     Attributes:
-        token_ids: [B, q] int64, the target's token at each position; row b's first
-            num_emitted[b] are its emitted tokens, the rest mean nothing.
-        num_emitted: [B] int64, 1 + the drafts accepted.
-        logprobs, top_token_ids, top_logprobs, num_top: as SamplerOutput's, with a position axis
-            ([B, q], [B, q, k], [B, q, k], [B, q]); None when no row asked.
+        token_ids: [B, J] int64, the target's sample at each position. A row's first num_emitted
+            entries are its emitted tokens; the entries after them are meaningless.
+        num_emitted: [B] int64, 1 + the number of leading drafts accepted, in [1, J].
+        logprobs: [B, J] float32, each position's sampled token's log-probability under the raw
+            logits; NaN in rows that asked for none. None when no row asked.
+        top_token_ids: [B, J, k] int64, each position's most likely tokens, as in SamplerOutput
+            (-1 past a row's `num_top`). top_logprobs: [B, J, k] float32 (NaN past it).
+        num_top: [B] int32, as in SamplerOutput.
+    Entries at positions past a row's num_emitted are meaningless in every array.
     """
 
     token_ids: np.ndarray
@@ -143,51 +145,97 @@ class VerifyOutput:
 
 @dataclass
 class DeviceVerify:
-    """The tokens of one `Sampler.verify_on_device` call, on the device: token_ids [B, q] int64,
-    num_emitted [B] int64; the logprobs of the rows that asked as one DeviceSample over their
-    B_l·q position rows (`positions`)."""
+    """The tokens of one `Sampler.verify_on_device` call, still on the device.
+
+    Attributes:
+        token_ids: [B, J] int64 on the device, as in VerifyOutput.
+        num_emitted: [B] int64 on the device, as in VerifyOutput.
+        drafts_in_vocab: [B] bool on the device, whether every draft of the row is a token id;
+            `to_host` refuses the verify when one is not (checked there to keep the device's
+            work free of host round trips).
+        logprobs: [B_l, J] float32 in the rows that asked (`asking`); None when none asked.
+            top_logprobs, top_token_ids: [B_l, J, k] on the device.
+        num_top: [B] int32 on the host, as in SamplerOutput; None when no row asked.
+    """
 
     token_ids: torch.Tensor
     num_emitted: torch.Tensor
-    positions: DeviceSample | None = None
-    _host: tuple[torch.Tensor, torch.Tensor] | None = None
+    drafts_in_vocab: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+    top_token_ids: torch.Tensor | None = None
+    num_top: np.ndarray | None = None
+    asking: np.ndarray | None = None
+    _host: tuple[torch.Tensor, ...] | None = None
     _copied: torch.cuda.Event | None = None
 
     def start_copy(self) -> None:
-        """Start copying the tokens (and logprobs) to pinned host memory (CUDA); `to_host` waits."""
-        if self.positions is not None:
-            self.positions.start_copy()
-        if self.token_ids.device.type != "cuda":
-            return
-        host = tuple(
-            torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (self.token_ids, self.num_emitted)
-        )
-        host[0].copy_(self.token_ids, non_blocking=True)
-        host[1].copy_(self.num_emitted, non_blocking=True)
-        self._copied = torch.cuda.Event()
-        self._copied.record()
-        self._host = (host[0], host[1])
+        """Start copying the tensors to pinned host memory (CUDA) without waiting; `to_host` waits."""
+        self._host, self._copied = _start_copy(self._tensors())
+
+    def _tensors(self) -> list[torch.Tensor]:
+        tensors = (self.token_ids, self.num_emitted, self.drafts_in_vocab)
+        return [t for t in (*tensors, self.logprobs, self.top_logprobs, self.top_token_ids) if t is not None]
 
     def to_host(self) -> VerifyOutput:
-        """The same as numpy arrays (waits for the device)."""
-        if self._host is not None:
-            assert self._copied is not None
-            self._copied.synchronize()
-            token_ids, num_emitted = self._host
-        else:
-            token_ids, num_emitted = self.token_ids.cpu(), self.num_emitted.cpu()
-        b, q = token_ids.shape
-        out = VerifyOutput(token_ids.numpy().astype(np.int64), num_emitted.numpy().astype(np.int64))
-        if self.positions is not None:
-            rows = self.positions.to_host()  # [B·q] position rows
-            assert rows.logprobs is not None and rows.top_token_ids is not None
-            assert rows.top_logprobs is not None and rows.num_top is not None
-            k = rows.top_token_ids.shape[1]
-            out.logprobs = rows.logprobs.reshape(b, q)
-            out.top_token_ids = rows.top_token_ids.reshape(b, q, k)
-            out.top_logprobs = rows.top_logprobs.reshape(b, q, k)
-            out.num_top = rows.num_top.reshape(b, q)
-        return out
+        """The same as numpy arrays (waits for the device).
+
+        Raises:
+            ValueError: a draft id was outside the vocabulary: a bug of the drafter; the verify's
+                requests can then only be removed.
+        """
+        token_ids, num_emitted, in_vocab, *rest = _host_arrays(self._tensors(), self._host, self._copied)
+        if not in_vocab.all():
+            raise ValueError(
+                "Sampler.verify_on_device: draft_token_ids of batch rows "
+                f"{np.flatnonzero(~in_vocab).tolist()} hold ids outside the vocabulary; "
+                "drafts must be token ids of the target's vocabulary"
+            )
+        output = VerifyOutput(
+            token_ids=token_ids.astype(np.int64, copy=False),
+            num_emitted=num_emitted.astype(np.int64, copy=False),
+        )
+        if self.num_top is None:
+            return output
+        assert self.asking is not None
+        logprobs, top_logprobs, top_ids = rest
+        (rows, width), k = token_ids.shape, top_logprobs.shape[-1]
+        num_top, asking = self.num_top, self.asking
+        output.num_top = num_top
+        output.logprobs = np.full((rows, width), np.nan, dtype=np.float32)
+        output.logprobs[asking] = logprobs
+        output.top_token_ids = np.full((rows, width, k), -1, dtype=np.int64)
+        output.top_logprobs = np.full((rows, width, k), np.nan, dtype=np.float32)
+        meaningful = np.arange(k)[None, None, :] < num_top[asking][:, None, None]  # [B_l, 1, k]
+        output.top_token_ids[asking] = np.where(meaningful, top_ids, -1)
+        output.top_logprobs[asking] = np.where(meaningful, top_logprobs, np.nan)
+        return output
+
+
+def _start_copy(
+    tensors: list[torch.Tensor],
+) -> tuple[tuple[torch.Tensor, ...] | None, torch.cuda.Event | None]:
+    """Pinned host copies of CUDA tensors, started without waiting, and the event that marks them
+    done; (None, None) for tensors elsewhere, which `_host_arrays` copies then."""
+    if not tensors or tensors[0].device.type != "cuda":
+        return None, None
+    host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors)
+    for h, t in zip(host, tensors, strict=True):
+        h.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
+
+
+def _host_arrays(
+    tensors: list[torch.Tensor], host: tuple[torch.Tensor, ...] | None, copied: torch.cuda.Event | None
+) -> list[np.ndarray]:
+    """The tensors as numpy arrays: the started copy once it is done, else copied now."""
+    if host is None:
+        return [t.cpu().numpy() for t in tensors]
+    assert copied is not None
+    copied.synchronize()
+    return [h.numpy() for h in host]
 
 
 @dataclass
@@ -196,7 +244,7 @@ class _Request:
     num_outputs: int
     slot: int | None  # row in the penalty tables; None when the request has no penalties
     min_tokens_ids: tuple[int, ...]  # stop_token_ids inside the vocabulary, masked until min_tokens
-    verifying: bool = False  # a verify's tokens are out, its `advance` not yet called
+    verify_width: int | None = None  # J of a verify not yet advanced; None when there is none
 
     @property
     def greedy(self) -> bool:
@@ -205,6 +253,26 @@ class _Request:
     @property
     def min_tokens_pending(self) -> bool:
         return self.num_outputs < self.params.min_tokens
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing to apply first and nothing to report: its token is the argmax."""
+        return (
+            self.greedy and self.slot is None and self.params.logprobs is None and not self.min_tokens_pending
+        )
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One row of logits to sample: a request at one of its output positions (num_outputs for
+    `sample`, num_outputs + j at position j of a verify)."""
+
+    request: _Request
+    position: int
+
+    @property
+    def min_tokens_pending(self) -> bool:
+        return self.position < self.request.params.min_tokens
 
 
 class _PenaltyTables:
@@ -235,10 +303,9 @@ class _PenaltyTables:
     def release(self, slot: int) -> None:
         self._free.append(slot)
 
-    def record(self, slots: torch.Tensor, token_ids: torch.Tensor) -> None:
-        """Count one more occurrence of token_ids[i] in the output of slots[i]."""
-        ones = torch.ones_like(slots, dtype=torch.int32)
-        self.counts.index_put_((slots, token_ids), ones, accumulate=True)
+    def record(self, slots: torch.Tensor, token_ids: torch.Tensor, times: torch.Tensor) -> None:
+        """Count times[i] (int32) more occurrences of token_ids[i] in the output of slots[i]."""
+        self.counts.index_put_((slots, token_ids), times, accumulate=True)
 
     def _grow(self) -> None:
         old = self.counts.shape[0]
@@ -351,18 +418,24 @@ class Sampler:
         """`sample`, with the tokens (and logprobs) left on the device: the owner rank feeds them to
         its next decode step without waiting for them; `DeviceSample.to_host()` brings them over.
         An all-greedy batch without penalties or logprobs makes no host round trip."""
-        requests = self._batch(request_ids, logits, eos_token_id)
-        if all(
-            r.greedy and r.slot is None and r.params.logprobs is None and not r.min_tokens_pending
-            for r in requests
-        ):
+        requests = self._batch(request_ids, logits, eos_token_id, "sample")
+        if all(r.plain_greedy for r in requests):
             token_ids = logits.argmax(dim=-1)  # [B]: the all-greedy batch is one argmax
         else:
-            token_ids = self._sample_general(requests, logits, eos_token_id)
+            rows = [_Row(r, r.num_outputs) for r in requests]
+            slots = self._slots(requests)
+            token_ids = self._sample_rows(rows, logits, eos_token_id, self._tables.counts[slots])
         sample = DeviceSample(token_ids)
         if any(r.params.logprobs is not None for r in requests):
-            self._logprobs(sample, requests, logits, token_ids)
-        self._record(requests, token_ids)
+            num_top, asking, logprobs, top_logprobs, top_ids = self._logprobs(requests, logits, token_ids, 1)
+            sample.logprobs, sample.top_logprobs, sample.top_token_ids = logprobs, top_logprobs, top_ids
+            sample.num_top, sample.asking = num_top, asking
+        penalized = [i for i, r in enumerate(requests) if r.slot is not None]
+        if penalized:
+            sampled = token_ids[self._index(penalized)]  # [B_p]
+            self._tables.record(self._slots(requests), sampled, torch.ones_like(sampled, dtype=torch.int32))
+        for r in requests:
+            r.num_outputs += 1
         return sample
 
     def verify_on_device(
@@ -372,241 +445,244 @@ class Sampler:
         draft_token_ids: torch.Tensor,
         eos_token_id: int | None,
     ) -> DeviceVerify:
-        """Verify Kd greedy drafts per request (speculative decoding): sample the target's token at
-        each of the q = 1 + Kd positions, position j as if the first j drafts had been emitted (its
-        seed's noise for output num_outputs + j, its min_tokens mask, its penalty counts), and
-        accept the drafts up to the first that differs from the target's token there; the emitted
-        tokens are the target's up to and including that one (1 to q per request).
+        """Verify greedy drafts: sample the target at every position and emit the samples up to the
+        first one that differs from its draft (rejection sampling for deterministic drafts).
 
-        Drafts are deterministic (an argmax), so this is rejection sampling with a one-hot draft
-        distribution: a draft d is accepted with probability p(d), and on rejection the token is
-        drawn from p restricted to the other tokens; every emitted token is a sample of the target's
-        distribution given the real prefix, and the output distribution equals sampling without
-        drafts. A seeded request draws the same noise at each output position either way, so its
-        tokens do not depend on speculation (up to the logits' rounding).
+        Position j of a request (j = 0..J-1) is sampled as `sample` would sample its output number
+        num_outputs + j had drafts d_1..d_j been emitted before: seeded rows draw that position's
+        noise, min_tokens masks EOS and stop ids while num_outputs + j < min_tokens, and penalties
+        count d_1..d_j as outputs. Draft d_{j+1} is accepted iff the sample at j equals it, so a
+        request emits its samples 0..m, m the number of leading accepted drafts (1 to J tokens),
+        each distributed exactly as without speculation.
+
+        The penalty counts on the device take the emitted tokens at once (no host round trip), but
+        num_outputs stays until `advance` is called with the verify's num_emitted; until then the
+        requests refuse another `sample` or verify. An all-greedy batch without penalties, logprobs
+        or min_tokens pending makes no host round trip: argmax, compare, cumulative product.
 
         Args:
-            request_ids: [B] the requests, each at most once.
-            logits: [B·q, V] float, row b·q + j = position j of request b.
-            draft_token_ids: [B, Kd] int64 on the Sampler's device.
-            eos_token_id: masked while min_tokens is pending.
-
-        The penalty counts record the emitted tokens on the device; num_outputs moves only with
-        `advance`, once the emitted counts are on the host (a request cannot be sampled again before).
+            request_ids: the B requests, each at most once.
+            logits: [R, V] float, R = B·J, row b·J + j the target's logits at position j of
+                request b; on the Sampler's device; not modified.
+            draft_token_ids: [B, J-1] int64 on the Sampler's device, J - 1 >= 1 drafts per request,
+                ids of the vocabulary (checked by `DeviceVerify.to_host`).
+            eos_token_id: the model's end-of-sequence token, masked while min_tokens is pending.
         """
-        b = len(request_ids)
-        if draft_token_ids.dim() != 2 or draft_token_ids.shape[0] != b or draft_token_ids.shape[1] < 1:
-            raise ValueError(
-                f"Sampler.verify_on_device: draft_token_ids have shape {tuple(draft_token_ids.shape)}, expected "
-                f"[{b}, k] with k >= 1 (one row of drafts per request)"
-            )
-        q = 1 + int(draft_token_ids.shape[1])
-        if logits.dim() != 2 or logits.shape[0] != b * q:
-            raise ValueError(
-                f"Sampler.verify_on_device: logits have shape {tuple(logits.shape)}, expected [{b * q}, "
-                f"{self.vocab_size}] ({b} requests x {q} positions)"
-            )
-        if draft_token_ids.numel() and (
-            int(draft_token_ids.min()) < 0 or int(draft_token_ids.max()) >= self.vocab_size
+        if (
+            draft_token_ids.dim() != 2
+            or draft_token_ids.shape[0] != len(request_ids)
+            or draft_token_ids.shape[1] < 1
         ):
             raise ValueError(
-                f"Sampler.verify_on_device: draft ids outside the vocabulary [0, {self.vocab_size}): min "
-                f"{int(draft_token_ids.min())}, max {int(draft_token_ids.max())}"
+                f"Sampler.verify_on_device: draft_token_ids have shape {tuple(draft_token_ids.shape)}, "
+                f"expected ({len(request_ids)}, J-1) with J-1 >= 1 drafts per request id"
             )
-        requests = self._batch(request_ids, logits.view(b, q, logits.shape[1])[:, 0], eos_token_id)
-        rows = [r for r in requests for _ in range(q)]
-        ahead = list(range(q)) * b
-        if all(
-            r.greedy and r.slot is None and r.params.logprobs is None and not r.min_tokens_pending
-            for r in requests
-        ):
-            token_ids = logits.argmax(dim=-1)  # [B·q]: the all-greedy batch is one argmax
+        if draft_token_ids.dtype != torch.int64 or draft_token_ids.device != logits.device:
+            raise ValueError(
+                f"Sampler.verify_on_device: draft_token_ids must be int64 on the logits' device "
+                f"{logits.device}, got {draft_token_ids.dtype} on {draft_token_ids.device}"
+            )
+        width = draft_token_ids.shape[1] + 1
+        requests = self._batch(request_ids, logits, eos_token_id, "verify_on_device", width)
+        if all(r.plain_greedy for r in requests):
+            token_ids = logits.argmax(dim=-1)  # [R]
         else:
-            token_ids = self._sample_general(rows, logits, eos_token_id, ahead, draft_token_ids)
-        tokens = token_ids.view(b, q)
-        matches = (tokens[:, :-1] == draft_token_ids).to(torch.int64).cumprod(dim=1)  # [B, Kd]
-        verify = DeviceVerify(tokens, 1 + matches.sum(dim=1))
+            rows = [_Row(r, r.num_outputs + j) for r in requests for j in range(width)]
+            counts = self._draft_counts(requests, draft_token_ids)  # [R_p, V]
+            token_ids = self._sample_rows(rows, logits, eos_token_id, counts)  # [R]
+        token_ids = token_ids.view(len(requests), width)  # [B, J]
+        accepted = (token_ids[:, :-1] == draft_token_ids).cumprod(dim=1)  # [B, J-1], 1 while all accepted
+        num_emitted = 1 + accepted.sum(dim=1)  # [B]
+        in_vocab = ((draft_token_ids >= 0) & (draft_token_ids < self.vocab_size)).all(dim=1)  # [B]
+        verify = DeviceVerify(token_ids, num_emitted, in_vocab)
         if any(r.params.logprobs is not None for r in requests):
-            verify.positions = DeviceSample(token_ids)
-            self._logprobs(verify.positions, rows, logits, token_ids)
-        penalized = [i for i, r in enumerate(requests) if r.slot is not None]
-        if penalized:
-            index = self._index(penalized)
-            emitted = torch.arange(q, device=self.device)[None, :] < verify.num_emitted[index][:, None]
-            slots = self._slots([requests[i] for i in penalized])[:, None].expand(-1, q)
-            self._tables.counts.index_put_(
-                (slots.reshape(-1), tokens[index].reshape(-1)),
-                emitted.reshape(-1).to(torch.int32),
-                accumulate=True,
+            num_top, asking, logprobs, top_logprobs, top_ids = self._logprobs(
+                requests, logits, token_ids.reshape(-1), width
             )
+            verify.logprobs = logprobs.view(len(asking), width)
+            verify.top_logprobs = top_logprobs.view(len(asking), width, -1)
+            verify.top_token_ids = top_ids.view(len(asking), width, -1)
+            verify.num_top, verify.asking = num_top, asking
+        penalized = [b for b, r in enumerate(requests) if r.slot is not None]
+        if penalized:
+            rows_p = self._index(penalized)
+            positions = torch.arange(width, device=self.device)  # [J]
+            emitted = (positions[None, :] < num_emitted[rows_p][:, None]).to(torch.int32)  # [B_p, J]
+            slots = self._slots(requests).repeat_interleave(width)  # [R_p]
+            self._tables.record(slots, token_ids[rows_p].reshape(-1), emitted.reshape(-1))
         for r in requests:
-            r.verifying = True
+            r.verify_width = width
         return verify
 
     def advance(self, request_ids: Sequence[str], num_emitted: np.ndarray) -> None:
-        """After a verify: each request's output count moves by its emitted tokens [B] (host)."""
-        if len(num_emitted) != len(request_ids):
-            raise ValueError(
-                f"Sampler.advance: {len(num_emitted)} emitted counts for {len(request_ids)} requests"
-            )
-        for rid, n in zip(request_ids, np.asarray(num_emitted).tolist(), strict=True):
-            r = self._lookup(rid, "advance")
-            if not r.verifying:
-                raise RuntimeError(f"Sampler.advance: request {rid!r} has no verify waiting to be advanced")
-            r.num_outputs += int(n)
-            r.verifying = False
+        """Count a verify's emitted tokens as outputs, once they reached the host.
 
-    def _sample_general(
-        self,
-        requests: list[_Request],
-        logits: torch.Tensor,
-        eos_token_id: int | None,
-        ahead: list[int] | None = None,
-        drafts: torch.Tensor | None = None,
+        Args:
+            request_ids: requests whose last verify is not yet advanced, each at most once.
+            num_emitted: [B] integers, the verify's `VerifyOutput.num_emitted` of each request (the
+                penalty counts on the device already hold exactly that many tokens).
+        """
+        counts = np.asarray(num_emitted)
+        if counts.shape != (len(request_ids),) or not np.issubdtype(counts.dtype, np.integer):
+            raise ValueError(
+                f"Sampler.advance: num_emitted must be [{len(request_ids)}] integers (one per request id), "
+                f"got shape {counts.shape} of {counts.dtype}"
+            )
+        self._check_distinct(request_ids, "advance")
+        requests = [self._lookup(rid, "advance") for rid in request_ids]
+        for rid, r, n in zip(request_ids, requests, counts.tolist(), strict=True):
+            if r.verify_width is None:
+                raise ValueError(
+                    f"Sampler.advance: request {rid!r} has no verify to advance; "
+                    "advance once after each verify_on_device"
+                )
+            if not 1 <= n <= r.verify_width:
+                raise ValueError(
+                    f"Sampler.advance: num_emitted={n} of request {rid!r} is outside [1, {r.verify_width}] "
+                    "(its verify's J); pass the verify's own num_emitted"
+                )
+        for r, n in zip(requests, counts.tolist(), strict=True):
+            r.num_outputs += n
+            r.verify_width = None
+
+    def _sample_rows(
+        self, rows: list[_Row], logits: torch.Tensor, eos_token_id: int | None, counts: torch.Tensor
     ) -> torch.Tensor:
-        """One token per row. ahead[i] (verify steps): row i samples its request's output
-        `num_outputs + ahead[i]`, as if its first ahead[i] drafts (`drafts` [B_r, Kd], a row per
-        request, in the order the requests first appear) had been emitted: its seed's noise, its
-        min_tokens mask and its penalty counts are those of that position."""
-        offsets = ahead or [0] * len(requests)
-        x = logits.float()  # [B, V]
+        """One token per row of logits [R, V] (R rows, a request at a position); counts [R_p, V]:
+        the output counts of the rows with penalties, in row order."""
+        x = logits.float()  # [R, V]
         if x.data_ptr() == logits.data_ptr():
             x = x.clone()  # the caller's logits stay untouched
 
-        penalized = [i for i, r in enumerate(requests) if r.slot is not None]
+        penalized = [i for i, row in enumerate(rows) if row.request.slot is not None]
         if penalized:
-            rows = self._index(penalized)
-            slots = self._slots([requests[i] for i in penalized])
-            counts = self._tables.counts[slots]  # [B_p, V]
-            if drafts is not None and any(offsets[i] for i in penalized):
-                counts = counts + self._draft_counts(requests, penalized, offsets, drafts)
-            x[rows] = apply_penalties(
-                x[rows],
+            indices = self._index(penalized)
+            requests = [rows[i].request for i in penalized]
+            x[indices] = apply_penalties(
+                x[indices],
                 counts,
-                self._tables.prompt_mask[slots],
-                repetition=self._floats([requests[i].params.repetition_penalty for i in penalized]),
-                frequency=self._floats([requests[i].params.frequency_penalty for i in penalized]),
-                presence=self._floats([requests[i].params.presence_penalty for i in penalized]),
+                self._tables.prompt_mask[self._slots(requests)],
+                repetition=self._floats([r.params.repetition_penalty for r in requests]),
+                frequency=self._floats([r.params.frequency_penalty for r in requests]),
+                presence=self._floats([r.params.presence_penalty for r in requests]),
             )
 
         blocked_rows: list[int] = []
         blocked_ids: list[int] = []
-        for i, r in enumerate(requests):
-            if r.num_outputs + offsets[i] < r.params.min_tokens:
-                ids = r.min_tokens_ids if eos_token_id is None else (eos_token_id, *r.min_tokens_ids)
+        for i, row in enumerate(rows):
+            if row.min_tokens_pending:
+                stop_ids = row.request.min_tokens_ids
+                ids = stop_ids if eos_token_id is None else (eos_token_id, *stop_ids)
                 blocked_rows.extend([i] * len(ids))
                 blocked_ids.extend(ids)
         if blocked_rows:
             x[self._index(blocked_rows), self._index(blocked_ids)] = -torch.inf
 
-        token_ids = torch.empty(len(requests), dtype=torch.int64, device=x.device)  # [B]
-        greedy = [i for i, r in enumerate(requests) if r.greedy]
+        token_ids = torch.empty(len(rows), dtype=torch.int64, device=x.device)  # [R]
+        greedy = [i for i, row in enumerate(rows) if row.request.greedy]
         if greedy:
-            rows = self._index(greedy)
-            token_ids[rows] = x[rows].argmax(dim=-1)
-        sampled = [i for i, r in enumerate(requests) if not r.greedy]
+            indices = self._index(greedy)
+            token_ids[indices] = x[indices].argmax(dim=-1)
+        sampled = [i for i, row in enumerate(rows) if not row.request.greedy]
         if sampled:
-            rows = self._index(sampled)
-            token_ids[rows] = self._sample_at_temperature(
-                x[rows], [requests[i] for i in sampled], [offsets[i] for i in sampled]
-            )
+            indices = self._index(sampled)
+            token_ids[indices] = self._sample_at_temperature(x[indices], [rows[i] for i in sampled])
         return token_ids
 
-    def _draft_counts(
-        self, requests: list[_Request], penalized: list[int], offsets: list[int], drafts: torch.Tensor
-    ) -> torch.Tensor:
-        """[B_p, V] int32: how often each token occurs among the drafts before each penalized row's
-        position (verify rows: request b's rows follow each other, ahead 0..Kd)."""
-        first: dict[int, int] = {}  # id(request) -> its row in `drafts`
-        for r in requests:
-            first.setdefault(id(r), len(first))
-        extra = torch.zeros(len(penalized), self.vocab_size, dtype=torch.int32, device=self.device)
-        for n, i in enumerate(penalized):
-            ahead = offsets[i]
-            if ahead:
-                row = drafts[first[id(requests[i])], :ahead]
-                extra[n].index_add_(0, row, torch.ones_like(row, dtype=torch.int32))
-        return extra
-
-    def _sample_at_temperature(
-        self, logits: torch.Tensor, requests: list[_Request], offsets: list[int]
-    ) -> torch.Tensor:
-        params = [r.params for r in requests]
-        x = logits / self._floats([p.temperature for p in params])[:, None]  # [B_t, V]
+    def _sample_at_temperature(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        params = [row.request.params for row in rows]
+        x = logits / self._floats([p.temperature for p in params])[:, None]  # [R_t, V]
         if any(p.top_k > 0 for p in params) or any(p.top_p < 1.0 for p in params):
             top_k = [p.top_k if p.top_k > 0 else self.vocab_size for p in params]
             top_p = [p.top_p if p.top_p < 1.0 else torch.inf for p in params]
             x = apply_top_k_top_p(x, self._index(top_k), self._floats(top_p))
         if any(p.min_p > 0.0 for p in params):
             x = apply_min_p(x, self._floats([p.min_p for p in params]))
-        noise = self._exponential_noise(requests, offsets)  # [B_t, V]
+        noise = self._exponential_noise(rows)  # [R_t, V]
         return (x - noise.log()).argmax(dim=-1)
 
-    def _exponential_noise(self, requests: list[_Request], offsets: list[int]) -> torch.Tensor:
-        noise = torch.empty(len(requests), self.vocab_size, device=self.device)  # [B_t, V]
-        if any(r.params.seed is None for r in requests):
+    def _exponential_noise(self, rows: list[_Row]) -> torch.Tensor:
+        noise = torch.empty(len(rows), self.vocab_size, device=self.device)  # [R_t, V]
+        if any(row.request.params.seed is None for row in rows):
             noise.exponential_(generator=self._shared_generator)
-        for i, (r, ahead) in enumerate(zip(requests, offsets, strict=True)):
-            if r.params.seed is not None:
-                self._seeded_generator.manual_seed(position_seed(r.params.seed, r.num_outputs + ahead))
+        for i, row in enumerate(rows):
+            seed = row.request.params.seed
+            if seed is not None:
+                self._seeded_generator.manual_seed(position_seed(seed, row.position))
                 noise[i].exponential_(generator=self._seeded_generator)
         # An exact 0 would make -log(q) infinite, and a masked token (-inf) NaN.
         return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 
+    def _draft_counts(self, requests: list[_Request], draft_token_ids: torch.Tensor) -> torch.Tensor:
+        """[R_p, V] output counts at every position of the requests with penalties: the table's
+        counts plus drafts d_1..d_j at position j. An id outside the vocabulary counts nowhere (the
+        positions after it are never emitted)."""
+        penalized = [b for b, r in enumerate(requests) if r.slot is not None]
+        drafts = draft_token_ids[self._index(penalized)]  # [B_p, J-1]
+        num_rows, num_drafts = drafts.shape
+        valid = ((drafts >= 0) & (drafts < self.vocab_size)).to(torch.int32)  # [B_p, J-1]
+        added = torch.zeros(num_rows, num_drafts + 1, self.vocab_size, dtype=torch.int32, device=self.device)
+        added[:, 1:].scatter_(-1, drafts.clamp(0, self.vocab_size - 1)[..., None], valid[..., None])
+        counts = self._tables.counts[self._slots(requests)][:, None] + added.cumsum(dim=1, dtype=torch.int32)
+        return counts.reshape(-1, self.vocab_size)  # [B_p, J, V] -> [R_p, V]
+
     def _logprobs(
-        self, sample: DeviceSample, requests: list[_Request], logits: torch.Tensor, token_ids: torch.Tensor
-    ) -> None:
+        self, requests: list[_Request], logits: torch.Tensor, token_ids: torch.Tensor, width: int
+    ) -> tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw logprobs of the requests that ask, at each of their `width` rows of logits [B·width, V]:
+        (num_top [B], asking [B_l], chosen [B_l·width], top logprobs and ids [B_l·width, k])."""
         num_top = np.array(
             [-1 if r.params.logprobs is None else min(r.params.logprobs, self.vocab_size) for r in requests],
             dtype=np.int32,
         )
         asking = np.flatnonzero(num_top >= 0)
-        rows = self._index(asking.tolist())
-        logprobs = logits[rows].float().log_softmax(dim=-1)  # [B_l, V]
-        sample.logprobs = logprobs.gather(1, token_ids[rows][:, None])[:, 0]  # [B_l]
-        sample.top_logprobs, sample.top_token_ids = logprobs.topk(int(num_top.max()), dim=-1, sorted=True)
-        sample.num_top, sample.asking = num_top, asking
-
-    def _record(self, requests: list[_Request], token_ids: torch.Tensor) -> None:
-        penalized = [i for i, r in enumerate(requests) if r.slot is not None]
-        if penalized:
-            slots = self._slots([requests[i] for i in penalized])
-            self._tables.record(slots, token_ids[self._index(penalized)])
-        for r in requests:
-            r.num_outputs += 1
+        rows = self._index((asking[:, None] * width + np.arange(width)[None, :]).reshape(-1).tolist())
+        logprobs = logits[rows].float().log_softmax(dim=-1)  # [B_l·width, V]
+        chosen = logprobs.gather(1, token_ids[rows][:, None])[:, 0]  # [B_l·width]
+        top_logprobs, top_ids = logprobs.topk(int(num_top.max()), dim=-1, sorted=True)
+        return num_top, asking, chosen, top_logprobs, top_ids
 
     def _batch(
-        self, request_ids: Sequence[str], logits: torch.Tensor, eos_token_id: int | None
+        self,
+        request_ids: Sequence[str],
+        logits: torch.Tensor,
+        eos_token_id: int | None,
+        caller: str,
+        width: int = 1,
     ) -> list[_Request]:
-        want = (len(request_ids), self.vocab_size)
+        want = (len(request_ids) * width, self.vocab_size)
         if logits.dim() != 2 or tuple(logits.shape) != want:
+            per_id = "one row per request id" if width == 1 else f"J={width} rows per request id"
             raise ValueError(
-                f"Sampler.sample: logits have shape {tuple(logits.shape)}, expected {want} "
-                "(one row per request id, vocab_size columns)"
+                f"Sampler.{caller}: logits have shape {tuple(logits.shape)}, expected {want} "
+                f"({per_id}, vocab_size columns)"
             )
         if not logits.is_floating_point():
-            raise ValueError(f"Sampler.sample: logits must be a float tensor, got {logits.dtype}")
+            raise ValueError(f"Sampler.{caller}: logits must be a float tensor, got {logits.dtype}")
         if logits.device.type != self.device.type or (
             self.device.index is not None and logits.device.index != self.device.index
         ):
             raise ValueError(
-                f"Sampler.sample: logits are on {logits.device} but the Sampler is on {self.device}"
+                f"Sampler.{caller}: logits are on {logits.device} but the Sampler is on {self.device}"
             )
         if eos_token_id is not None and not 0 <= eos_token_id < self.vocab_size:
             raise ValueError(
-                f"Sampler.sample: eos_token_id={eos_token_id} is outside the vocabulary [0, {self.vocab_size})"
+                f"Sampler.{caller}: eos_token_id={eos_token_id} is outside the vocabulary [0, {self.vocab_size})"
             )
+        self._check_distinct(request_ids, caller)
+        requests = [self._lookup(rid, caller) for rid in request_ids]
+        for rid, r in zip(request_ids, requests, strict=True):
+            if r.verify_width is not None:
+                raise ValueError(
+                    f"Sampler.{caller}: request {rid!r} has a verify not yet advanced; call "
+                    "Sampler.advance with that verify's num_emitted first"
+                )
+        return requests
+
+    def _check_distinct(self, request_ids: Sequence[str], caller: str) -> None:
         if len(set(request_ids)) != len(request_ids):
             twice = sorted(rid for rid, n in Counter(request_ids).items() if n > 1)
-            raise ValueError(f"Sampler.sample: request ids appear more than once in the batch: {twice}")
-        requests = [self._lookup(rid, "sample") for rid in request_ids]
-        waiting = [rid for rid, r in zip(request_ids, requests, strict=True) if r.verifying]
-        if waiting:
-            raise RuntimeError(
-                f"Sampler: requests {waiting[:4]} have a verify whose emitted counts were not passed to "
-                "advance(): call advance() first"
-            )
-        return requests
+            raise ValueError(f"Sampler.{caller}: request ids appear more than once in the batch: {twice}")
 
     def _lookup(self, request_id: str, caller: str) -> _Request:
         try:

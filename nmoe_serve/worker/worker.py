@@ -299,10 +299,11 @@ class Worker:
             drafts = drafter.after_verify(rows, q, hidden, verify.token_ids, num_emitted)
             kept = np.arange(q)[None, :] < num_emitted[:, None]  # [B, q] the emitted tokens, row-major
             token_ids = checked.token_ids[kept]
-            logprobs, top_ids, top_logprobs, num_top = (
+            logprobs, top_ids, top_logprobs = (
                 None if a is None else a[kept]
-                for a in (checked.logprobs, checked.top_token_ids, checked.top_logprobs, checked.num_top)
+                for a in (checked.logprobs, checked.top_token_ids, checked.top_logprobs)
             )
+            num_top = None if checked.num_top is None else np.repeat(checked.num_top, num_emitted)
         drafts_host = drafts.cpu().numpy().astype(np.int64, copy=False)
         self.clock.end()
         self.clock.resolved(plan.step_id)

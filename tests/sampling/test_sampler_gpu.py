@@ -77,3 +77,40 @@ def test_truncation_stays_inside_top_k(cuda):
     allowed = set(logits[0].topk(20).indices.tolist())
     assert set(tokens.tolist()) <= allowed
     assert len(set(tokens.tolist())) > 5
+
+
+def test_verify_on_cuda_with_a_started_copy_matches_sequential_samples(cuda):
+    gen = torch.Generator(device=cuda).manual_seed(4)
+    rows, width = 6, 3
+    logits = 4.0 * torch.randn(rows * width, VOCAB, device=cuda, generator=gen)  # [B·J, V]
+    drafts = logits.argmax(-1).view(rows, width)[:, :-1].clone()  # [B, J-1]
+    drafts[1, 0] += 1  # a wrong first draft
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0, frequency_penalty=0.5, logprobs=3),
+        SamplingParams(temperature=0.7, top_p=0.9, seed=1),
+        SamplingParams(temperature=1.0, top_k=40, min_tokens=2, seed=2),
+        SamplingParams(temperature=0.9, min_p=0.1, presence_penalty=0.4, seed=3),
+        SamplingParams(temperature=0, logprobs=0),
+    ]
+    sampler, reference = Sampler(VOCAB, cuda, seed=0), Sampler(VOCAB, cuda, seed=0)
+    ids = [f"r{i}" for i in range(rows)]
+    for rid, p in zip(ids, params, strict=True):
+        sampler.add_request(rid, p, [0])
+        reference.add_request(rid, p, [0])
+    device_verify = sampler.verify_on_device(ids, logits, drafts, eos_token_id=1)
+    device_verify.start_copy()
+    out = device_verify.to_host()
+    sampler.advance(ids, out.num_emitted)
+    for b, rid in enumerate(ids):
+        expected = []
+        for j in range(width):
+            token = int(reference.sample([rid], logits[b * width + j][None], 1).token_ids[0])
+            expected.append(token)
+            if j == width - 1 or token != int(drafts[b, j]):
+                break
+        assert out.token_ids[b, : out.num_emitted[b]].tolist() == expected
+    assert out.num_emitted[0] == width and out.num_emitted[1] == 1
+    raw = logits.view(rows, width, VOCAB)[1].float().log_softmax(-1)  # [J, V]
+    chosen = raw.gather(1, torch.as_tensor(out.token_ids[1], device=cuda)[:, None])[:, 0]
+    np.testing.assert_allclose(out.logprobs[1], chosen.cpu().numpy(), rtol=1e-5, atol=1e-5)
