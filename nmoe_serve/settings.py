@@ -54,6 +54,7 @@ class EngineSettings:
     cpu_kv_cache_gib: float
     # the engine core (scheduler limits, context length, page size, stop ids)
     core: CoreSettings
+    kv_dtype: str = "bfloat16"  # the KV cache's storage: "fp8" (kernels/kv_fp8.py) or the model's dtype
 
 
 def resolve_settings(config: ServeConfig, cuda_available: bool) -> EngineSettings:
@@ -105,6 +106,7 @@ def resolve_settings(config: ServeConfig, cuda_available: bool) -> EngineSetting
         device, dtype, config.device.kernels, config.device.cuda_graphs, config.device.cuda_graph_max_batch,
         scheduler.max_num_seqs,
     )  # fmt: skip
+    kv_dtype = _kv_dtype(config.cache.kv_dtype, dtype, args, page_size, kernels, graph_max_batch)
     settings = EngineSettings(
         model_name=name,
         model_path=path,
@@ -136,10 +138,11 @@ def resolve_settings(config: ServeConfig, cuda_available: bool) -> EngineSetting
             prefix_caching=config.cache.enable_prefix_caching,
             max_rank_imbalance=config.cache.max_rank_imbalance,
         ),
+        kv_dtype=kv_dtype,
     )
     log.info(
         "engine: model %s (%s), dtype %s, device %s, ep_size %d, max_seq_len %d, load_format %s, "
-        "kernels %s, decode CUDA graphs %s",
+        "kernels %s, decode CUDA graphs %s, KV cache %s",
         name,
         path,
         dtype,
@@ -149,8 +152,41 @@ def resolve_settings(config: ServeConfig, cuda_available: bool) -> EngineSetting
         settings.load_format,
         kernels,
         f"up to batch {graph_max_batch}" if graph_max_batch else "off",
+        kv_dtype,
     )
     return settings
+
+
+def fp8_decode_kernel_takes(latent: int, rope: int, page_size: int) -> bool:
+    """Whether kernels/mla_decode_fp8.py's kernel takes these dims (its `fp8_shape_ok`, without
+    torch): L / 2 and R powers of two in [16, 256], a tile of min(64, P's largest power-of-two
+    divisor) >= 16 tokens."""
+
+    def pow2_tile(n: int) -> bool:
+        return 16 <= n <= 256 and n & (n - 1) == 0
+
+    return latent % 2 == 0 and pow2_tile(latent // 2) and pow2_tile(rope) and min(64, page_size & -page_size) >= 16
+
+
+def _kv_dtype(
+    kv_dtype: str, dtype: str, args: ModelArgs, page_size: int, kernels: str, graph_max_batch: int
+) -> str:
+    """cache.kv_dtype resolved: "fp8", or the model's dtype for "auto"; refused where FP8 cannot run."""
+    if kv_dtype == "auto":
+        return dtype
+    if args.kv_cache_dim % 4:
+        raise ConfigError(
+            f"cache.kv_dtype = 'fp8' needs the model's kv_lora_rank + qk_rope_head_dim = {args.kv_cache_dim} "
+            "to be a multiple of 4 (the row's float32 scales follow it): use kv_dtype = 'auto'"
+        )
+    if graph_max_batch and not fp8_decode_kernel_takes(args.kv_lora_rank, args.qk_rope_head_dim, page_size):
+        raise ConfigError(
+            f"cache.kv_dtype = 'fp8' with decode CUDA graphs needs the FP8 decode kernel, which does not take "
+            f"kv_lora_rank {args.kv_lora_rank}, qk_rope_head_dim {args.qk_rope_head_dim}, cache.page_size "
+            f"{page_size} (its torch reference syncs with the host and cannot be captured): set "
+            "device.cuda_graphs = false, or kv_dtype = 'auto', or cache.page_size = 64"
+        )
+    return "fp8"
 
 
 def _device(kind: str, cuda_available: bool) -> str:

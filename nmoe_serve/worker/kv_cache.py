@@ -7,6 +7,9 @@ One page more than `num_pages` is allocated: the scratch page (index num_pages),
 scheduler never hands out. Padded rows of a CUDA-graph decode batch write their latents there
 and attend to it, so they never touch a request's pages.
 
+dtype float8_e4m3fn is the FP8 cache ([cache] kv_dtype = "fp8"): each row packs C e4m3 entries
+and its two float32 scales (kernels/kv_fp8.py).
+
 Shapes: the legend in docs/ARCHITECTURE.md (NP, P, C).
 """
 
@@ -14,12 +17,13 @@ from __future__ import annotations
 
 import torch
 
+from nmoe_serve.kernels.kv_fp8 import kv_row_width
 from nmoe_serve.model.args import ModelArgs
 
 
 def page_bytes(args: ModelArgs, page_size: int, dtype: torch.dtype) -> int:
-    """Bytes one page takes across all layers."""
-    return args.n_layers * page_size * args.kv_cache_dim * torch.finfo(dtype).bits // 8
+    """Bytes one page takes across all layers (an FP8 cache's rows with their scales)."""
+    return args.n_layers * page_size * kv_row_width(args.kv_cache_dim, dtype) * torch.finfo(dtype).bits // 8
 
 
 class KVCache:
@@ -29,8 +33,8 @@ class KVCache:
         self.num_pages, self.page_size = num_pages, page_size
         self.scratch_page = num_pages
         self.storage = torch.zeros(
-            args.n_layers, num_pages + 1, page_size, args.kv_cache_dim, dtype=dtype, device=device
-        )  # [layers, NP + 1 (the scratch page), P, C]
+            args.n_layers, num_pages + 1, page_size, kv_row_width(args.kv_cache_dim, dtype), dtype=dtype, device=device
+        )  # [layers, NP + 1 (the scratch page), P, C] (C + 16 in float8_e4m3fn: kernels/kv_fp8.py)
         self.layers = list(self.storage.unbind(0))  # per-layer views [NP + 1, P, C]
 
     @property
