@@ -48,42 +48,49 @@ def _quantize_rows(x, amax, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _fp8_tile_step(
-    q0, q1, q_pe, q_s, qpe_s, c0, c1, k_pe, s_c, s_r, m_i, l_i, g_i, acc0, acc1, valid,
-    FP8_PV: tl.constexpr, SPLIT_SCORES: tl.constexpr, MASKED: tl.constexpr,
-):  # fmt: skip
-    """One [BN]-token tile: scores (log2 domain, q's scales carry softmax_scale·log2 e), the online
-    softmax, P rounded to e4m3 with the token scales folded in, PV into acc0/acc1."""
-    col_c = s_c[None, :] * q_s[:, None]  # [BH, BN]
-    col_r = s_r[None, :] * qpe_s[:, None]
-    scores = (
-        tl.dot(q0, tl.trans(c0)) * col_c + tl.dot(q1, tl.trans(c1)) * col_c + tl.dot(q_pe, tl.trans(k_pe)) * col_r
-    )  # [BH, BN]
-    if MASKED:
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-    if SPLIT_SCORES:
-        # As in mla_decode_paged_kernel: the branch hides from Triton that scores feed a dot.
-        if g_i > 0:
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # [BH]
-        else:
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    else:
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+def _fp8_softmax(scores, s_c, m_i, l_i, g_i, valid, P_DTYPE: tl.constexpr):
+    """Online-softmax step on scaled, masked scores [BH, BN] (log2 domain) with the tile's latent
+    scales s_c [BN] folded into p: (p rounded to P_DTYPE, acc's rescale [BH], m, l, g)."""
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # [BH]
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(scores - m_new[:, None])  # [BH, BN] in [0, 1]
     l_new = l_i * alpha + tl.sum(p, axis=1)
     s_max = tl.max(tl.where(valid, s_c, 0.0), axis=0)  # > 0: every tile holds a valid token
     g_new = s_max / 448.0
-    rescale = alpha * (g_i / g_new)  # [BH]
     pv = p * (s_c * (448.0 / s_max))[None, :]  # [BH, BN] in [0, 448]
-    if FP8_PV:
-        p8 = pv.to(c0.dtype)
-        acc0 = tl.dot(p8, c0, acc0 * rescale[:, None])  # [BH, L/2]
-        acc1 = tl.dot(p8, c1, acc1 * rescale[:, None])
+    return pv.to(P_DTYPE), alpha * (g_i / g_new), m_new, l_new, g_new
+
+
+@triton.jit
+def _fp8_tile_step(
+    q0, q1, q_pe, q_s, qpe_s, c0, c1, k_pe, s_c, s_r, m_i, l_i, g_i, acc0, acc1, valid,
+    FP8_PV: tl.constexpr, SPLIT_SCORES: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """One [BN]-token tile: scores (log2 domain, q's scales carry softmax_scale·log2 e), the online
+    softmax, P rounded to e4m3 with the token scales folded in, PV into acc0/acc1. Each dot is
+    scaled before the sum, so that Triton does not chain them through one accumulator."""
+    scores = (
+        tl.dot(q0, tl.trans(c0)) * s_c[None, :]
+        + tl.dot(q1, tl.trans(c1)) * s_c[None, :]
+    ) * q_s[:, None] + tl.dot(q_pe, tl.trans(k_pe)) * s_r[None, :] * qpe_s[:, None]  # [BH, BN]
+    if MASKED:
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+    P_DTYPE: tl.constexpr = c0.dtype if FP8_PV else tl.bfloat16
+    if SPLIT_SCORES:
+        # As in mla_decode_paged_kernel: both sides compute the same; the branch hides from
+        # Triton that the scores feed a dot, so their dots are split across the warpgroups.
+        if g_i > 0:
+            p, rescale, m_new, l_new, g_new = _fp8_softmax(scores, s_c, m_i, l_i, g_i, valid, P_DTYPE)
+        else:
+            p, rescale, m_new, l_new, g_new = _fp8_softmax(scores, s_c, m_i, l_i, g_i, valid, P_DTYPE)
     else:
-        pb = pv.to(tl.bfloat16)
-        acc0 = tl.dot(pb, c0.to(tl.bfloat16), acc0 * rescale[:, None])
-        acc1 = tl.dot(pb, c1.to(tl.bfloat16), acc1 * rescale[:, None])
+        p, rescale, m_new, l_new, g_new = _fp8_softmax(scores, s_c, m_i, l_i, g_i, valid, P_DTYPE)
+    if FP8_PV:
+        acc0 = tl.dot(p, c0, acc0 * rescale[:, None])  # [BH, L/2]
+        acc1 = tl.dot(p, c1, acc1 * rescale[:, None])
+    else:
+        acc0 = tl.dot(p, c0.to(tl.bfloat16), acc0 * rescale[:, None])
+        acc1 = tl.dot(p, c1.to(tl.bfloat16), acc1 * rescale[:, None])
     return m_new, l_new, g_new, acc0, acc1
 
 
