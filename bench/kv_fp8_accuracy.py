@@ -33,15 +33,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import print_table, write_json  # noqa: E402
-from nmoe_serve.config import ServeConfig  # noqa: E402
-from nmoe_serve.llm import LLM  # noqa: E402
-from nmoe_serve.model.tiny import make_tiny_checkpoint  # noqa: E402
-from nmoe_serve.sampling.params import SamplingParams  # noqa: E402
-from nmoe_serve.settings import resolve_settings  # noqa: E402
-from nmoe_serve.topology import Topology  # noqa: E402
-from nmoe_serve.worker.worker import Worker  # noqa: E402
-from tests.helpers import ManualPlans  # noqa: E402
+from bench.report import print_table, write_json
+from nmoe_serve.config import ServeConfig
+from nmoe_serve.llm import LLM
+from nmoe_serve.model.tiny import make_tiny_checkpoint
+from nmoe_serve.sampling.params import SamplingParams
+from nmoe_serve.settings import resolve_settings
+from nmoe_serve.topology import Topology
+from nmoe_serve.worker.worker import Worker
+from tests.helpers import ManualPlans
 
 NUM_PAGES = 512
 
@@ -68,10 +68,20 @@ def worker_logits(
     steps, out = args.decode_steps, []
     prompts = [s[: len(s) - steps] for s in seqs]
     half = min(len(p) for p in prompts) // 2
-    out.append(worker.logits_for(plans.prefill([(f"s{i}", p[:half]) for i, p in enumerate(prompts)]), all_positions=True))
-    out.append(worker.logits_for(plans.prefill([(f"s{i}", p[half:]) for i, p in enumerate(prompts)]), all_positions=True))
+    out.append(
+        worker.logits_for(
+            plans.prefill([(f"s{i}", p[:half]) for i, p in enumerate(prompts)]), all_positions=True
+        )
+    )
+    out.append(
+        worker.logits_for(
+            plans.prefill([(f"s{i}", p[half:]) for i, p in enumerate(prompts)]), all_positions=True
+        )
+    )
     for step in range(steps):
-        out.append(worker.logits_for(plans.decode([(f"s{i}", s[len(s) - steps + step]) for i, s in enumerate(seqs)])))
+        out.append(
+            worker.logits_for(plans.decode([(f"s{i}", s[len(s) - steps + step]) for i, s in enumerate(seqs)]))
+        )
     return torch.cat(out).float().cpu()  # [rows, V]
 
 
@@ -84,7 +94,9 @@ def greedy(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--tiny-fp8", action="store_true", help="the tiny FP8 checkpoint (L 128, R 32)")
@@ -94,16 +106,23 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--no-noise-reference", dest="noise_reference", action="store_false",
+        "--no-noise-reference",
+        dest="noise_reference",
+        action="store_false",
         help="skip the bf16-model row (float32 runs only)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/kv_fp8_accuracy.json"))
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    path = make_tiny_checkpoint(Path(tempfile.mkdtemp()), seed=args.seed, fp8=args.tiny_fp8, dtype=torch.float32)
+    path = make_tiny_checkpoint(
+        Path(tempfile.mkdtemp()), seed=args.seed, fp8=args.tiny_fp8, dtype=torch.float32
+    )
     g = torch.Generator().manual_seed(args.seed)
-    seqs = [torch.randint(0, 496, (int(n),), generator=g).tolist() for n in torch.randint(40, 200, (6,), generator=g)]
+    seqs = [
+        torch.randint(0, 496, (int(n),), generator=g).tolist()
+        for n in torch.randint(40, 200, (6,), generator=g)
+    ]
     prompts = [
         torch.randint(0, 496, (int(n),), generator=g).tolist()
         for n in torch.randint(8, 120, (args.prompts,), generator=g)
@@ -134,12 +153,19 @@ def main() -> None:
                 mean_row_rel_error=rel.mean().item(),
                 argmax_agreement=(other.argmax(-1) == base.argmax(-1)).float().mean().item(),
                 prompts=len(prompts),
-                identical_generations=sum(x == y for x, y in zip(base_tokens, tokens, strict=True)) / len(prompts),
+                identical_generations=sum(x == y for x, y in zip(base_tokens, tokens, strict=True))
+                / len(prompts),
                 tokens_before_first_difference=sum(same_prefix) / len(same_prefix),
             )
         )
-    print_table(f"against a {args.dtype} model with its {args.dtype} KV cache ({args.max_tokens} greedy tokens)", rows, list(rows[0]))
-    setup = dict(device=args.device, dtype=args.dtype, tiny_fp8=args.tiny_fp8, page_size=args.page_size, seed=args.seed)
+    print_table(
+        f"against a {args.dtype} model with its {args.dtype} KV cache ({args.max_tokens} greedy tokens)",
+        rows,
+        list(rows[0]),
+    )
+    setup = dict(
+        device=args.device, dtype=args.dtype, tiny_fp8=args.tiny_fp8, page_size=args.page_size, seed=args.seed
+    )
     write_json(args.out, dict(setup=setup, rows=rows))
 
 

@@ -82,7 +82,9 @@ def dequantize_kv_rows_ref(rows: torch.Tensor, latent: int, dtype: torch.dtype) 
     return torch.cat([latent_part, rope_part], dim=-1).to(dtype)
 
 
-def mla_kv_read_fp8(kv_cache: torch.Tensor, slots: torch.Tensor, latent: int, dtype: torch.dtype) -> torch.Tensor:
+def mla_kv_read_fp8(
+    kv_cache: torch.Tensor, slots: torch.Tensor, latent: int, dtype: torch.dtype
+) -> torch.Tensor:
     """An FP8 cache's rows at flat slots [S] int64, dequantized → [S, C] in `dtype` (prefill's
     cached context: gathered first, so only the S rows are converted)."""
     rows = kv_cache.view(-1, kv_cache.shape[-1])[slots]  # [S, C + 16]

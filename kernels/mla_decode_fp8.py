@@ -34,10 +34,16 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import INTERPRET, num_sms
+from . import num_sms
 from ._validate import FLOAT_DTYPES, check_tensor
 from .kv_fp8 import FP8_DTYPE, FP8_MAX, KV_FP8_TAIL, dequantize_kv_rows_ref, fp8_scale
-from .mla_decode import MAX_SPLITS, MIN_TOKENS_PER_SPLIT, SHARED_BYTES, _paged_shape_ok, mla_decode_merge_kernel
+from .mla_decode import (
+    MAX_SPLITS,
+    MIN_TOKENS_PER_SPLIT,
+    SHARED_BYTES,
+    _paged_shape_ok,
+    mla_decode_merge_kernel,
+)
 
 
 @triton.jit
@@ -69,10 +75,9 @@ def _fp8_tile_step(
     """One [BN]-token tile: scores (log2 domain, q's scales carry softmax_scale·log2 e), the online
     softmax, P rounded to e4m3 with the token scales folded in, PV into acc0/acc1. Each dot is
     scaled before the sum, so that Triton does not chain them through one accumulator."""
-    scores = (
-        tl.dot(q0, tl.trans(c0)) * s_c[None, :]
-        + tl.dot(q1, tl.trans(c1)) * s_c[None, :]
-    ) * q_s[:, None] + tl.dot(q_pe, tl.trans(k_pe)) * s_r[None, :] * qpe_s[:, None]  # [BH, BN]
+    scores = (tl.dot(q0, tl.trans(c0)) * s_c[None, :] + tl.dot(q1, tl.trans(c1)) * s_c[None, :]) * q_s[
+        :, None
+    ] + tl.dot(q_pe, tl.trans(k_pe)) * s_r[None, :] * qpe_s[:, None]  # [BH, BN]
     if MASKED:
         scores = tl.where(valid[None, :], scores, float("-inf"))
     P_DTYPE: tl.constexpr = c0.dtype if FP8_PV else tl.bfloat16
@@ -152,7 +157,9 @@ def mla_decode_fp8_kernel(
     q0 = tl.load(q_row + offs_l[None, :], mask=head_mask[:, None], other=0.0).to(tl.float32)  # [BH, L/2]
     q1 = tl.load(q_row + HALF_L + offs_l[None, :], mask=head_mask[:, None], other=0.0).to(tl.float32)
     q_pe = tl.load(
-        q_pe_ptr + b * stride_peb + heads[:, None] * stride_peh + offs_r[None, :], mask=head_mask[:, None], other=0.0
+        q_pe_ptr + b * stride_peb + heads[:, None] * stride_peh + offs_r[None, :],
+        mask=head_mask[:, None],
+        other=0.0,
     ).to(tl.float32)  # [BH, R]
     amax = tl.maximum(tl.max(tl.abs(q0), axis=1), tl.max(tl.abs(q1), axis=1))  # [BH]
     s = tl.where(amax > 0, amax / 448.0, 1.0)
@@ -172,7 +179,9 @@ def mla_decode_fp8_kernel(
     next_page = tl.load(page_row + start // P, mask=start < full_end, other=0)
     for block_start in range(start, full_end, BLOCK_N):
         page = next_page
-        next_page = tl.load(page_row + (block_start + BLOCK_N) // P, mask=block_start + BLOCK_N < full_end, other=0)
+        next_page = tl.load(
+            page_row + (block_start + BLOCK_N) // P, mask=block_start + BLOCK_N < full_end, other=0
+        )
         row0 = page.to(tl.int64) * P + block_start % P  # first row of the tile in [NP * P, ROW]
         if ckv_desc is not None:
             c0 = ckv_desc.load([row0.to(tl.int32), 0])  # [BN, L/2]
@@ -265,21 +274,35 @@ def _check_args(op, q_nope, q_pe, kv_cache, page_table, context_lens, softmax_sc
         raise ValueError(f"{op}: q_pe has shape {tuple(q_pe.shape)}, expected [B, N, R] with B, N = {B}, {N}")
     R = q_pe.shape[2]
     check_tensor(
-        op, "kv_cache", kv_cache, ndim=3, dims="[num_pages, P, L + R + 16]", dtypes=(FP8_DTYPE,), device=device
+        op,
+        "kv_cache",
+        kv_cache,
+        ndim=3,
+        dims="[num_pages, P, L + R + 16]",
+        dtypes=(FP8_DTYPE,),
+        device=device,
     )
     if kv_cache.shape[2] != L + R + KV_FP8_TAIL or (L + R) % 4:
         raise ValueError(
             f"{op}: kv_cache has shape {tuple(kv_cache.shape)}, expected [num_pages, P, L + R + {KV_FP8_TAIL}] "
             f"with L + R = {L + R} a multiple of 4 (an FP8 cache: kernels/kv_fp8.py)"
         )
-    check_tensor(op, "page_table", page_table, ndim=2, dims="[B, max_pages]", dtypes=(torch.int32,), device=device)
+    check_tensor(
+        op, "page_table", page_table, ndim=2, dims="[B, max_pages]", dtypes=(torch.int32,), device=device
+    )
     if page_table.shape[0] != B:
-        raise ValueError(f"{op}: page_table has shape {tuple(page_table.shape)}, expected [B, max_pages] with B = {B}")
-    check_tensor(op, "context_lens", context_lens, shape=(B,), dims="[B]", dtypes=(torch.int32,), device=device)
+        raise ValueError(
+            f"{op}: page_table has shape {tuple(page_table.shape)}, expected [B, max_pages] with B = {B}"
+        )
+    check_tensor(
+        op, "context_lens", context_lens, shape=(B,), dims="[B]", dtypes=(torch.int32,), device=device
+    )
     if not (isinstance(softmax_scale, float | int) and softmax_scale > 0):
         raise ValueError(f"{op}: softmax_scale is {softmax_scale!r}, expected a positive float")
     if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
-        raise ValueError(f"{op}: num_splits is {num_splits!r}, expected None (choose from the shapes) or an int >= 1")
+        raise ValueError(
+            f"{op}: num_splits is {num_splits!r}, expected None (choose from the shapes) or an int >= 1"
+        )
 
 
 def mla_decode_fp8(
@@ -309,7 +332,9 @@ def variant_config(cfg: dict, name: str) -> dict:
     return cfg | VARIANTS[name]
 
 
-def mla_decode_fp8_with_config(q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, cfg) -> torch.Tensor:
+def mla_decode_fp8_with_config(
+    q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, cfg
+) -> torch.Tensor:
     """`mla_decode_fp8` on checked arguments with the tiles `cfg` (as `default_config` returns)."""
     B, N, L = q_nope.shape
     R, P = q_pe.shape[2], kv_cache.shape[1]

@@ -103,14 +103,28 @@ def _check_args(op, kv_a, weight, eps, cos, sin, kv_cache, slot_mapping, fp8: bo
     T = kv_a.shape[0]
     if fp8:
         check_tensor(
-            op, "kv_cache", kv_cache, ndim=3, dims="[num_pages, P, L + R + 16]", dtypes=(FP8_DTYPE,), device=device
+            op,
+            "kv_cache",
+            kv_cache,
+            ndim=3,
+            dims="[num_pages, P, L + R + 16]",
+            dtypes=(FP8_DTYPE,),
+            device=device,
         )
         C = kv_cache.shape[2] - KV_FP8_TAIL
         if C % 4:
-            raise ValueError(f"{op}: the FP8 cache's L + R = {C} must be a multiple of 4 (float32 scales follow)")
+            raise ValueError(
+                f"{op}: the FP8 cache's L + R = {C} must be a multiple of 4 (float32 scales follow)"
+            )
     else:
         check_tensor(
-            op, "kv_cache", kv_cache, ndim=3, dims="[num_pages, P, L + R]", dtypes=(kv_a.dtype,), device=device
+            op,
+            "kv_cache",
+            kv_cache,
+            ndim=3,
+            dims="[num_pages, P, L + R]",
+            dtypes=(kv_a.dtype,),
+            device=device,
         )
         C = kv_cache.shape[2]
     L = weight.shape[0] if isinstance(weight, torch.Tensor) else -1
@@ -211,4 +225,3 @@ def mla_kv_write_fp8_ref(
     k_pe = rope_ref_(kv_a[:, None, L:].clone(), cos, sin)[:, 0]  # [T, R]
     rows = quantize_kv_rows_ref(torch.cat([latent, k_pe], dim=-1), L)  # [T, C + 16]
     kv_cache.view(-1, kv_cache.shape[2])[slot_mapping] = rows
-

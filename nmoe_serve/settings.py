@@ -165,7 +165,12 @@ def fp8_decode_kernel_takes(latent: int, rope: int, page_size: int) -> bool:
     def pow2_tile(n: int) -> bool:
         return 16 <= n <= 256 and n & (n - 1) == 0
 
-    return latent % 2 == 0 and pow2_tile(latent // 2) and pow2_tile(rope) and min(64, page_size & -page_size) >= 16
+    return (
+        latent % 2 == 0
+        and pow2_tile(latent // 2)
+        and pow2_tile(rope)
+        and min(64, page_size & -page_size) >= 16
+    )
 
 
 def _kv_dtype(

@@ -40,7 +40,9 @@ _NOT_INSTALLED = (
 )
 
 
-def _kv_read_plain(kv_cache: torch.Tensor, slots: torch.Tensor, latent: int, dtype: torch.dtype) -> torch.Tensor:
+def _kv_read_plain(
+    kv_cache: torch.Tensor, slots: torch.Tensor, latent: int, dtype: torch.dtype
+) -> torch.Tensor:
     """A bf16/fp16/fp32 cache's rows at flat slots [S] → [S, C], as stored."""
     return kv_cache.view(-1, kv_cache.shape[-1])[slots]
 

@@ -33,7 +33,12 @@ class KVCache:
         self.num_pages, self.page_size = num_pages, page_size
         self.scratch_page = num_pages
         self.storage = torch.zeros(
-            args.n_layers, num_pages + 1, page_size, kv_row_width(args.kv_cache_dim, dtype), dtype=dtype, device=device
+            args.n_layers,
+            num_pages + 1,
+            page_size,
+            kv_row_width(args.kv_cache_dim, dtype),
+            dtype=dtype,
+            device=device,
         )  # [layers, NP + 1 (the scratch page), P, C] (C + 16 in float8_e4m3fn: kernels/kv_fp8.py)
         self.layers = list(self.storage.unbind(0))  # per-layer views [NP + 1, P, C]
 

@@ -78,7 +78,14 @@ class Worker:
             device=self.device,
             owned=topology.owned_experts(args.n_routed_experts),
             backend=backend
-            or choose_backend(settings.kernels, args, core.page_size, dtype, self.device, kv_dtype="fp8" if fp8_kv else "auto"),
+            or choose_backend(
+                settings.kernels,
+                args,
+                core.page_size,
+                dtype,
+                self.device,
+                kv_dtype="fp8" if fp8_kv else "auto",
+            ),
             transport=transport or make_transport(topology, args.n_routed_experts, core.max_num_seqs),
         )
         self._load_weights()

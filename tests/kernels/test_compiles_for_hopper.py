@@ -209,15 +209,23 @@ def _fp8_kv_cases(bf16: str, f32: str, fp8: str, i32: str) -> list:
         else:
             constexprs |= dict(ckv_desc=None, kpe_desc=None)
         label = f"mla_decode_fp8 {name or 'default'} B={B} splits={cfg['NUM_SPLITS']}"
-        cases.append((label, mla_decode_fp8.mla_decode_fp8_kernel, case_types, constexprs | cfg, warps, stages))
+        cases.append(
+            (label, mla_decode_fp8.mla_decode_fp8_kernel, case_types, constexprs | cfg, warps, stages)
+        )
     cases.append(
         (
             "mla_kv_write_fp8",
             mla_kv_write.mla_kv_write_fp8_kernel,
             dict(
-                kv_a_ptr=bf16, w_ptr=bf16, cos_ptr=f32, sin_ptr=f32, cache_ptr=fp8, scale_ptr=f32,
-                slots_ptr="*i64", eps="fp32",
-            ),  # fmt: skip
+                kv_a_ptr=bf16,
+                w_ptr=bf16,
+                cos_ptr=f32,
+                sin_ptr=f32,
+                cache_ptr=fp8,
+                scale_ptr=f32,
+                slots_ptr="*i64",
+                eps="fp32",
+            ),
             dict(BLOCK_L=512, R=64, TAIL=16),
             4,
             1,

@@ -70,7 +70,9 @@ def test_quantized_rows_round_trip_within_e4m3_rounding() -> None:
     packed = quantize_kv_rows_ref(rows, L)
     assert packed.dtype == FP8_DTYPE and packed.shape == (50, L + R + KV_FP8_TAIL)
     s = kv_scales(packed)  # [T, 2]
-    torch.testing.assert_close(s[:, 0], torch.where(rows[:, :L].abs().amax(1) > 0, rows[:, :L].abs().amax(1) / 448, 1.0))
+    torch.testing.assert_close(
+        s[:, 0], torch.where(rows[:, :L].abs().amax(1) > 0, rows[:, :L].abs().amax(1) / 448, 1.0)
+    )
     back = dequantize_kv_rows_ref(packed, L, torch.float32)  # [T, C]
     step = torch.cat([s[:, :1].expand(-1, L), s[:, 1:].expand(-1, R)], dim=1) * 2**-9  # subnormal spacing
     assert ((back - rows).abs() <= rows.abs() * 2**-4 + step).all()
@@ -88,7 +90,9 @@ def test_fp8_write_ref_quantizes_the_bf16_write_rows() -> None:
     packed = torch.zeros(4, 8, L + R + KV_FP8_TAIL, dtype=FP8_DTYPE)
     mla_kv_write_fp8_ref(kv_a, w, 1e-6, cos, sin, packed, slots)
     expected = quantize_kv_rows_ref(plain.view(-1, L + R)[slots], L)
-    assert torch.equal(packed.view(-1, L + R + KV_FP8_TAIL)[slots].view(torch.uint8), expected.view(torch.uint8))
+    assert torch.equal(
+        packed.view(-1, L + R + KV_FP8_TAIL)[slots].view(torch.uint8), expected.view(torch.uint8)
+    )
     untouched = torch.ones(32, dtype=torch.bool)
     untouched[slots] = False
     assert (packed.view(-1, L + R + KV_FP8_TAIL)[untouched].view(torch.uint8) == 0).all()

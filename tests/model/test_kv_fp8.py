@@ -46,10 +46,14 @@ def make_worker(path, kv_dtype: str) -> Worker:
 def run_steps(worker: Worker, seqs: list[list[int]], decode_steps: int) -> list[torch.Tensor]:
     """Logits of a chunked prefill (two chunks: the second reads the first's cached pages), then
     `decode_steps` decode steps."""
-    plans = ManualPlans(PAGE_SIZE, NUM_PAGES, seed=2)
+    plans = ManualPlans(worker.settings.core.page_size, worker.num_pages, seed=2)
     prompt = [s[: len(s) - decode_steps] for s in seqs]
-    out = [worker.logits_for(plans.prefill([(f"s{i}", p[:9]) for i, p in enumerate(prompt)]), all_positions=True)]
-    out.append(worker.logits_for(plans.prefill([(f"s{i}", p[9:]) for i, p in enumerate(prompt)]), all_positions=True))
+    out = [
+        worker.logits_for(plans.prefill([(f"s{i}", p[:9]) for i, p in enumerate(prompt)]), all_positions=True)
+    ]
+    out.append(
+        worker.logits_for(plans.prefill([(f"s{i}", p[9:]) for i, p in enumerate(prompt)]), all_positions=True)
+    )
     for step in range(decode_steps):
         tokens = [(f"s{i}", s[len(s) - decode_steps + step]) for i, s in enumerate(seqs)]
         out.append(worker.logits_for(plans.decode(tokens)))
@@ -124,4 +128,37 @@ def test_refusals_name_key_value_and_fix(checkpoint) -> None:
 
     with pytest.raises(ConfigError, match=r"cache.kv_dtype = 'fp8'.*device.cuda_graphs = false"):
         resolve_settings(config, cuda_available=True)
-    assert resolve_settings(config.model_copy(update={"device": config.device.model_copy(update={"cuda_graphs": False})}), cuda_available=True).kv_dtype == "fp8"
+    assert (
+        resolve_settings(
+            config.model_copy(update={"device": config.device.model_copy(update={"cuda_graphs": False})}),
+            cuda_available=True,
+        ).kv_dtype
+        == "fp8"
+    )
+
+
+def _gpu_worker(kv_dtype: str, graphs: bool) -> Worker:
+    config = ServeConfig.from_dict(
+        {
+            "model": {"tiny": {"seed": 3, "fp8": True}, "dtype": "bfloat16", "max_seq_len": 1024},
+            "cache": {"page_size": 64, "num_pages": 64, "kv_dtype": kv_dtype},
+            "device": {"kind": "cuda", "cuda_graphs": graphs, "cuda_graph_max_batch": 8},
+        }
+    )
+    return Worker(resolve(config), Topology())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_fp8_cache_runs_the_fp8_kernels_eager_and_in_graphs() -> None:
+    """The tiny FP8 model (L 128, R 32, the dims the kernels serve) on the GPU: decode runs
+    `mla_decode_fp8` (eager and from CUDA graphs, which must agree), near the bf16 cache."""
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, 496, (n,), generator=g).tolist() for n in (150, 70, 300)]
+    eager, graphed, bf16 = _gpu_worker("fp8", False), _gpu_worker("fp8", True), _gpu_worker("auto", False)
+    assert eager.model.backend.decode_attention.name == "mla_decode_fp8"
+    assert eager.kv_cache.storage.dtype == torch.float8_e4m3fn
+    a, b, c = (torch.cat(run_steps(w, seqs, 6)).float().cpu() for w in (eager, graphed, bf16))
+    torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+    rel = (a - c).abs().mean(-1) / c.abs().mean(-1)
+    assert 0 < rel.median() < 0.1, f"median row error {rel.median():.3f}"
