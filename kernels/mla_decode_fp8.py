@@ -227,24 +227,25 @@ def mla_decode_fp8_kernel(
 
 
 def fp8_shape_ok(L: int, R: int, P: int) -> bool:
-    """Whether `mla_decode_fp8` takes these dims (the paged kernel's: DeepSeek's 512, 64, 64 do)."""
-    return _paged_shape_ok(L, R, P, min(64, P & -P))
+    """Whether `mla_decode_fp8` takes these dims: the paged kernel's (L / 2 and R powers of two in
+    [16, 256]) with P a multiple of 32 (an e4m3 dot's K is at least 32; DeepSeek's 512, 64, 64 do)."""
+    return P % 32 == 0 and _paged_shape_ok(L, R, P, 32)
 
 
 def default_config(B: int, N: int, L: int, R: int, P: int, max_context: int, num_sms: int) -> dict:
     """Tiles and splits for a launch (guessed, not yet timed; bench/kernels.py times the VARIANTS).
 
-    As `mla_decode.default_config`'s paged choice: 64 heads, 64-token tiles (one DeepSeek page),
-    8 warps, splits filling one wave. FP8 tiles are half the bytes: q 36 KB, a 64-token tile 36 KB,
-    so 3 stages fit in shared memory. Pointer loads (cp.async), not TMA: the TMA variant's fp8
-    boxes are compiled but not yet run."""
+    As `mla_decode.default_config`'s paged choice: 64 heads as two warpgroups (8 warps), splits
+    filling one wave, but 32-token tiles in 4 stages: compiled for sm_90 with Triton 3.9, the
+    64-token tile spills (~30 spill loads at 255 registers) and the 32-token one does not (254
+    registers, 79 KB of shared memory). Pointer loads (cp.async); TMA is a variant."""
     block_h = min(64, max(16, triton.next_power_of_2(N)))
     programs = B * triton.cdiv(N, block_h)
     splits = max(1, min(num_sms // programs, triton.cdiv(max_context, MIN_TOKENS_PER_SPLIT), MAX_SPLITS))
-    block_n = min(64, P & -P)
+    block_n = 32
     cfg = dict(
         BLOCK_H=block_h, BLOCK_N=block_n, NUM_SPLITS=splits, TMA=False, FP8_PV=True, SPLIT_SCORES=True,
-        num_warps=8, num_stages=3,
+        num_warps=8, num_stages=4,
     )  # fmt: skip
     while cfg["num_stages"] > 1 and (
         block_h * (L + R) + cfg["num_stages"] * block_n * (L + R) + 2 * block_h * block_n > SHARED_BYTES
@@ -253,13 +254,15 @@ def default_config(B: int, N: int, L: int, R: int, P: int, max_context: int, num
     return cfg
 
 
-# Alternatives to `default_config`'s choice that bench/kernels.py times beside it.
+# Alternatives to `default_config`'s choice ("ptr-fp8pv-32x4") that bench/kernels.py times beside it.
 VARIANTS: dict[str, dict] = {
+    "ptr-fp8pv-32x4": dict(TMA=False, FP8_PV=True, SPLIT_SCORES=True, BLOCK_N=32, num_stages=4),
+    "ptr-fp8pv-32x3": dict(TMA=False, FP8_PV=True, SPLIT_SCORES=True, BLOCK_N=32, num_stages=3),
+    "tma-fp8pv-32x4": dict(TMA=True, FP8_PV=True, SPLIT_SCORES=True, BLOCK_N=32, num_stages=4),
     "ptr-fp8pv-64x3": dict(TMA=False, FP8_PV=True, SPLIT_SCORES=True, BLOCK_N=64, num_stages=3),
-    "ptr-fp8pv-64x2": dict(TMA=False, FP8_PV=True, SPLIT_SCORES=True, BLOCK_N=64, num_stages=2),
     "tma-fp8pv-64x3": dict(TMA=True, FP8_PV=True, SPLIT_SCORES=True, BLOCK_N=64, num_stages=3),
-    "ptr-bf16pv-64x2": dict(TMA=False, FP8_PV=False, SPLIT_SCORES=True, BLOCK_N=64, num_stages=2),
-    "ptr-fp8pv-nosplit-64x3": dict(TMA=False, FP8_PV=True, SPLIT_SCORES=False, BLOCK_N=64, num_stages=3),
+    "ptr-bf16pv-32x4": dict(TMA=False, FP8_PV=False, SPLIT_SCORES=True, BLOCK_N=32, num_stages=4),
+    "ptr-fp8pv-nosplit-32x4": dict(TMA=False, FP8_PV=True, SPLIT_SCORES=False, BLOCK_N=32, num_stages=4),
 }
 
 

@@ -159,18 +159,12 @@ def resolve_settings(config: ServeConfig, cuda_available: bool) -> EngineSetting
 
 def fp8_decode_kernel_takes(latent: int, rope: int, page_size: int) -> bool:
     """Whether kernels/mla_decode_fp8.py's kernel takes these dims (its `fp8_shape_ok`, without
-    torch): L / 2 and R powers of two in [16, 256], a tile of min(64, P's largest power-of-two
-    divisor) >= 16 tokens."""
+    torch): L / 2 and R powers of two in [16, 256], P a multiple of 32."""
 
     def pow2_tile(n: int) -> bool:
         return 16 <= n <= 256 and n & (n - 1) == 0
 
-    return (
-        latent % 2 == 0
-        and pow2_tile(latent // 2)
-        and pow2_tile(rope)
-        and min(64, page_size & -page_size) >= 16
-    )
+    return latent % 2 == 0 and pow2_tile(latent // 2) and pow2_tile(rope) and page_size % 32 == 0
 
 
 def _kv_dtype(

@@ -109,7 +109,8 @@ def test_fp8_pages_take_their_packed_rows(checkpoint) -> None:
 
 def test_deepseek_dims_take_the_fp8_kernel_and_tiny_ones_do_not() -> None:
     assert fp8_decode_kernel_takes(512, 64, 64)
-    assert fp8_decode_kernel_takes(512, 64, 16)
+    assert fp8_decode_kernel_takes(128, 32, 32)
+    assert not fp8_decode_kernel_takes(512, 64, 16)  # an e4m3 dot's K is at least 32
     assert not fp8_decode_kernel_takes(32, 8, 8)
     assert not fp8_decode_kernel_takes(512, 64, 8)
 
