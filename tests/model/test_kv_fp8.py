@@ -168,3 +168,22 @@ def test_gpu_fp8_cache_runs_the_fp8_kernels_eager_and_in_graphs() -> None:
     assert graph_rel.median() < 0.1, f"graphs against eager: median decode row error {graph_rel.median():.3f}"
     rel = (a - c).abs().mean(-1) / c.abs().mean(-1)
     assert 0 < rel.median() < 0.1, f"median row error {rel.median():.3f}"
+
+
+def test_fp8_ops_take_the_kernels_only_where_they_serve_the_dims() -> None:
+    from nmoe_serve.kernels import mla_decode_fp8, mla_kv_write
+    from nmoe_serve.model.args import DEEPSEEK_V3_HF_CONFIG, ModelArgs
+    from nmoe_serve.model.backend import fp8_kv_ops, reference_ops
+    from nmoe_serve.model.tiny import tiny_hf_config
+
+    deepseek = ModelArgs.from_hf_config(DEEPSEEK_V3_HF_CONFIG)
+    tiny = ModelArgs.from_hf_config(tiny_hf_config())
+    as_triton = dataclasses.replace(reference_ops(), name="triton")  # the Triton family's choices
+    ops = fp8_kv_ops(as_triton, deepseek, 64)
+    assert ops.mla_decode is mla_decode_fp8.mla_decode_fp8
+    assert ops.mla_kv_write is mla_kv_write.mla_kv_write_fp8
+    assert fp8_kv_ops(as_triton, tiny, 64).mla_decode is mla_decode_fp8.mla_decode_fp8_ref
+    assert fp8_kv_ops(as_triton, deepseek, 16).mla_decode is mla_decode_fp8.mla_decode_fp8_ref
+    refs = fp8_kv_ops(reference_ops(), deepseek, 64)
+    assert refs.mla_decode is mla_decode_fp8.mla_decode_fp8_ref
+    assert refs.mla_kv_write is mla_kv_write.mla_kv_write_fp8_ref
