@@ -54,9 +54,9 @@ def _quantize_rows(x, amax, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _fp8_softmax(scores, s_c, m_i, l_i, g_i, valid, P_DTYPE: tl.constexpr):
+def _fp8_softmax(scores, s_c, m_i, l_i, g_i, valid):
     """Online-softmax step on scaled, masked scores [BH, BN] (log2 domain) with the tile's latent
-    scales s_c [BN] folded into p: (p rounded to P_DTYPE, acc's rescale [BH], m, l, g)."""
+    scales s_c [BN] folded into p: (p in [0, 448] float32, acc's rescale [BH], m, l, g)."""
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # [BH]
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(scores - m_new[:, None])  # [BH, BN] in [0, 1]
@@ -64,7 +64,7 @@ def _fp8_softmax(scores, s_c, m_i, l_i, g_i, valid, P_DTYPE: tl.constexpr):
     s_max = tl.max(tl.where(valid, s_c, 0.0), axis=0)  # > 0: every tile holds a valid token
     g_new = s_max / 448.0
     pv = p * (s_c * (448.0 / s_max))[None, :]  # [BH, BN] in [0, 448]
-    return pv.to(P_DTYPE), alpha * (g_i / g_new), m_new, l_new, g_new
+    return pv, alpha * (g_i / g_new), m_new, l_new, g_new
 
 
 @triton.jit
@@ -80,22 +80,23 @@ def _fp8_tile_step(
     ] + tl.dot(q_pe, tl.trans(k_pe)) * s_r[None, :] * qpe_s[:, None]  # [BH, BN]
     if MASKED:
         scores = tl.where(valid[None, :], scores, float("-inf"))
-    P_DTYPE: tl.constexpr = c0.dtype if FP8_PV else tl.bfloat16
     if SPLIT_SCORES:
         # As in mla_decode_paged_kernel: both sides compute the same; the branch hides from
         # Triton that the scores feed a dot, so their dots are split across the warpgroups.
         if g_i > 0:
-            p, rescale, m_new, l_new, g_new = _fp8_softmax(scores, s_c, m_i, l_i, g_i, valid, P_DTYPE)
+            p, rescale, m_new, l_new, g_new = _fp8_softmax(scores, s_c, m_i, l_i, g_i, valid)
         else:
-            p, rescale, m_new, l_new, g_new = _fp8_softmax(scores, s_c, m_i, l_i, g_i, valid, P_DTYPE)
+            p, rescale, m_new, l_new, g_new = _fp8_softmax(scores, s_c, m_i, l_i, g_i, valid)
     else:
-        p, rescale, m_new, l_new, g_new = _fp8_softmax(scores, s_c, m_i, l_i, g_i, valid, P_DTYPE)
+        p, rescale, m_new, l_new, g_new = _fp8_softmax(scores, s_c, m_i, l_i, g_i, valid)
     if FP8_PV:
-        acc0 = tl.dot(p, c0, acc0 * rescale[:, None])  # [BH, L/2]
-        acc1 = tl.dot(p, c1, acc1 * rescale[:, None])
+        p8 = p.to(c0.dtype)
+        acc0 = tl.dot(p8, c0, acc0 * rescale[:, None])  # [BH, L/2]
+        acc1 = tl.dot(p8, c1, acc1 * rescale[:, None])
     else:
-        acc0 = tl.dot(p, c0.to(tl.bfloat16), acc0 * rescale[:, None])
-        acc1 = tl.dot(p, c1.to(tl.bfloat16), acc1 * rescale[:, None])
+        pb = p.to(tl.bfloat16)
+        acc0 = tl.dot(pb, c0.to(tl.bfloat16), acc0 * rescale[:, None])
+        acc1 = tl.dot(pb, c1.to(tl.bfloat16), acc1 * rescale[:, None])
     return m_new, l_new, g_new, acc0, acc1
 
 
