@@ -23,8 +23,8 @@ in two halves, split-K with `mla_decode_merge_kernel`) runs both products on e4m
 float32 math (the kernel's q and p roundings are not part of it; emulate_q rounds q as the kernel
 does, for tighter tests).
 
-Only shapes the paged kernel takes (L / 2 and R powers of two in [16, 256], P a multiple of the
-tile); the backend uses the reference elsewhere. context_lens[b] >= 1 as for `mla_decode`.
+Only shapes the paged kernel takes (L / 2 and R powers of two in [16, 256]) with P a multiple of
+32 (`fp8_shape_ok`); the backend uses the reference elsewhere. context_lens[b] >= 1 as for `mla_decode`.
 """
 
 import math
