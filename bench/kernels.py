@@ -13,6 +13,12 @@ rate, whichever is larger), the ratio roofline / measured for both timings, and 
 the eager call over the torch reference. Expert-parallel shapes are those of one rank of 8 (32 of 256 experts), fed
 the tokens that real group-limited routing of all 8 ranks' tokens sends to it.
 
+Each mla_decode shape also gets `mla_decode_fp8` rows (the FP8 latent cache, kernels/kv_fp8.py:
+592-byte rows), its default config and, at 256 x 2000, each of its VARIANTS: roofline from the
+FP8 cache's bytes and the FP8 matmul rate, `over_bf16_graph` = the bf16 kernel's graph time over
+this row's, and the error against the bf16 torch reference on the unquantized rows
+(`rel_err_vs_bf16`) and against `mla_decode_fp8_ref` (`rel_err`).
+
 --peers adds, where it imports, FlashInfer's MLA decode (FA3 backend, through the engine's own
 adapter, model/decode_attention.py) to every mla_decode row: same inputs, same timers, its error
 against the torch reference, and the host time of its per-step plan.
@@ -35,7 +41,18 @@ from nmoe_serve.kernels.fp8_format import quantize_weight_blocks
 from nmoe_serve.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
 from nmoe_serve.kernels.fp8_quant import fp8_quant, fp8_quant_ref
 from nmoe_serve.kernels.fused_moe import fused_moe, fused_moe_ref
+from nmoe_serve.kernels.kv_fp8 import KV_FP8_TAIL, quantize_kv_rows_ref
 from nmoe_serve.kernels.mla_decode import mla_decode, mla_decode_ref
+from nmoe_serve.kernels.mla_decode_fp8 import VARIANTS as FP8_MLA_VARIANTS
+from nmoe_serve.kernels.mla_decode_fp8 import (
+    default_config as fp8_mla_config,
+)
+from nmoe_serve.kernels.mla_decode_fp8 import (
+    mla_decode_fp8,
+    mla_decode_fp8_ref,
+    mla_decode_fp8_with_config,
+    variant_config,
+)
 
 H, INTER, E, K, GROUPS, TOPK_GROUPS = 7168, 2048, 256, 8, 8, 4
 EP, HEADS, LATENT, ROPE, PAGE = 8, 128, 512, 64, 64
@@ -313,6 +330,68 @@ def bench_mla(ceil: dict, batch: int, context: int, reps: int, flashinfer=None) 
     return row
 
 
+def bench_mla_fp8(ceil: dict, batch: int, context: int, reps: int, bf16_row: dict) -> list[dict]:
+    """`mla_decode_fp8` at the shape of `bf16_row` (the same random cache, quantized): its default
+    config and, at 256 x 2000, each variant."""
+    g = torch.Generator(device="cuda").manual_seed(batch * 7 + context)
+    pages_per_seq = math.ceil(context / PAGE)
+    num_pages = batch * pages_per_seq
+    kv = torch.randn(num_pages, PAGE, LATENT + ROPE, generator=g, device="cuda", dtype=torch.bfloat16)
+    table = torch.randperm(num_pages, generator=g, device="cuda").view(batch, pages_per_seq).int()
+    lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, HEADS, LATENT, generator=g, device="cuda", dtype=torch.bfloat16)
+    q_pe = torch.randn(batch, HEADS, ROPE, generator=g, device="cuda", dtype=torch.bfloat16)
+    scale = 192**-0.5
+    kv8 = quantize_kv_rows_ref(kv.view(-1, LATENT + ROPE), LATENT).view(num_pages, PAGE, -1)
+    ref = mla_decode_fp8_ref(q, q_pe, kv8, table, lens, scale).float()
+    ref_bf16 = mla_decode_ref(q, q_pe, kv, table, lens, scale).float()
+    ref_seconds = cuda_time(lambda: mla_decode_fp8_ref(q, q_pe, kv8, table, lens, scale), 2, warmup=1)
+    work = mla_work(batch, context)
+    nbytes = batch * context * (LATENT + ROPE + KV_FP8_TAIL) + work["q_out_bytes"]
+    fp8_rate = ceil.get("fp8_flops_per_s", 2 * ceil["bf16_flops_per_s"])
+    roof = max(nbytes / ceil["copy_bytes_per_s"], work["flops"] / fp8_rate)
+    ceils = used(ceil, "copy_bytes_per_s", "fp8_flops_per_s")
+    base = fp8_mla_config(
+        batch,
+        HEADS,
+        LATENT,
+        ROPE,
+        PAGE,
+        pages_per_seq * PAGE,
+        torch.cuda.get_device_properties(0).multi_processor_count,
+    )
+    configs = [("default", base)]
+    if (batch, context) == (256, 2000):
+        configs += [(name, variant_config(base, name)) for name in FP8_MLA_VARIANTS]
+    rows = []
+    for name, cfg in configs:
+        try:
+
+            def call(cfg=cfg, name=name):  # type: ignore[no-untyped-def]
+                if name == "default":
+                    return mla_decode_fp8(q, q_pe, kv8, table, lens, scale)
+                return mla_decode_fp8_with_config(q, q_pe, kv8, table, lens, scale, cfg)
+
+            out = call().float()
+            seconds = cuda_time(call, reps)
+            graph_seconds = graph_time(call, reps)
+        except Exception as e:  # a variant that fails to compile or run is reported, not fatal
+            traceback.print_exc()
+            print(
+                f"mla_decode_fp8 {name} at {batch} x {context} failed: {type(e).__name__}: {str(e)[:300]}",
+                flush=True,
+            )
+            continue
+        shape = {"kernel": "mla_decode_fp8", "batch": batch, "context": context, "variant": name}
+        row = timing_row(shape, seconds, graph_seconds, ref_seconds, nbytes, roof, work["flops"], ceils)
+        row["rel_err"] = ((out - ref).norm() / ref.norm()).item()
+        row["rel_err_vs_bf16"] = ((out - ref_bf16).norm() / ref_bf16.norm()).item()
+        row["over_bf16_graph"] = bf16_row["graph_seconds"] / graph_seconds
+        row["splits"] = cfg["NUM_SPLITS"]
+        rows.append(row)
+    return rows
+
+
 def bench_fp8_gemm(ceil: dict, name: str, n: int, k: int, t: int, reps: int) -> dict:
     g = torch.Generator(device="cuda").manual_seed(n + k + t)
     w, s = quantize_weight_blocks(torch.randn(n, k, generator=g, device="cuda") * k**-0.5)
@@ -407,10 +486,16 @@ def main() -> int:
             )
         elif "peer_error" in row:
             peer = f" | peer failed: {row['peer_error'][:120]}"
+        fp8 = ""
+        if "over_bf16_graph" in row:
+            fp8 = (
+                f" | x{row['over_bf16_graph']:.2f} over bf16 mla_decode (graphs), err {row['rel_err']:.1e} "
+                f"(vs bf16 {row['rel_err_vs_bf16']:.1e}), splits {row['splits']}"
+            )
         print(
             f"{row['kernel']:>10} {shape}: graph {row['graph_seconds'] * 1e6:9.1f} us "
             f"({row['graph_roofline_ratio']:6.1%}), call {row['seconds'] * 1e6:9.1f} us "
-            f"({row['roofline_ratio']:6.1%}), x{row['speedup']:.1f} vs torch{peer}  [{time.time() - started:.0f} s]",
+            f"({row['roofline_ratio']:6.1%}), x{row['speedup']:.1f} vs torch{peer}{fp8}  [{time.time() - started:.0f} s]",
             flush=True,
         )
 
@@ -428,7 +513,10 @@ def main() -> int:
                 add(bench_fp8_gemm(ceil, name, n, k, t, reps))
     if "mla" in only:
         for batch, context in ((32, 2000), (64, 2000), (128, 2000), (256, 2000), (32, 16000)):
-            add(bench_mla(ceil, batch, context, reps, peer))
+            bf16_row = bench_mla(ceil, batch, context, reps, peer)
+            add(bf16_row)
+            for row in bench_mla_fp8(ceil, batch, context, reps, bf16_row):
+                add(row)
     if "moe" in only:
         from nmoe_serve.kernels.fused_moe import gluon_available
 

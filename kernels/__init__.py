@@ -3,8 +3,8 @@
 One module per op: `<op>_kernel` (Triton), `<op>` (wrapper: checks shapes, dtypes and
 layout, picks a fixed block config from the shapes, launches) and `<op>_ref` (torch; the CPU
 tests run the kernel layers on these). Modules: `fp8_quant`, `fp8_gemm`, `fused_moe`,
-`mla_decode`, and the small fused ops of a layer: `rms_norm`, `rope`, `mla_kv_write`, `router`,
-`silu_mul`.
+`mla_decode`, `mla_decode_fp8` (over the FP8 latent cache of `kv_fp8`), and the small fused ops
+of a layer: `rms_norm`, `rope`, `mla_kv_write` (and its FP8 variant), `router`, `silu_mul`.
 """
 
 import functools

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ._validate import FLOAT_DTYPES, check_tensor
+from .kv_fp8 import FP8_DTYPE, KV_FP8_TAIL, quantize_kv_rows_ref
 from .rms_norm import rms_norm_ref, rms_norm_row
 from .rope import rope_ref_, rope_rows
 
@@ -51,14 +52,81 @@ def mla_kv_write_kernel(
     tl.store(dst + rope_cols, rope_rows(k_pe, cos, sin, 1, R).to(cache_ptr.dtype.element_ty))
 
 
-def _check_args(op, kv_a, weight, eps, cos, sin, kv_cache, slot_mapping) -> None:
+@triton.jit
+def mla_kv_write_fp8_kernel(
+    kv_a_ptr,  # [T, C], row stride stride_a
+    w_ptr,  # [L]
+    cos_ptr,  # [T, R/2] float32
+    sin_ptr,  # [T, R/2] float32
+    cache_ptr,  # [NP * P, C + 16] float8_e4m3fn contiguous rows
+    scale_ptr,  # the same memory as float32 [NP * P, (C + 16) / 4]
+    slots_ptr,  # [T] int64
+    L,
+    stride_a,
+    eps,
+    BLOCK_L: tl.constexpr,
+    R: tl.constexpr,  # a power of two
+    TAIL: tl.constexpr,  # KV_FP8_TAIL bytes
+):
+    t = tl.program_id(0).to(tl.int64)
+    C = L + R
+    slot = tl.load(slots_ptr + t)
+    src = kv_a_ptr + t * stride_a
+    dst = cache_ptr + slot * (C + TAIL)
+    cols = tl.arange(0, BLOCK_L)
+    l_mask = cols < L
+    latent = tl.load(src + cols, mask=l_mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=l_mask, other=0.0).to(tl.float32)
+    latent = rms_norm_row(latent, w, L, eps, kv_a_ptr.dtype.element_ty).to(tl.float32)  # [BL]
+    amax = tl.max(tl.abs(latent), axis=0)
+    s_latent = tl.where(amax > 0, amax / 448.0, 1.0)
+    q_latent = tl.clamp(latent / s_latent, -448.0, 448.0)
+    tl.store(dst + cols, q_latent.to(cache_ptr.dtype.element_ty), mask=l_mask)
+    freqs = tl.arange(0, R // 2)
+    cos = tl.load(cos_ptr + t * (R // 2) + freqs)[None, :]  # [1, R/2]
+    sin = tl.load(sin_ptr + t * (R // 2) + freqs)[None, :]
+    rope_cols = tl.arange(0, R)[None, :]  # [1, R]
+    k_pe = tl.load(src + L + rope_cols).to(tl.float32)
+    k_pe = rope_rows(k_pe, cos, sin, 1, R).to(kv_a_ptr.dtype.element_ty).to(tl.float32)  # [1, R]
+    amax_pe = tl.max(tl.max(tl.abs(k_pe), axis=1), axis=0)
+    s_rope = tl.where(amax_pe > 0, amax_pe / 448.0, 1.0)
+    q_pe = tl.clamp(k_pe / s_rope, -448.0, 448.0)
+    tl.store(dst + L + rope_cols, q_pe.to(cache_ptr.dtype.element_ty))
+    scale_row = scale_ptr + slot * ((C + TAIL) // 4) + C // 4
+    tl.store(scale_row, s_latent)
+    tl.store(scale_row + 1, s_rope)
+
+
+def _check_args(op, kv_a, weight, eps, cos, sin, kv_cache, slot_mapping, fp8: bool = False) -> None:
     check_tensor(op, "kv_a", kv_a, ndim=2, dims="[T, L + R]", dtypes=FLOAT_DTYPES, contiguous="last")
     device = kv_a.device
     T = kv_a.shape[0]
-    check_tensor(
-        op, "kv_cache", kv_cache, ndim=3, dims="[num_pages, P, L + R]", dtypes=(kv_a.dtype,), device=device
-    )
-    C = kv_cache.shape[2]
+    if fp8:
+        check_tensor(
+            op,
+            "kv_cache",
+            kv_cache,
+            ndim=3,
+            dims="[num_pages, P, L + R + 16]",
+            dtypes=(FP8_DTYPE,),
+            device=device,
+        )
+        C = kv_cache.shape[2] - KV_FP8_TAIL
+        if C % 4:
+            raise ValueError(
+                f"{op}: the FP8 cache's L + R = {C} must be a multiple of 4 (float32 scales follow)"
+            )
+    else:
+        check_tensor(
+            op,
+            "kv_cache",
+            kv_cache,
+            ndim=3,
+            dims="[num_pages, P, L + R]",
+            dtypes=(kv_a.dtype,),
+            device=device,
+        )
+        C = kv_cache.shape[2]
     L = weight.shape[0] if isinstance(weight, torch.Tensor) else -1
     R = C - L
     if kv_a.shape[1] != C or not 0 < L < C or R < 2 or R & (R - 1):
@@ -116,3 +184,44 @@ def mla_kv_write_ref(
     latent = rms_norm_ref(kv_a[:, :L], weight, eps)  # [T, L]
     k_pe = rope_ref_(kv_a[:, None, L:].clone(), cos, sin)[:, 0]  # [T, R]
     kv_cache.view(-1, kv_cache.shape[2])[slot_mapping] = torch.cat([latent, k_pe], dim=-1)
+
+
+def mla_kv_write_fp8(
+    kv_a: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """`mla_kv_write` into an FP8 cache [pages, P, L + R + 16] float8_e4m3fn (kernels/kv_fp8.py):
+    the rows as `mla_kv_write` computes them, quantized per token, latent and rope part each with
+    its float32 scale in the row's tail."""
+    _check_args("mla_kv_write_fp8", kv_a, weight, eps, cos, sin, kv_cache, slot_mapping, fp8=True)
+    T, C = kv_a.shape
+    L = weight.shape[0]
+    if T:
+        rows = kv_cache.view(-1, kv_cache.shape[2])  # [NP * P, C + 16]
+        mla_kv_write_fp8_kernel[(T,)](
+            kv_a, weight, cos, sin, rows, rows.view(torch.float32), slot_mapping, L, kv_a.stride(0), eps,
+            BLOCK_L=triton.next_power_of_2(L), R=C - L, TAIL=KV_FP8_TAIL, num_warps=4,
+        )  # fmt: skip
+
+
+def mla_kv_write_fp8_ref(
+    kv_a: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Torch reference of `mla_kv_write_fp8`: `mla_kv_write_ref`'s rows, then `quantize_kv_rows_ref`."""
+    _check_args("mla_kv_write_fp8_ref", kv_a, weight, eps, cos, sin, kv_cache, slot_mapping, fp8=True)
+    L = weight.shape[0]
+    latent = rms_norm_ref(kv_a[:, :L], weight, eps)  # [T, L]
+    k_pe = rope_ref_(kv_a[:, None, L:].clone(), cos, sin)[:, 0]  # [T, R]
+    rows = quantize_kv_rows_ref(torch.cat([latent, k_pe], dim=-1), L)  # [T, C + 16]
+    kv_cache.view(-1, kv_cache.shape[2])[slot_mapping] = rows

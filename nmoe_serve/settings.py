@@ -54,6 +54,7 @@ class EngineSettings:
     cpu_kv_cache_gib: float
     # the engine core (scheduler limits, context length, page size, stop ids)
     core: CoreSettings
+    kv_dtype: str = "bfloat16"  # the KV cache's storage: "fp8" (kernels/kv_fp8.py) or the model's dtype
 
 
 def resolve_settings(config: ServeConfig, cuda_available: bool) -> EngineSettings:
@@ -106,6 +107,7 @@ def resolve_settings(config: ServeConfig, cuda_available: bool) -> EngineSetting
         device, dtype, config.device.kernels, config.device.cuda_graphs, config.device.cuda_graph_max_batch,
         scheduler.max_num_seqs * (1 + num_draft_tokens),
     )  # fmt: skip
+    kv_dtype = _kv_dtype(config.cache.kv_dtype, dtype, args, page_size, kernels, graph_max_batch)
     settings = EngineSettings(
         model_name=name,
         model_path=path,
@@ -138,10 +140,11 @@ def resolve_settings(config: ServeConfig, cuda_available: bool) -> EngineSetting
             max_rank_imbalance=config.cache.max_rank_imbalance,
             num_draft_tokens=num_draft_tokens,
         ),
+        kv_dtype=kv_dtype,
     )
     log.info(
         "engine: model %s (%s), dtype %s, device %s, ep_size %d, max_seq_len %d, load_format %s, "
-        "kernels %s, decode CUDA graphs %s, speculative decoding %s",
+        "kernels %s, decode CUDA graphs %s, KV cache %s, speculative decoding %s",
         name,
         path,
         dtype,
@@ -151,6 +154,7 @@ def resolve_settings(config: ServeConfig, cuda_available: bool) -> EngineSetting
         settings.load_format,
         kernels,
         f"up to batch {graph_max_batch}" if graph_max_batch else "off",
+        kv_dtype,
         f"mtp, {num_draft_tokens} draft token(s) per step" if num_draft_tokens else "off",
     )
     return settings
@@ -169,6 +173,37 @@ def _num_draft_tokens(config: ServeConfig, args: ModelArgs, path: Path) -> int:
             "speculative.method = 'none'"
         )
     return spec.num_draft_tokens
+
+
+def fp8_decode_kernel_takes(latent: int, rope: int, page_size: int) -> bool:
+    """Whether kernels/mla_decode_fp8.py's kernel takes these dims (its `fp8_shape_ok`, without
+    torch): L / 2 and R powers of two in [16, 256], P a multiple of 32."""
+
+    def pow2_tile(n: int) -> bool:
+        return 16 <= n <= 256 and n & (n - 1) == 0
+
+    return latent % 2 == 0 and pow2_tile(latent // 2) and pow2_tile(rope) and page_size % 32 == 0
+
+
+def _kv_dtype(
+    kv_dtype: str, dtype: str, args: ModelArgs, page_size: int, kernels: str, graph_max_batch: int
+) -> str:
+    """cache.kv_dtype resolved: "fp8", or the model's dtype for "auto"; refused where FP8 cannot run."""
+    if kv_dtype == "auto":
+        return dtype
+    if args.kv_cache_dim % 4:
+        raise ConfigError(
+            f"cache.kv_dtype = 'fp8' needs the model's kv_lora_rank + qk_rope_head_dim = {args.kv_cache_dim} "
+            "to be a multiple of 4 (the row's float32 scales follow it): use kv_dtype = 'auto'"
+        )
+    if graph_max_batch and not fp8_decode_kernel_takes(args.kv_lora_rank, args.qk_rope_head_dim, page_size):
+        raise ConfigError(
+            f"cache.kv_dtype = 'fp8' with decode CUDA graphs needs the FP8 decode kernel, which does not take "
+            f"kv_lora_rank {args.kv_lora_rank}, qk_rope_head_dim {args.qk_rope_head_dim}, cache.page_size "
+            f"{page_size} (its torch reference syncs with the host and cannot be captured): set "
+            "device.cuda_graphs = false, or kv_dtype = 'auto', or cache.page_size = 64"
+        )
+    return "fp8"
 
 
 def _device(kind: str, cuda_available: bool) -> str:

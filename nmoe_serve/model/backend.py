@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -38,6 +38,37 @@ _NOT_INSTALLED = (
     "nmoe_serve.kernels is not importable: the top-level kernels/ folder installs under that name. "
     "Install the project (pip install -e . from the repository root) rather than adding it to PYTHONPATH"
 )
+
+
+def _kv_read_plain(
+    kv_cache: torch.Tensor, slots: torch.Tensor, latent: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """A bf16/fp16/fp32 cache's rows at flat slots [S] → [S, C], as stored."""
+    return kv_cache.view(-1, kv_cache.shape[-1])[slots]
+
+
+KV_DTYPES = ("auto", "fp8")  # [cache] kv_dtype: the model's dtype, or kernels/kv_fp8.py's format
+
+
+def fp8_kv_ops(ops: KernelOps, args: ModelArgs, page_size: int | None) -> KernelOps:
+    """`ops` over the FP8 latent cache (kernels/kv_fp8.py): the FP8 cache write, the dequantizing
+    read of prefill's context, and FP8 decode attention: the `mla_decode_fp8` kernel for Triton ops
+    where it takes the model's dims (DeepSeek-V3's L 512, R 64, P 64), else its torch reference."""
+    from nmoe_serve.kernels.kv_fp8 import mla_kv_read_fp8
+    from nmoe_serve.kernels.mla_decode_fp8 import fp8_shape_ok, mla_decode_fp8, mla_decode_fp8_ref
+    from nmoe_serve.kernels.mla_kv_write import mla_kv_write_fp8, mla_kv_write_fp8_ref
+
+    triton = ops.name == "triton"
+    decode_kernel = (
+        triton and page_size is not None and fp8_shape_ok(args.kv_lora_rank, args.qk_rope_head_dim, page_size)
+    )
+    return replace(
+        ops,
+        name=f"{ops.name}+fp8-kv",
+        mla_kv_write=mla_kv_write_fp8 if triton else mla_kv_write_fp8_ref,
+        mla_decode=mla_decode_fp8 if decode_kernel else mla_decode_fp8_ref,
+        mla_kv_read=mla_kv_read_fp8,
+    )
 
 
 @dataclass(frozen=True)
@@ -58,6 +89,8 @@ class KernelOps:
     grouped_topk: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     silu_mul: Callable[..., torch.Tensor]
     router_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    # prefill's cached context: (kv_cache, flat slots [S], L, dtype) -> [S, C] (kernels/kv_fp8.py)
+    mla_kv_read: Callable[..., torch.Tensor] = _kv_read_plain
 
 
 def triton_ops() -> KernelOps:
@@ -140,14 +173,19 @@ class ModelBackend:
         )
 
 
-def reference_backend() -> ModelBackend:
-    """The torch path: the kernels' references, FP8 dequantized at load, TorchPrefill."""
-    ops = reference_ops()
+def reference_backend(args: ModelArgs | None = None, kv_dtype: str = "auto") -> ModelBackend:
+    """The torch path: the kernels' references, FP8 dequantized at load, TorchPrefill; with
+    kv_dtype "fp8" (and the model's args), over the FP8 latent cache."""
+    ops, decode_name = reference_ops(), "mla_decode_ref"
+    if kv_dtype == "fp8":
+        if args is None:
+            raise ValueError("reference_backend: kv_dtype 'fp8' needs the model's args")
+        ops, decode_name = fp8_kv_ops(ops, args, None), "mla_decode_fp8_ref"
     return ModelBackend(
         name="torch",
         ops=ops,
         prefill_attention=TorchPrefill(),
-        decode_attention=OpsDecode(ops.mla_decode, "mla_decode_ref"),
+        decode_attention=OpsDecode(ops.mla_decode, decode_name),
     )
 
 
@@ -196,12 +234,21 @@ def choose_backend(
     page_size: int | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | None = None,
+    kv_dtype: str = "auto",
 ) -> ModelBackend:
     """The backend for the resolved settings' `kernels` choice ("triton" or "torch"), logged.
     With "triton" and the cache's page size, dtype and device given, decode attention is
-    `choose_decode_attention`'s; without them, the `mla_decode` kernel."""
+    `choose_decode_attention`'s; without them, the `mla_decode` kernel. kv_dtype "fp8": the
+    ops of `fp8_kv_ops` (FlashInfer's decode, on bf16 caches only, is not used)."""
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
     if kernels == "torch":
-        backend = reference_backend()
+        backend = reference_backend(args, kv_dtype)
+    elif kernels == "triton" and kv_dtype == "fp8":
+        ops = fp8_kv_ops(triton_ops(), args, page_size)
+        name = getattr(ops.mla_decode, "__name__", "mla_decode_fp8")
+        log.info("decode attention: %s over the FP8 KV cache (FlashInfer's is for bf16 caches)", name)
+        backend = kernel_backend(args, ops, decode=OpsDecode(ops.mla_decode, name))
     elif kernels == "triton":
         ops = triton_ops()
         decode = None

@@ -252,7 +252,7 @@ class MLA(nn.Module):
         return self.o_proj(out.flatten(1))  # [T, N*Dv] -> [T, H]
 
     def _prefill(self, q: torch.Tensor, kv_cache: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-        cached = kv_cache.view(-1, kv_cache.shape[-1])[batch.context_slots]  # [S, C]
+        cached = self.ops.mla_kv_read(kv_cache, batch.context_slots, self.latent, q.dtype)  # [S, C]
         s = cached.shape[0]
         kv = self.kv_b_proj(cached[:, : self.latent]).view(s, self.n_heads, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [S, N, D], [S, N, Dv]

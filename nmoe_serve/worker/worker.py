@@ -78,6 +78,8 @@ class Worker:
         self.device = torch.device(settings.device)
         args, core = settings.args, settings.core
         dtype = TORCH_DTYPES[settings.dtype]
+        fp8_kv = settings.kv_dtype == "fp8"
+        kv_dtype = torch.float8_e4m3fn if fp8_kv else dtype  # the cache's storage (kernels/kv_fp8.py)
         started = time.monotonic()
         self.num_drafts = core.num_draft_tokens
         model_class = DeepseekV3WithMTP if self.num_drafts else DeepseekV3
@@ -86,15 +88,23 @@ class Worker:
             dtype=dtype,
             device=self.device,
             owned=topology.owned_experts(args.n_routed_experts),
-            backend=backend or choose_backend(settings.kernels, args, core.page_size, dtype, self.device),
+            backend=backend
+            or choose_backend(
+                settings.kernels,
+                args,
+                core.page_size,
+                dtype,
+                self.device,
+                kv_dtype="fp8" if fp8_kv else "auto",
+            ),
             transport=transport or make_transport(topology, args.n_routed_experts, core.max_decode_tokens),
         )
         self._load_weights()
         self.model.eval()
         self.rope = RotaryEmbedding(args.rope, self.device)
-        self.num_pages = self._kv_pages(dtype)
+        self.num_pages = self._kv_pages(kv_dtype)
         self.kv_cache = KVCache(
-            args, self.num_pages, core.page_size, dtype, self.device, extra_layers=self.model.mtp_depth
+            args, self.num_pages, core.page_size, kv_dtype, self.device, extra_layers=self.model.mtp_depth
         )
         self.sampler = Sampler(args.vocab_size, self.device, seed=settings.seed + topology.rank)
         self.eos_token_id = args.eos_token_ids[0] if args.eos_token_ids else None

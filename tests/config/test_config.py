@@ -66,7 +66,7 @@ def test_unknown_top_level_key_lists_the_sections():
 def test_unknown_key_in_a_section_lists_that_sections_keys():
     with pytest.raises(
         ConfigError,
-        match=r"cache\.pages: unknown key; valid keys here: cpu_kv_cache_gib, enable_prefix_caching, max_rank_imbalance, memory_utilization, num_pages, page_size",
+        match=r"cache\.pages: unknown key; valid keys here: cpu_kv_cache_gib, enable_prefix_caching, kv_dtype, max_rank_imbalance, memory_utilization, num_pages, page_size",
     ):
         build(cache={"pages": 8})
 

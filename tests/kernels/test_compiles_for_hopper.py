@@ -179,7 +179,58 @@ def _cases():
             1,
         )
     )
+    cases += _fp8_kv_cases(bf16, f32, fp8, i32)
     cases += _pointwise_cases(bf16, f32, i32)
+    return cases
+
+
+def _fp8_kv_cases(bf16: str, f32: str, fp8: str, i32: str) -> list:
+    """The FP8 KV cache's kernels: mla_decode_fp8's variants at B = 128 and its default at B = 1,
+    and the FP8 cache write."""
+    from nmoe_serve.kernels import mla_decode_fp8, mla_kv_write
+
+    types = dict(
+        q_nope_ptr=bf16, q_pe_ptr=bf16, kv_ptr=fp8, scale_ptr=f32, page_table_ptr=i32, context_lens_ptr=i32,
+        lse_ptr=f32, scale_log2="fp32",
+    )  # fmt: skip
+    cases = []
+    for B, name in [(128, name) for name in mla_decode_fp8.VARIANTS] + [(1, None)]:
+        cfg = mla_decode_fp8.default_config(B, 128, 512, 64, 64, 16384, num_sms=132)
+        if name is not None:
+            cfg = mla_decode_fp8.variant_config(cfg, name)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        case_types = dict(types, o_ptr=f32 if cfg["NUM_SPLITS"] > 1 else bf16)
+        constexprs = dict(HALF_L=256, R=64, TAIL=16)
+        if cfg.pop("TMA"):
+            case_types |= dict(
+                ckv_desc=f"tensordesc<fp8e4nv[{cfg['BLOCK_N']}, 256]>",
+                kpe_desc=f"tensordesc<fp8e4nv[{cfg['BLOCK_N']}, 64]>",
+            )
+        else:
+            constexprs |= dict(ckv_desc=None, kpe_desc=None)
+        label = f"mla_decode_fp8 {name or 'default'} B={B} splits={cfg['NUM_SPLITS']}"
+        cases.append(
+            (label, mla_decode_fp8.mla_decode_fp8_kernel, case_types, constexprs | cfg, warps, stages)
+        )
+    cases.append(
+        (
+            "mla_kv_write_fp8",
+            mla_kv_write.mla_kv_write_fp8_kernel,
+            dict(
+                kv_a_ptr=bf16,
+                w_ptr=bf16,
+                cos_ptr=f32,
+                sin_ptr=f32,
+                cache_ptr=fp8,
+                scale_ptr=f32,
+                slots_ptr="*i64",
+                eps="fp32",
+            ),
+            dict(BLOCK_L=512, R=64, TAIL=16),
+            4,
+            1,
+        )
+    )
     return cases
 
 
