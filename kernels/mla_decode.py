@@ -484,6 +484,8 @@ def mla_decode(
     """
     _check_mla_decode_args(q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, num_splits)
     B, N, _ = q_nope.shape
+    if B == 0:  # a rank's T = 0 pass (eager): nothing to attend
+        return torch.empty_like(q_nope)
     L, R, P = q_nope.shape[2], q_pe.shape[2], kv_cache.shape[1]
     cfg = default_config(
         B, N, L, R, P, q_nope.element_size(), page_table.shape[1] * P, num_sms(q_nope.device)

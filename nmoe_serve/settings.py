@@ -197,11 +197,14 @@ def _kv_dtype(
             "to be a multiple of 4 (the row's float32 scales follow it): use kv_dtype = 'auto'"
         )
     if graph_max_batch and not fp8_decode_kernel_takes(args.kv_lora_rank, args.qk_rope_head_dim, page_size):
+        fixes = ["device.cuda_graphs = false", "kv_dtype = 'auto'"]
+        if fp8_decode_kernel_takes(args.kv_lora_rank, args.qk_rope_head_dim, 64):
+            fixes.append("cache.page_size = 64")  # the page size alone is what the kernel refuses
         raise ConfigError(
             f"cache.kv_dtype = 'fp8' with decode CUDA graphs needs the FP8 decode kernel, which does not take "
             f"kv_lora_rank {args.kv_lora_rank}, qk_rope_head_dim {args.qk_rope_head_dim}, cache.page_size "
             f"{page_size} (its torch reference syncs with the host and cannot be captured): set "
-            "device.cuda_graphs = false, or kv_dtype = 'auto', or cache.page_size = 64"
+            + ", or ".join(fixes)
         )
     return "fp8"
 

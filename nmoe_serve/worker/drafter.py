@@ -21,7 +21,8 @@ draft j as the token), writing its latents at the positions the next verify step
 
 Every rank runs the same layers and collectives, whatever it holds: one MTP pass of the step's
 kind, then k - 1 decode passes (T = 0 where it has no sequences), so the MoE exchanges of the
-MTP layer stay aligned across the group.
+MTP layer stay aligned across the group. A rank alone (no exchange to keep aligned) skips the
+passes of a step with nothing to draft.
 
 Host work: the positions of the first draft depend on how many tokens each sequence accepted,
 which the host reads (the step's tokens are copied back anyway; steps run one at a time with
@@ -40,7 +41,9 @@ import numpy as np
 import torch
 
 from nmoe_serve.engine.plan import StepKind, StepPlan
+from nmoe_serve.model.deepseek_v3 import MoE
 from nmoe_serve.model.mtp import MTPLayer
+from nmoe_serve.model.transport import SingleRankTransport
 from nmoe_serve.model.rope import RotaryEmbedding
 from nmoe_serve.worker.step_batch import build_step_batch, to_device
 
@@ -63,12 +66,15 @@ class MTPDrafter:
         self.mtp, self.kv_cache, self.rope = mtp, kv_cache, rope
         self.page_size, self.num_drafts, self.device = page_size, num_drafts, device
         self._plan_decode = decode_attention_plan
+        self.alone = isinstance(mtp.mlp, MoE) and isinstance(mtp.mlp.transport, SingleRankTransport)
 
     def after_prefill(
         self, plan: StepPlan, hidden: torch.Tensor, sampled: torch.Tensor, logits_rows: torch.Tensor
     ) -> torch.Tensor:
         """Drafts [B_s, Kd] for the sampled sequences of prefill `plan`: hidden [T, H] its target
         hidden states, sampled [B_s] the tokens it sampled (at its rows `logits_rows` [B_s])."""
+        if self.alone and not plan.num_tokens:
+            return torch.zeros(0, self.num_drafts, dtype=torch.int64, device=self.device)
         following = np.zeros(plan.num_tokens, np.int64)  # t_{i+1} of every new token i
         if plan.num_seqs:
             if plan.next_token_ids is None:
@@ -94,6 +100,8 @@ class MTPDrafter:
         (step_batch.token_rows, q rows per sequence), hidden [B·q, H] the target's hidden states,
         tokens [B, q] the target's token at each row, num_emitted [B] (host) its accepted tokens."""
         b = rows_plan.num_seqs // q
+        if self.alone and not b:
+            return torch.zeros(0, self.num_drafts, dtype=torch.int64, device=self.device)
         mtp_plan = dataclasses.replace(rows_plan, token_ids=np.zeros(rows_plan.num_seqs, np.int64))
         every = torch.arange(rows_plan.num_seqs, device=self.device)
         next_ids, batch = build_step_batch(

@@ -9,6 +9,7 @@ pages are counted at their FP8 size; impossible combinations are refused.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import torch
 from nmoe_serve.config import ConfigError, ServeConfig
 from nmoe_serve.kernels.kv_fp8 import dequantize_kv_rows_ref, quantize_kv_rows_ref
 from nmoe_serve.kernels.mla_kv_write import mla_kv_write_ref
-from nmoe_serve.model.tiny import make_tiny_checkpoint
+from nmoe_serve.model.tiny import TINY_KERNEL_OVERRIDES, make_tiny_checkpoint
 from nmoe_serve.settings import fp8_decode_kernel_takes
 from nmoe_serve.topology import Topology
 from nmoe_serve.worker.kv_cache import page_bytes
@@ -138,10 +139,10 @@ def test_refusals_name_key_value_and_fix(checkpoint) -> None:
     )
 
 
-def _gpu_worker(kv_dtype: str, graphs: bool) -> Worker:
+def _gpu_worker(path: Path, kv_dtype: str, graphs: bool) -> Worker:
     config = ServeConfig.from_dict(
         {
-            "model": {"tiny": {"seed": 3, "fp8": True}, "dtype": "bfloat16", "max_seq_len": 1024},
+            "model": {"path": str(path), "dtype": "bfloat16", "max_seq_len": 1024},
             "cache": {"page_size": 64, "num_pages": 64, "kv_dtype": kv_dtype},
             "device": {"kind": "cuda", "cuda_graphs": graphs, "cuda_graph_max_batch": 8},
         }
@@ -151,12 +152,16 @@ def _gpu_worker(kv_dtype: str, graphs: bool) -> Worker:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_fp8_cache_runs_the_fp8_kernels_eager_and_in_graphs() -> None:
-    """The tiny FP8 model (L 128, R 32, the dims the kernels serve) on the GPU: decode runs
-    `mla_decode_fp8` (eager and from CUDA graphs, which must agree), near the bf16 cache."""
+def test_gpu_fp8_cache_runs_the_fp8_kernels_eager_and_in_graphs(tmp_path: Path) -> None:
+    """A tiny FP8 model with the dims the kernels serve (TINY_KERNEL_OVERRIDES: L 128, R 32) on
+    the GPU: decode runs `mla_decode_fp8` (eager and from CUDA graphs, which must agree), near the
+    bf16 cache."""
+    path = make_tiny_checkpoint(tmp_path / "tiny", seed=3, fp8=True, overrides=TINY_KERNEL_OVERRIDES)
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, 496, (n,), generator=g).tolist() for n in (150, 70, 300)]
-    eager, graphed, bf16 = _gpu_worker("fp8", False), _gpu_worker("fp8", True), _gpu_worker("auto", False)
+    eager, graphed, bf16 = (
+        _gpu_worker(path, *case) for case in (("fp8", False), ("fp8", True), ("auto", False))
+    )
     assert eager.model.backend.decode_attention.name == "mla_decode_fp8"
     assert eager.kv_cache.storage.dtype == torch.float8_e4m3fn
     a, b, c = (torch.cat(run_steps(w, seqs, 6)).float().cpu() for w in (eager, graphed, bf16))
