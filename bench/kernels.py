@@ -35,7 +35,7 @@ import traceback
 from pathlib import Path
 
 import torch
-from report import cuda_time
+from report import cuda_time, warm_up
 
 from nmoe_serve.kernels.fp8_format import quantize_weight_blocks
 from nmoe_serve.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
@@ -79,21 +79,6 @@ def graph_time(fns, reps: int, inner: int = 10) -> float:
     seconds = cuda_time(graph.replay, reps) / inner
     del graph
     return seconds
-
-
-def warm_up(seconds: float) -> float:
-    """bf16 matmuls for `seconds` so that the clocks reach their working level; returns the rate
-    of the last second (FLOP/s), a first look at the ceiling."""
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    done, rate, started = 0, 0.0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        t0 = time.perf_counter()
-        for _ in range(10):
-            a @ a
-        torch.cuda.synchronize()
-        done += 1
-        rate = 10 * 2 * 8192**3 / (time.perf_counter() - t0)
-    return rate
 
 
 def ceilings(reps: int) -> dict[str, float]:

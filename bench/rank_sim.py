@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from report import cuda_time as _cuda_time
+from report import warm_up
 from torch import nn
 
 from nmoe_serve.engine.plan import StepKind, StepPlan
@@ -526,6 +527,8 @@ def build_rank(opts: argparse.Namespace, device: torch.device) -> Rank:
     shape = SMOKE_SHAPE if opts.smoke else FULL
     hf = dict(DEEPSEEK_V3, **SMOKE) if opts.smoke else dict(DEEPSEEK_V3)
     full_args = ModelArgs.from_hf_config(hf, source="DeepSeek-V3")
+    if cuda:
+        warm_up(5.0)  # the clocks at their working level before the ceilings
     ceil = ceilings(device)
     print(
         f"{torch.cuda.get_device_name() if cuda else 'cpu'}: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, "

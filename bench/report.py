@@ -47,6 +47,22 @@ def cuda_time(fn, reps: int, warmup: int = 3) -> float:  # type: ignore[no-untyp
     return statistics.median(times)
 
 
+def warm_up(seconds: float) -> float:
+    """bf16 matmuls for `seconds` so that the GPU's clocks reach their working level (a cold start
+    reads ceilings ~5% low); returns the rate of the last round (FLOP/s), a first look at the ceiling."""
+    import torch
+
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    rate, started = 0.0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+        rate = 10 * 2 * 8192**3 / (time.perf_counter() - t0)
+    return rate
+
+
 def print_table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
     print(f"\n{title}")
     widths = [max(len(c), *(len(_cell(r.get(c))) for r in rows)) for c in columns]

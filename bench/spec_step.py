@@ -38,6 +38,7 @@ from rank_sim import (
     build_rank,
     cuda_time,
     decode_plan,
+    profile_layer,
     rank_arguments,
     scaled,
     truncated,
@@ -141,6 +142,9 @@ def main() -> int:
     parser = rank_arguments(__doc__ or "", "spec_step.json", 30.0)
     parser.add_argument("--seqs", type=int, default=None, help="sequences per rank (default 256; smoke 16)")
     parser.add_argument("--drafts", default="1,2", help="k values to time beside the plain step")
+    parser.add_argument(
+        "--profile", action="store_true", help="kernel times of one MoE layer, plain and k = 1"
+    )
     opts = parser.parse_args()
     opts.mtp, opts.skip_eager, opts.decode_attention, opts.moe_kernels = True, True, "auto", "auto"
     opts.link_gbps, opts.link_latency_us = 150.0, 25.0
@@ -159,6 +163,15 @@ def main() -> int:
                 f"total {r['total_s'] * 1e3:.2f} ms  [{time.time() - started:.0f} s]",
                 flush=True,
             )
+        profiles = {}
+        if opts.profile:  # the first MoE layer's kernels: the plain step's rows, and a k = 1 verify's
+            for k in (0, 1):
+                plan = (
+                    verify_plan(rank, batch, k, rng)
+                    if k
+                    else decode_plan(rank.args, batch, rank.shape.context, rank.table, rng)
+                )
+                profiles[f"k={k}"] = profile_layer(rank, token_rows(plan), batch * (1 + k))
     plain = rows[0]["total_s"]
     for r in rows:
         r["vs_plain"] = r["total_s"] / plain
@@ -181,6 +194,7 @@ def main() -> int:
         "assumed_acceptance": list(ACCEPTANCE),
         "goal": "k = 1 verify step (drafts included) <= 1.25x the plain decode step at 256 seqs per rank",
         "rows": rows,
+        "first_moe_layer_kernels": profiles,
     }
     opts.out.write_text(json.dumps(result, indent=2))
     print(

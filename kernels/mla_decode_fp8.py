@@ -1,4 +1,5 @@
-"""Paged MLA decode over the FP8 latent cache (kernels/kv_fp8.py), its two GEMMs on FP8 tensor cores.
+"""Paged MLA decode over the FP8 latent cache (kernels/kv_fp8.py): QK^T on FP8 tensor cores, PV
+on FP8 or bf16.
 
 Shapes: the legend in docs/ARCHITECTURE.md (B, N, L, R, P, Sp, NP, W).
 
@@ -9,7 +10,8 @@ float32 scale for the latent (s_c[j]) and one for the rope key (s_r[j]):
     out[b, n]       = Σ_j softmax_j(scores[b, n]) · c_kv[j] · s_c[j]
 
 The kernel (`mla_decode_fp8_kernel`, the paged kernel's structure: BLOCK_H heads as M, the latent
-in two halves, split-K with `mla_decode_merge_kernel`) runs both products on e4m3 operands:
+in two halves, split-K with `mla_decode_merge_kernel`) runs QK^T, and optionally PV, on e4m3
+operands:
 
 - QK^T: each program quantizes its heads' q_nope rows (per head, amax over L) and q_pe rows (per
   head, amax over R) to e4m3 with float32 scales q_s, then scores = fp8 dots × q_s[n] × s[j].
@@ -17,7 +19,8 @@ in two halves, split-K with `mla_decode_merge_kernel`) runs both products on e4m
   quantization of FlashAttention-3's and FlashInfer's FP8 paths, with the token scales folded in);
   the tile's scalar max_j s_c / 448 is carried in a running factor g (acc holds out·l / g), so
   the accumulator chains through the dot: acc = dot(p8, c8, acc · alpha · g_old / g_new).
-  FP8_PV = False instead runs PV on bf16 (c8 and p converted), for comparison.
+  FP8_PV = False (the default, faster on the H200: `default_config`) runs PV on bf16 instead
+  (c8 and p converted).
 
 `mla_decode_fp8_ref` is the model's torch path: the cache dequantized, then `mla_decode_ref`'s
 float32 math (the kernel's q and p roundings are not part of it; emulate_q rounds q as the kernel
@@ -234,7 +237,12 @@ def fp8_shape_ok(L: int, R: int, P: int) -> bool:
 
 
 def default_config(B: int, N: int, L: int, R: int, P: int, max_context: int, num_sms: int) -> dict:
-    """Tiles and splits for a launch (guessed, not yet timed; bench/kernels.py times the VARIANTS).
+    """Tiles and splits for a launch (bench/kernels.py times the VARIANTS beside it).
+
+    PV on bf16 (FP8_PV = False): measured on the H200 (2026-12-02, 256 x 2000) 778 us against
+    1907 us with PV on FP8 tensor cores, whose B operand (the latent tile, MN-major) wgmma cannot
+    take in e4m3 without a transpose; QK^T stays on FP8. Both are slower than the bf16 kernel
+    (451 us): docs/PERF.md, "FP8 KV cache".
 
     As `mla_decode.default_config`'s paged choice: 64 heads as two warpgroups (8 warps), splits
     filling one wave, but 32-token tiles in 4 stages: compiled for sm_90 with Triton 3.9, the
@@ -245,7 +253,7 @@ def default_config(B: int, N: int, L: int, R: int, P: int, max_context: int, num
     splits = max(1, min(num_sms // programs, triton.cdiv(max_context, MIN_TOKENS_PER_SPLIT), MAX_SPLITS))
     block_n = 32
     cfg = dict(
-        BLOCK_H=block_h, BLOCK_N=block_n, NUM_SPLITS=splits, TMA=False, FP8_PV=True, SPLIT_SCORES=True,
+        BLOCK_H=block_h, BLOCK_N=block_n, NUM_SPLITS=splits, TMA=False, FP8_PV=False, SPLIT_SCORES=True,
         num_warps=8, num_stages=4,
     )  # fmt: skip
     while cfg["num_stages"] > 1 and (
@@ -255,7 +263,7 @@ def default_config(B: int, N: int, L: int, R: int, P: int, max_context: int, num
     return cfg
 
 
-# Alternatives to `default_config`'s choice ("ptr-fp8pv-32x4") that bench/kernels.py times beside it.
+# Alternatives to `default_config`'s choice ("ptr-bf16pv-32x4") that bench/kernels.py times beside it.
 VARIANTS: dict[str, dict] = {
     "ptr-fp8pv-32x4": dict(TMA=False, FP8_PV=True, SPLIT_SCORES=True, BLOCK_N=32, num_stages=4),
     "ptr-fp8pv-32x3": dict(TMA=False, FP8_PV=True, SPLIT_SCORES=True, BLOCK_N=32, num_stages=3),
