@@ -44,7 +44,7 @@ from bench.report import print_table, write_json
 from nmoe_serve.config import ServeConfig
 from nmoe_serve.llm import LLM
 from nmoe_serve.model.args import DEEPSEEK_V3_HF_CONFIG
-from nmoe_serve.model.tiny import make_tiny_checkpoint
+from nmoe_serve.model.tiny import TINY_KERNEL_OVERRIDES, make_tiny_checkpoint
 from nmoe_serve.sampling.params import SamplingParams
 from nmoe_serve.settings import resolve_settings
 from nmoe_serve.topology import Topology
@@ -137,8 +137,12 @@ def main() -> None:
         hf = dict(DEEPSEEK_V3_HF_CONFIG, num_hidden_layers=n, first_k_dense_replace=max(0, n - 1))
         (path / "config.json").write_text(json.dumps(hf))
     else:
-        path = make_tiny_checkpoint(
-            Path(tempfile.mkdtemp()), seed=args.seed, fp8=args.tiny_fp8, dtype=torch.float32
+        path = make_tiny_checkpoint(  # --tiny-fp8: FP8 weights and the dims the kernels take
+            Path(tempfile.mkdtemp()),
+            seed=args.seed,
+            fp8=args.tiny_fp8,
+            dtype=torch.float32,
+            overrides=TINY_KERNEL_OVERRIDES if args.tiny_fp8 else None,
         )
     vocab = 496 if not args.deepseek_layers else DEEPSEEK_V3_HF_CONFIG["vocab_size"]
     g = torch.Generator().manual_seed(args.seed)
