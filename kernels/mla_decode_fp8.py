@@ -332,6 +332,8 @@ def mla_decode_fp8(
     dims `fp8_shape_ok` accepts (ValueError otherwise: use `mla_decode_fp8_ref`)."""
     _check_args("mla_decode_fp8", q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, num_splits)
     B, N, L = q_nope.shape
+    if B == 0:  # a rank's T = 0 pass (eager): nothing to attend
+        return torch.empty_like(q_nope)
     R, P = q_pe.shape[2], kv_cache.shape[1]
     cfg = default_config(B, N, L, R, P, page_table.shape[1] * P, num_sms(q_nope.device))
     if num_splits is not None:

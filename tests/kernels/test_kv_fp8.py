@@ -176,3 +176,14 @@ def test_mla_kv_write_fp8_matches_ref(device) -> None:
     assert ((a - b).abs() <= b.abs() * 2**-3 + 1e-6).all()
     assert (caches[0].view(torch.uint8) == caches[1].view(torch.uint8)).float().mean() > 0.99
     assert torch.equal(caches[0].view(torch.uint8)[..., -8:], caches[1].view(torch.uint8)[..., -8:])
+
+
+@pytest.mark.gpu
+def test_mla_decode_fp8_takes_a_pass_of_no_rows(device) -> None:
+    """A rank's T = 0 pass (an idle eager decode): no rows in, none out, no launch."""
+    inputs = _fp8_cache([5], P=64, N=128, L=512, R=64, device=device)
+    empty = {
+        k: v[:0] if k in ("q_nope", "q_pe", "page_table", "context_lens") else v for k, v in inputs.items()
+    }
+    out = mla_decode_fp8(**empty, softmax_scale=0.1)
+    assert out.shape == (0, 128, 512)

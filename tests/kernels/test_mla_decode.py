@@ -131,6 +131,15 @@ def test_mla_decode_ignores_pages_past_the_context(device):
         assert _rel_err(out, want) <= (1e-5 if INTERPRET else 1e-2)
 
 
+def test_mla_decode_takes_a_pass_of_no_rows(device):
+    """A rank's T = 0 pass (an idle eager decode): no rows in, none out, no launch."""
+    args = _paged_cache([5], 16, 16, 32, 16, torch.float32, device)
+    empty = {
+        k: v[:0] if k in ("q_nope", "q_pe", "page_table", "context_lens") else v for k, v in args.items()
+    }
+    assert mla_decode(**empty, softmax_scale=0.1).shape == (0, 16, 32)
+
+
 @pytest.mark.parametrize("P", [4, 16])  # the generic kernel, the paged one
 def test_mla_decode_takes_strided_queries(P, device):
     """q_nope as the model computes it (a [N, B, L] product seen as [B, N, L]) and q_pe as the
