@@ -43,8 +43,8 @@ import torch
 from nmoe_serve.engine.plan import StepKind, StepPlan
 from nmoe_serve.model.deepseek_v3 import MoE
 from nmoe_serve.model.mtp import MTPLayer
-from nmoe_serve.model.transport import SingleRankTransport
 from nmoe_serve.model.rope import RotaryEmbedding
+from nmoe_serve.model.transport import SingleRankTransport
 from nmoe_serve.worker.step_batch import build_step_batch, to_device
 
 
