@@ -426,10 +426,11 @@ def _paged_shared_bytes(block_h: int, L: int, R: int, itemsize: int, cfg: dict) 
     )
 
 
-def _check_mla_decode_args(
-    q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, num_splits
+def check_decode_args(
+    op, q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, num_splits, check_cache
 ) -> None:
-    op = "mla_decode"
+    """The arguments of a paged MLA decode `op`; check_cache(op, kv_cache, q_nope, L, R) checks
+    the cache's own layout (this file's, or the FP8 rows of kernels/mla_decode_fp8.py)."""
     check_tensor(op, "q_nope", q_nope, ndim=3, dims="[B, N, L]", dtypes=FLOAT_DTYPES, contiguous="last")
     device = q_nope.device
     B, N, L = q_nope.shape
@@ -438,14 +439,7 @@ def _check_mla_decode_args(
     )
     if q_pe.shape[:2] != (B, N):
         raise ValueError(f"{op}: q_pe has shape {tuple(q_pe.shape)}, expected [B, N, R] with B, N = {B}, {N}")
-    R = q_pe.shape[2]
-    check_tensor(
-        op, "kv_cache", kv_cache, ndim=3, dims="[num_pages, P, L + R]", dtypes=(q_nope.dtype,), device=device
-    )
-    if kv_cache.shape[2] != L + R:
-        raise ValueError(
-            f"{op}: kv_cache has shape {tuple(kv_cache.shape)}, expected [num_pages, P, L + R] with L + R = {L + R}"
-        )
+    check_cache(op, kv_cache, q_nope, L, q_pe.shape[2])
     check_tensor(
         op, "page_table", page_table, ndim=2, dims="[B, max_pages]", dtypes=(torch.int32,), device=device
     )
@@ -461,6 +455,22 @@ def _check_mla_decode_args(
     if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
         raise ValueError(
             f"{op}: num_splits is {num_splits!r}, expected None (choose from the shapes) or an int >= 1"
+        )
+
+
+def _check_cache(op, kv_cache, q_nope, L, R) -> None:
+    check_tensor(
+        op,
+        "kv_cache",
+        kv_cache,
+        ndim=3,
+        dims="[num_pages, P, L + R]",
+        dtypes=(q_nope.dtype,),
+        device=q_nope.device,
+    )
+    if kv_cache.shape[2] != L + R:
+        raise ValueError(
+            f"{op}: kv_cache has shape {tuple(kv_cache.shape)}, expected [num_pages, P, L + R] with L + R = {L + R}"
         )
 
 
@@ -482,7 +492,17 @@ def mla_decode(
     may be strided views with a contiguous last dimension (e.g. a [N, B, L] product seen as
     [B, N, L]); the rest contiguous, all on one device. num_splits: context splits per sequence, None to choose from the shapes.
     """
-    _check_mla_decode_args(q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, num_splits)
+    check_decode_args(
+        "mla_decode",
+        q_nope,
+        q_pe,
+        kv_cache,
+        page_table,
+        context_lens,
+        softmax_scale,
+        num_splits,
+        _check_cache,
+    )
     B, N, _ = q_nope.shape
     if B == 0:  # a rank's T = 0 pass (eager): nothing to attend
         return torch.empty_like(q_nope)

@@ -38,13 +38,14 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import num_sms
-from ._validate import FLOAT_DTYPES, check_tensor
+from ._validate import check_tensor
 from .kv_fp8 import FP8_DTYPE, FP8_MAX, KV_FP8_TAIL, dequantize_kv_rows_ref, fp8_scale
 from .mla_decode import (
     MAX_SPLITS,
     MIN_TOKENS_PER_SPLIT,
     SHARED_BYTES,
     _paged_shape_ok,
+    check_decode_args,
     mla_decode_merge_kernel,
 )
 
@@ -275,16 +276,7 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def _check_args(op, q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, num_splits) -> None:
-    check_tensor(op, "q_nope", q_nope, ndim=3, dims="[B, N, L]", dtypes=FLOAT_DTYPES, contiguous="last")
-    device = q_nope.device
-    B, N, L = q_nope.shape
-    check_tensor(
-        op, "q_pe", q_pe, ndim=3, dims="[B, N, R]", dtypes=(q_nope.dtype,), device=device, contiguous="last"
-    )
-    if q_pe.shape[:2] != (B, N):
-        raise ValueError(f"{op}: q_pe has shape {tuple(q_pe.shape)}, expected [B, N, R] with B, N = {B}, {N}")
-    R = q_pe.shape[2]
+def _check_fp8_cache(op, kv_cache, q_nope, L, R) -> None:
     check_tensor(
         op,
         "kv_cache",
@@ -292,29 +284,19 @@ def _check_args(op, q_nope, q_pe, kv_cache, page_table, context_lens, softmax_sc
         ndim=3,
         dims="[num_pages, P, L + R + 16]",
         dtypes=(FP8_DTYPE,),
-        device=device,
+        device=q_nope.device,
     )
     if kv_cache.shape[2] != L + R + KV_FP8_TAIL or (L + R) % 4:
         raise ValueError(
             f"{op}: kv_cache has shape {tuple(kv_cache.shape)}, expected [num_pages, P, L + R + {KV_FP8_TAIL}] "
             f"with L + R = {L + R} a multiple of 4 (an FP8 cache: kernels/kv_fp8.py)"
         )
-    check_tensor(
-        op, "page_table", page_table, ndim=2, dims="[B, max_pages]", dtypes=(torch.int32,), device=device
+
+
+def _check_args(op, q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, num_splits) -> None:
+    check_decode_args(
+        op, q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, num_splits, _check_fp8_cache
     )
-    if page_table.shape[0] != B:
-        raise ValueError(
-            f"{op}: page_table has shape {tuple(page_table.shape)}, expected [B, max_pages] with B = {B}"
-        )
-    check_tensor(
-        op, "context_lens", context_lens, shape=(B,), dims="[B]", dtypes=(torch.int32,), device=device
-    )
-    if not (isinstance(softmax_scale, float | int) and softmax_scale > 0):
-        raise ValueError(f"{op}: softmax_scale is {softmax_scale!r}, expected a positive float")
-    if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
-        raise ValueError(
-            f"{op}: num_splits is {num_splits!r}, expected None (choose from the shapes) or an int >= 1"
-        )
 
 
 def mla_decode_fp8(
