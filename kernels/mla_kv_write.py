@@ -180,10 +180,17 @@ def mla_kv_write_ref(
 ) -> None:
     """Torch reference of `mla_kv_write`."""
     _check_args("mla_kv_write_ref", kv_a, weight, eps, cos, sin, kv_cache, slot_mapping)
+    kv_cache.view(-1, kv_cache.shape[2])[slot_mapping] = _rows_ref(kv_a, weight, eps, cos, sin)
+
+
+def _rows_ref(
+    kv_a: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """[T, L + R]: each token's normalized latent, then its roped key (what the cache holds)."""
     L = weight.shape[0]
     latent = rms_norm_ref(kv_a[:, :L], weight, eps)  # [T, L]
     k_pe = rope_ref_(kv_a[:, None, L:].clone(), cos, sin)[:, 0]  # [T, R]
-    kv_cache.view(-1, kv_cache.shape[2])[slot_mapping] = torch.cat([latent, k_pe], dim=-1)
+    return torch.cat([latent, k_pe], dim=-1)
 
 
 def mla_kv_write_fp8(
@@ -220,8 +227,5 @@ def mla_kv_write_fp8_ref(
 ) -> None:
     """Torch reference of `mla_kv_write_fp8`: `mla_kv_write_ref`'s rows, then `quantize_kv_rows_ref`."""
     _check_args("mla_kv_write_fp8_ref", kv_a, weight, eps, cos, sin, kv_cache, slot_mapping, fp8=True)
-    L = weight.shape[0]
-    latent = rms_norm_ref(kv_a[:, :L], weight, eps)  # [T, L]
-    k_pe = rope_ref_(kv_a[:, None, L:].clone(), cos, sin)[:, 0]  # [T, R]
-    rows = quantize_kv_rows_ref(torch.cat([latent, k_pe], dim=-1), L)  # [T, C + 16]
+    rows = quantize_kv_rows_ref(_rows_ref(kv_a, weight, eps, cos, sin), weight.shape[0])  # [T, C + 16]
     kv_cache.view(-1, kv_cache.shape[2])[slot_mapping] = rows
