@@ -27,6 +27,7 @@ from tests.engine.test_scheduler_properties import (
     make_prompt,
     register_hashes,
     request_strategy,
+    sampling_of,
     scheduler_limits,
 )
 
@@ -103,12 +104,7 @@ def test_overlapped_steps_keep_every_invariant_and_the_exact_outputs(
             i, spec = pending.pop(0)
             rid = f"r{i}"
             prompt = make_prompt(spec, rng, conversations)
-            sampling = SamplingParams(
-                max_tokens=spec["max_tokens"],
-                ignore_eos=spec["ignore_eos"],
-                min_tokens=min(spec["min_tokens"], spec["max_tokens"]),
-                stop_token_ids=spec["stop_token_ids"],
-            )
+            sampling = sampling_of(spec)
             try:
                 scheduler.add(rid, prompt, sampling, frozenset({EOS}))
             except RequestRejected:

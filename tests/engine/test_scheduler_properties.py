@@ -169,6 +169,17 @@ def make_prompt(spec: dict, rng: np.random.Generator, earlier: list[list[int]]) 
 
 MAX_SEQ_LEN = 48
 
+
+def sampling_of(spec: dict) -> SamplingParams:
+    """The SamplingParams of a drawn request (request_strategy)."""
+    return SamplingParams(
+        max_tokens=spec["max_tokens"],
+        ignore_eos=spec["ignore_eos"],
+        min_tokens=min(spec["min_tokens"], spec["max_tokens"]),
+        stop_token_ids=spec["stop_token_ids"],
+    )
+
+
 request_strategy = st.fixed_dictionaries(
     {
         "prompt_len": st.integers(1, 40),
@@ -231,12 +242,7 @@ def test_scheduler_invariants_and_exact_outputs(limits, reset_at, fail_at, reque
             i, spec = pending.pop(0)
             rid = f"r{i}"
             prompt = make_prompt(spec, rng, conversations)
-            sampling = SamplingParams(
-                max_tokens=spec["max_tokens"],
-                ignore_eos=spec["ignore_eos"],
-                min_tokens=min(spec["min_tokens"], spec["max_tokens"]),
-                stop_token_ids=spec["stop_token_ids"],
-            )
+            sampling = sampling_of(spec)
             too_long = spec["prompt_len"] + spec["max_tokens"] > max_seq_len
             try:
                 scheduler.add(rid, prompt, sampling, frozenset({EOS}))

@@ -35,6 +35,7 @@ from tests.engine.test_scheduler_properties import (
     make_prompt,
     next_token,
     request_strategy,
+    sampling_of,
 )
 
 
@@ -199,12 +200,7 @@ def test_speculative_steps_keep_pages_exact_and_outputs_equal_to_the_reference(
             i, spec = pending.pop(0)
             rid = f"r{i}"
             prompt = make_prompt(spec, rng, conversations)
-            sampling = SamplingParams(
-                max_tokens=spec["max_tokens"],
-                ignore_eos=spec["ignore_eos"],
-                min_tokens=min(spec["min_tokens"], spec["max_tokens"]),
-                stop_token_ids=spec["stop_token_ids"],
-            )
+            sampling = sampling_of(spec)
             too_long = spec["prompt_len"] + spec["max_tokens"] > MAX_SEQ_LEN
             try:
                 scheduler.add(rid, prompt, sampling, frozenset({EOS}))
