@@ -373,7 +373,7 @@ def default_config(
     context (page-table width x P, a shape, so no host sync), at most MAX_SPLITS.
     """
     block_h = min(64, max(16, triton.next_power_of_2(N)))
-    programs = B * triton.cdiv(N, block_h)
+    programs = max(B, 1) * triton.cdiv(N, block_h)  # B = 0 (an idle rank): no launch, any splits
     splits = max(1, min(num_sms // programs, triton.cdiv(max_context, MIN_TOKENS_PER_SPLIT), MAX_SPLITS))
     cfg = dict(VARIANT="generic", BLOCK_H=block_h, BLOCK_N=64, NUM_SPLITS=splits, num_warps=8, num_stages=1)
     block_n = min(64, P & -P)  # the largest power of two dividing P, up to 64
@@ -504,8 +504,6 @@ def mla_decode(
         _check_cache,
     )
     B, N, _ = q_nope.shape
-    if B == 0:  # a rank's T = 0 pass (eager): nothing to attend
-        return torch.empty_like(q_nope)
     L, R, P = q_nope.shape[2], q_pe.shape[2], kv_cache.shape[1]
     cfg = default_config(
         B, N, L, R, P, q_nope.element_size(), page_table.shape[1] * P, num_sms(q_nope.device)

@@ -250,7 +250,7 @@ def default_config(B: int, N: int, L: int, R: int, P: int, max_context: int, num
     64-token tile spills (~30 spill loads at 255 registers) and the 32-token one does not (254
     registers, 79 KB of shared memory). Pointer loads (cp.async); TMA is a variant."""
     block_h = min(64, max(16, triton.next_power_of_2(N)))
-    programs = B * triton.cdiv(N, block_h)
+    programs = max(B, 1) * triton.cdiv(N, block_h)  # B = 0 (an idle rank): no launch, any splits
     splits = max(1, min(num_sms // programs, triton.cdiv(max_context, MIN_TOKENS_PER_SPLIT), MAX_SPLITS))
     block_n = 32
     cfg = dict(
@@ -314,8 +314,6 @@ def mla_decode_fp8(
     dims `fp8_shape_ok` accepts (ValueError otherwise: use `mla_decode_fp8_ref`)."""
     _check_args("mla_decode_fp8", q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, num_splits)
     B, N, L = q_nope.shape
-    if B == 0:  # a rank's T = 0 pass (eager): nothing to attend
-        return torch.empty_like(q_nope)
     R, P = q_pe.shape[2], kv_cache.shape[1]
     cfg = default_config(B, N, L, R, P, page_table.shape[1] * P, num_sms(q_nope.device))
     if num_splits is not None:
