@@ -283,7 +283,9 @@ def bench_mla_peer(flashinfer, q, q_pe, kv, table, lens, scale, ref, roof, reps:
     }
 
 
-def bench_mla(ceil: dict, batch: int, context: int, reps: int, flashinfer=None) -> dict:  # type: ignore[no-untyped-def]
+def mla_inputs(batch: int, context: int) -> tuple[torch.Tensor, ...]:
+    """(kv [NP, P, L + R] bf16, page table [B, W], context lens [B], q [B, N, L], q_pe [B, N, R]):
+    a random decode step of `batch` sequences of `context` tokens, the same for a given shape."""
     g = torch.Generator(device="cuda").manual_seed(batch * 7 + context)
     pages_per_seq = math.ceil(context / PAGE)
     num_pages = batch * pages_per_seq
@@ -292,6 +294,11 @@ def bench_mla(ceil: dict, batch: int, context: int, reps: int, flashinfer=None) 
     lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, HEADS, LATENT, generator=g, device="cuda", dtype=torch.bfloat16)
     q_pe = torch.randn(batch, HEADS, ROPE, generator=g, device="cuda", dtype=torch.bfloat16)
+    return kv, table, lens, q, q_pe
+
+
+def bench_mla(ceil: dict, batch: int, context: int, reps: int, flashinfer=None) -> dict:  # type: ignore[no-untyped-def]
+    kv, table, lens, q, q_pe = mla_inputs(batch, context)
     scale = 192**-0.5
     seconds = cuda_time(lambda: mla_decode(q, q_pe, kv, table, lens, scale), reps)
     graph_seconds = graph_time(lambda: mla_decode(q, q_pe, kv, table, lens, scale), reps)
@@ -318,16 +325,9 @@ def bench_mla(ceil: dict, batch: int, context: int, reps: int, flashinfer=None) 
 def bench_mla_fp8(ceil: dict, batch: int, context: int, reps: int, bf16_row: dict) -> list[dict]:
     """`mla_decode_fp8` at the shape of `bf16_row` (the same random cache, quantized): its default
     config and, at 256 x 2000, each variant."""
-    g = torch.Generator(device="cuda").manual_seed(batch * 7 + context)
-    pages_per_seq = math.ceil(context / PAGE)
-    num_pages = batch * pages_per_seq
-    kv = torch.randn(num_pages, PAGE, LATENT + ROPE, generator=g, device="cuda", dtype=torch.bfloat16)
-    table = torch.randperm(num_pages, generator=g, device="cuda").view(batch, pages_per_seq).int()
-    lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-    q = torch.randn(batch, HEADS, LATENT, generator=g, device="cuda", dtype=torch.bfloat16)
-    q_pe = torch.randn(batch, HEADS, ROPE, generator=g, device="cuda", dtype=torch.bfloat16)
+    kv, table, lens, q, q_pe = mla_inputs(batch, context)
     scale = 192**-0.5
-    kv8 = quantize_kv_rows_ref(kv.view(-1, LATENT + ROPE), LATENT).view(num_pages, PAGE, -1)
+    kv8 = quantize_kv_rows_ref(kv.view(-1, LATENT + ROPE), LATENT).view(kv.shape[0], PAGE, -1)
     ref = mla_decode_fp8_ref(q, q_pe, kv8, table, lens, scale).float()
     ref_bf16 = mla_decode_ref(q, q_pe, kv, table, lens, scale).float()
     ref_seconds = cuda_time(lambda: mla_decode_fp8_ref(q, q_pe, kv8, table, lens, scale), 2, warmup=1)
@@ -342,7 +342,7 @@ def bench_mla_fp8(ceil: dict, batch: int, context: int, reps: int, bf16_row: dic
         LATENT,
         ROPE,
         PAGE,
-        pages_per_seq * PAGE,
+        table.shape[1] * PAGE,
         torch.cuda.get_device_properties(0).multi_processor_count,
     )
     configs = [("default", base)]

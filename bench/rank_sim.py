@@ -663,16 +663,7 @@ def main() -> int:
             profiles["prefill"] = profile_layer(rank, plan, tokens)
     cuda = device.type == "cuda"
     result = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "date": time.strftime("%Y-%m-%d"),
-        "torch": torch.__version__,
-        "smoke": opts.smoke,
-        "ceilings": rank.ceil,
-        "layers_built": {
-            "dense": rank.n_dense,
-            "moe": rank.built - rank.n_dense,
-            "of": rank.full_args.n_layers,
-        },
+        **provenance(rank, opts.smoke),
         "kv_pages": rank.kv.num_pages,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0,
         "rows": rows,
@@ -688,6 +679,22 @@ def main() -> int:
     opts.out.write_text(json.dumps(result, indent=2))
     print_table(rows, result)
     return 0
+
+
+def provenance(rank: Rank, smoke: bool) -> dict:
+    """Where and on what a benchmark of this rank ran: device, date, torch, ceilings, layers built."""
+    return {
+        "device": torch.cuda.get_device_name() if rank.device.type == "cuda" else "cpu",
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "smoke": smoke,
+        "ceilings": rank.ceil,
+        "layers_built": {
+            "dense": rank.n_dense,
+            "moe": rank.built - rank.n_dense,
+            "of": rank.full_args.n_layers,
+        },
+    }
 
 
 def scaled(times: dict, built: int, n_dense: int, total_layers: int) -> dict:

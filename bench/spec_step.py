@@ -39,6 +39,7 @@ from rank_sim import (
     cuda_time,
     decode_plan,
     profile_layer,
+    provenance,
     rank_arguments,
     scaled,
     truncated,
@@ -178,19 +179,9 @@ def main() -> int:
         r["node_tokens_per_s"] = {
             str(a): EP * batch * sum(a**i for i in range(r["k"] + 1)) / r["total_s"] for a in ACCEPTANCE
         }
-    cuda = device.type == "cuda"
     result = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "date": time.strftime("%Y-%m-%d"),
-        "torch": torch.__version__,
-        "smoke": opts.smoke,
-        "ceilings": rank.ceil,
+        **provenance(rank, opts.smoke),
         "decode_attention": rank.model.backend.decode_attention.name,
-        "layers_built": {
-            "dense": rank.n_dense,
-            "moe": rank.built - rank.n_dense,
-            "of": rank.full_args.n_layers,
-        },
         "assumed_acceptance": list(ACCEPTANCE),
         "goal": "k = 1 verify step (drafts included) <= 1.25x the plain decode step at 256 seqs per rank",
         "rows": rows,
