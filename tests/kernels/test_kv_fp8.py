@@ -35,21 +35,14 @@ from nmoe_serve.kernels.mla_decode_fp8 import (
     variant_config,
 )
 from nmoe_serve.kernels.mla_kv_write import mla_kv_write_fp8, mla_kv_write_fp8_ref, mla_kv_write_ref
+from tests.kernels.test_mla_decode import scattered_page_table
 
 
 def _fp8_cache(context_lens: list[int], P: int, N: int, L: int, R: int, device, spare_pages: int = 3):
     """Random q (bf16) and an FP8 cache of random rows (the rope part 30x smaller than the latent,
     as in a model), each sequence's pages scattered in random order."""
     B = len(context_lens)
-    pages_per_seq = [-(-n // P) for n in context_lens]
-    max_pages = max(pages_per_seq) + 1
-    num_pages = sum(pages_per_seq) + spare_pages
-    free = torch.randperm(num_pages)
-    page_table = torch.full((B, max_pages), -1, dtype=torch.int32)  # [B, max_pages]
-    used = 0
-    for b, n in enumerate(pages_per_seq):
-        page_table[b, :n] = free[used : used + n]
-        used += n
+    page_table, num_pages = scattered_page_table(context_lens, P, spare_pages)  # [B, max_pages]
     rows = torch.randn(num_pages * P, L + R, device=device)  # [NP * P, C]
     rows[:, L:] /= 30
     rows *= torch.rand(num_pages * P, 1, device=device) + 0.5  # per-token magnitudes differ

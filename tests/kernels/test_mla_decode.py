@@ -17,20 +17,26 @@ from nmoe_serve.kernels.mla_decode import (
 )
 
 
+def scattered_page_table(context_lens: list[int], P: int, spare_pages: int) -> tuple[torch.Tensor, int]:
+    """(page table [B, max_pages] int32 on the CPU, pages in all): each sequence's pages in random
+    order over a cache of their total plus `spare_pages`, one column of -1 padding even for the longest."""
+    pages_per_seq = [-(-n // P) for n in context_lens]
+    num_pages = sum(pages_per_seq) + spare_pages
+    free = torch.randperm(num_pages)
+    page_table = torch.full((len(context_lens), max(pages_per_seq) + 1), -1, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(pages_per_seq):
+        page_table[b, :n] = free[used : used + n]
+        used += n
+    return page_table, num_pages
+
+
 def _paged_cache(
     context_lens: list[int], P: int, N: int, L: int, R: int, dtype, device, spare_pages: int = 3
 ):
     """Random q and cache, each sequence's pages scattered over the cache in random order."""
     B = len(context_lens)
-    pages_per_seq = [-(-n // P) for n in context_lens]
-    max_pages = max(pages_per_seq) + 1  # one column of -1 padding even for the longest
-    num_pages = sum(pages_per_seq) + spare_pages
-    free = torch.randperm(num_pages)
-    page_table = torch.full((B, max_pages), -1, dtype=torch.int32)  # [B, max_pages]
-    used = 0
-    for b, n in enumerate(pages_per_seq):
-        page_table[b, :n] = free[used : used + n]
-        used += n
+    page_table, num_pages = scattered_page_table(context_lens, P, spare_pages)
     return dict(
         q_nope=torch.randn(B, N, L, device=device).to(dtype),  # [B, N, L]
         q_pe=torch.randn(B, N, R, device=device).to(dtype),  # [B, N, R]
