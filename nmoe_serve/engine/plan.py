@@ -68,6 +68,13 @@ class StepPlan:
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])
 
+    @property
+    def sampled_ids(self) -> tuple[str, ...]:
+        """[B_s] the request ids of the rows that sample (those its StepResult answers for)."""
+        if self.sample.all():
+            return self.request_ids
+        return tuple(rid for rid, s in zip(self.request_ids, self.sample, strict=True) if s)
+
     def work(self) -> tuple[int, int, int, int]:
         """(sequences, new tokens, cached context tokens after the step, attention query-key pairs)
         of this rank's step; the pairs are causal within a chunk: sum of q·ctx − q(q−1)/2."""

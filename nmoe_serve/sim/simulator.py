@@ -327,7 +327,7 @@ class Simulator:
 
     def _result(self, plan: StepPlan, rng: np.random.Generator) -> StepResult:
         """Made-up tokens for `plan`'s sampled rows (with speculation: accepted counts, drafts)."""
-        ids = _sampled(plan)
+        ids = plan.sampled_ids
         spec = self.speculation
         if spec is None:
             return StepResult(plan.step_id, plan.rank, ids, np.ones(len(ids), np.int64))
@@ -346,12 +346,6 @@ class Simulator:
             num_emitted=emitted,
             draft_token_ids=np.ones((len(ids), k), np.int64),
         )
-
-
-def _sampled(plan: StepPlan) -> tuple[str, ...]:
-    if plan.sample.all():
-        return plan.request_ids
-    return tuple(r for r, s in zip(plan.request_ids, plan.sample, strict=True) if s)
 
 
 def _thin(series: dict[str, list[float]]) -> dict[str, list[float]]:

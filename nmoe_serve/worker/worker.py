@@ -263,11 +263,7 @@ class Worker:
     def _sample(self, plan: StepPlan, forward: tuple[torch.Tensor, torch.Tensor]) -> _Launched:
         hidden, logits_rows = forward
         logits = self.model.compute_logits(hidden[logits_rows])
-        sampled_ids = (
-            plan.request_ids
-            if plan.sample.all()
-            else tuple(rid for rid, s in zip(plan.request_ids, plan.sample, strict=True) if s)
-        )
+        sampled_ids = plan.sampled_ids
         sample = self.sampler.sample_on_device(sampled_ids, logits, self.eos_token_id)
         self._last_ids, self._last_tokens = sampled_ids, sample.token_ids
         sample.start_copy()
@@ -278,11 +274,7 @@ class Worker:
         """One step with speculative decoding: the target's forward (a verify step for a decode
         plan), its tokens, then the next drafts of every sampled sequence."""
         self.clock.begin(plan.step_id, int(plan.kind))
-        sampled_ids = (
-            plan.request_ids
-            if plan.sample.all()
-            else tuple(rid for rid, s in zip(plan.request_ids, plan.sample, strict=True) if s)
-        )
+        sampled_ids = plan.sampled_ids
         if plan.kind == StepKind.PREFILL:
             hidden, logits_rows = self.steps[plan.kind].run(plan)
             sample = self.sampler.sample_on_device(
