@@ -184,8 +184,9 @@ def mla_work(batch: int, context: int) -> dict:
 def bench_moe(
     ceil: dict, per_rank: int, fp8: bool, reps: int, prefill: bool, gluon: bool = False
 ) -> list[dict]:
-    """One row for the Triton kernels and, with `gluon` (FP8 decode), one for the Gluon decode
-    GEMMs on the same inputs, with its error against the reference."""
+    """One row for the Triton kernels and, with `gluon` (FP8), one for the Gluon GEMMs (decode or
+    prefill, as `default_config` picks them) on the same inputs, with its error against the
+    reference."""
     g = torch.Generator(device="cuda").manual_seed(per_rank)
     ids, weights, pairs = rank0_tokens(per_rank, g)
     t = ids.shape[0]
@@ -196,7 +197,7 @@ def bench_moe(
     rows = [
         _moe_row(ceil, per_rank, fp8, reps, prefill, ids, weights, x, w13, w2, s13, s2, pairs, ref_seconds)
     ]
-    if gluon and fp8 and not prefill:
+    if gluon and fp8:
         want = fused_moe_ref(x, ids, weights, w13, w2, 0, s13, s2).float()
         got = fused_moe(x, ids, weights, w13, w2, 0, s13, s2, gluon=True).float()
         row = _moe_row(
@@ -506,12 +507,13 @@ def main() -> int:
         from nmoe_serve.kernels.fused_moe import gluon_available
 
         moe_gluon, why = gluon_available(torch.device("cuda"))
-        print(f"fused_moe Gluon decode GEMMs: {'yes' if moe_gluon else 'no'} ({why})", flush=True)
+        print(f"fused_moe Gluon GEMMs: {'yes' if moe_gluon else 'no'} ({why})", flush=True)
         for per_rank in (32, 128, 256):
             for row in bench_moe(ceil, per_rank, fp8=True, reps=reps, prefill=False, gluon=moe_gluon):
                 add(row)
         add(bench_moe(ceil, 128, fp8=False, reps=reps, prefill=False)[0])
-        add(bench_moe(ceil, 16384, fp8=True, reps=max(3, reps // 4), prefill=True)[0])
+        for row in bench_moe(ceil, 16384, fp8=True, reps=max(3, reps // 4), prefill=True, gluon=moe_gluon):
+            add(row)
     ceil_end = ceilings(max(reps, 20))
     print(
         f"ceilings again at the end: copy {ceil_end['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 "

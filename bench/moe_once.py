@@ -22,7 +22,12 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--per-rank", type=int, default=256)
-    parser.add_argument("--variant", choices=["triton", "gluon"], default="triton")
+    parser.add_argument(
+        "--variant",
+        choices=["triton", "gluon"],
+        default="triton",
+        help="gluon: as default_config picks it (decode or prefill GEMMs)",
+    )
     args = parser.parse_args()
     g = torch.Generator(device="cuda").manual_seed(args.per_rank)
     ids, weights, _ = bench_kernels.rank0_tokens(args.per_rank, g)

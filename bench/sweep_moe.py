@@ -75,12 +75,13 @@ def _decode_bt64(stages: int):
 
 # name -> (phases it changes, change to `default_config`'s output)
 def _gluon(**per_gemm):
-    """The Gluon decode GEMMs (kernels/fused_moe_gluon.py), their tiles changed per GEMM:
-    _gluon(gemm1=dict(STAGES=3))."""
+    """The Gluon GEMMs as `default_config(..., gluon=True)` picks them (decode:
+    kernels/fused_moe_gluon.py at 256 seqs a rank, Triton below; prefill:
+    kernels/fused_moe_gluon_prefill.py), their tiles changed per GEMM: _gluon(gemm1=dict(STAGES=3))."""
 
     def change(cfg, phase):
         cfg = default_config(cfg["_num_pairs"], bench_kernels.E_LOCAL, fp8=True, gluon=True)
-        if cfg.get("VARIANT") != "gluon":  # prefill: the Triton tiles
+        if "VARIANT" not in cfg:  # decode at 32 and 128 seqs: the Triton tiles
             return cfg
         return {g: dict(t, **per_gemm.get(g, {})) if isinstance(t, dict) else t for g, t in cfg.items()}
 
@@ -109,6 +110,11 @@ CANDIDATES = {
     "gluon-g2w8": (("decode",), _gluon(gemm2=dict(num_warps=8))),
     "gluon-g2bw256": (("decode",), _gluon(gemm2=dict(BLOCK_W=256, num_warps=8))),
     "gluon-g2bw256s3": (("decode",), _gluon(gemm2=dict(BLOCK_W=256, num_warps=8, STAGES=3))),
+    "gluon-prefill": (("prefill",), _gluon()),
+    "gluon-prefill-s3": (("prefill",), _gluon(gemm1=dict(STAGES=3), gemm2=dict(STAGES=3))),
+    "gluon-prefill-g2s5": (("prefill",), _gluon(gemm2=dict(STAGES=5))),
+    "gluon-prefill-group8": (("prefill",), _gluon(gemm1=dict(GROUP_T=8), gemm2=dict(GROUP_T=8))),
+    "gluon-prefill-group32": (("prefill",), _gluon(gemm1=dict(GROUP_T=32), gemm2=dict(GROUP_T=32))),
 }
 
 
@@ -157,23 +163,23 @@ def time_case(cfg: dict, inputs: dict, graph: bool, reps: int) -> tuple[float, f
     into slot order before it)."""
     x, ids, weights, w13, w2, s13, s2 = (inputs[k] for k in ("x", "ids", "weights", "w13", "w2", "s13", "s2"))
     E, K = w13.shape[0], ids.shape[1]
-    if cfg.get("VARIANT") == "gluon":
-        from nmoe_serve.kernels import fused_moe_gluon
+    if cfg.get("VARIANT") in ("gluon", "gluon_prefill"):
+        from nmoe_serve.kernels import fused_moe_gluon, fused_moe_gluon_prefill
 
-        ids_sorted, block_expert = moe_align(ids, E, 0, fused_moe_gluon.BLOCK_T)
+        gemms = fused_moe_gluon if cfg["VARIANT"] == "gluon" else fused_moe_gluon_prefill
+
+        ids_sorted, block_expert = moe_align(ids, E, 0, gemms.BLOCK_T)
         x8, xs = fp8_quant(x)
 
         def gemm1():
             xg, xgs = moe_gather(x8, xs, ids_sorted, block_expert, K)
-            return fused_moe_gluon.gemm1(xg, xgs, w13, s13, block_expert, cfg["gemm1"], FP8_MAX, AMAX_EPS)
+            return gemms.gemm1(xg, xgs, w13, s13, block_expert, cfg["gemm1"], FP8_MAX, AMAX_EPS)
 
         h, hs = gemm1()
         calls = (
             lambda: fused_moe_with_config(x, ids, weights, w13, w2, 0, s13, s2, cfg),
             gemm1,
-            lambda: fused_moe_gluon.gemm2(
-                h, hs, w2, s2, ids_sorted, block_expert, ids.numel(), x.dtype, cfg["gemm2"]
-            ),
+            lambda: gemms.gemm2(h, hs, w2, s2, ids_sorted, block_expert, ids.numel(), x.dtype, cfg["gemm2"]),
         )
         if graph:
             return tuple(bench_kernels.graph_time(fn, reps) for fn in calls)  # type: ignore[return-value]

@@ -42,6 +42,8 @@ BLOCK_K = 128  # one FP8 scale group a step
 # The copy engine's global -> shared load: `async_copy_global_to_shared` in Triton 3.6 (the GPU
 # host's), renamed `async_load` in later releases (3.9 on the dev machines).
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+# A barrier among the CTA's threads: `thread_barrier` in Triton 3.6's Gluon, `barrier` later.
+_cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 
 
 @gluon.jit
@@ -76,7 +78,10 @@ def _issue_mma(
 
 @gluon.jit
 def _refill(x_desc, w_desc, x_bufs, w_bufs, ready, done, n_k, off_t, off_w, kb_start, STAGES: gl.constexpr):
-    """Block `done`'s product is complete, so its stage is free: load block done + STAGES into it."""
+    """Block `done`'s product is complete in this warpgroup; once every warpgroup's is (the CTA
+    barrier: with 8 warps the other one may still be reading the stage), load block done + STAGES
+    into its stage."""
+    _cta_barrier()
     if done + STAGES < n_k:
         _issue_load(
             x_desc, w_desc, x_bufs, w_bufs, ready, done % STAGES, off_t, off_w, kb_start + done + STAGES

@@ -289,7 +289,9 @@ def moe_gather(
     xgs = torch.empty(slots, g_h, dtype=torch.float32, device=x_fp8.device)  # [A_pad, G_H]
     if num_blocks == 0:
         return xg, xgs
-    block_h = 1024
+    # 64 KB of rows a program (64-slot blocks: 1024 bytes of each row; 128-slot blocks: 512):
+    # 128-slot blocks with 1024-byte chunks spilled and ran at about 0.8 TB/s (docs/PERF.md).
+    block_h = max(128, 65536 // block_t)
     moe_gather_kernel[(num_blocks, triton.cdiv(H, block_h))](
         x_fp8.view(torch.uint8),
         x_scales,
@@ -632,6 +634,12 @@ GLUON_DECODE = dict(
     gemm1=dict(BLOCK_T=64, STAGES=4, CTAS_PER_SM=1, num_warps=8),
     gemm2=dict(BLOCK_T=64, STAGES=4, CTAS_PER_SM=2, num_warps=4),
 )
+# Above 512 pairs an expert (prefill), the Gluon prefill GEMMs (kernels/fused_moe_gluon_prefill.py).
+GLUON_PREFILL = dict(
+    VARIANT="gluon_prefill",
+    gemm1=dict(BLOCK_T=128, STAGES=4, GROUP_T=16, num_warps=8),
+    gemm2=dict(BLOCK_T=128, STAGES=4, GROUP_T=16, num_warps=8),
+)
 
 
 def default_config(num_pairs: int, num_experts: int, fp8: bool, gluon: bool = False) -> dict:
@@ -641,7 +649,9 @@ def default_config(num_pairs: int, num_experts: int, fp8: bool, gluon: bool = Fa
     gluon (Hopper, chosen by the backend at start-up): FP8 decode with more than
     GLUON_MIN_PAIRS_PER_EXPERT pairs an expert runs the Gluon GEMMs (kernels/fused_moe_gluon.py:
     64-slot blocks, tokens as the wgmma's M, weight tiles through a TMA ring in a persistent
-    grid) with `GLUON_DECODE`'s tiles; smaller decode batches and prefill keep the Triton tiles.
+    grid) with `GLUON_DECODE`'s tiles; more than 512 (prefill) the Gluon prefill GEMMs
+    (kernels/fused_moe_gluon_prefill.py: 128-slot blocks, each K step's wgmma overlapped with the
+    previous step's scaling) with `GLUON_PREFILL`'s; smaller decode batches keep the Triton tiles.
 
     BLOCK_T follows T*K/E, the mean pairs per expert if every pair were local (an upper bound;
     with expert parallelism about a quarter are). Decode streams each expert's weights once per
@@ -668,8 +678,9 @@ def default_config(num_pairs: int, num_experts: int, fp8: bool, gluon: bool = Fa
       few blocks per expert share each weight tile at the same time.
     """
     per_expert = num_pairs / num_experts
-    if gluon and fp8 and GLUON_MIN_PAIRS_PER_EXPERT < per_expert <= 512:
-        return {k: dict(v) if isinstance(v, dict) else v for k, v in GLUON_DECODE.items()}
+    if gluon and fp8 and per_expert > GLUON_MIN_PAIRS_PER_EXPERT:
+        chosen = GLUON_DECODE if per_expert <= 512 else GLUON_PREFILL
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in chosen.items()}
     block_k = 128 if fp8 else 64
     common = dict(BLOCK_W=128, BLOCK_K=block_k, SCALAR_WS=fp8)
     if per_expert <= 512:
@@ -777,7 +788,7 @@ def fused_moe_with_config(
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)  # [T, H]
     if T == 0:
         return out
-    if cfg.get("VARIANT") == "gluon":
+    if cfg.get("VARIANT") in ("gluon", "gluon_prefill"):
         y = _gluon_gemms(x, topk_ids, w13, w2, expert_start, w13_scale, w2_scale, cfg)  # [A, H]
     else:
         # Each GEMM's token blocks; aligned once when both use the same BLOCK_T.
@@ -809,20 +820,22 @@ def fused_moe_with_config(
 
 
 def _gluon_gemms(x, topk_ids, w13, w2, expert_start, w13_scale, w2_scale, cfg) -> torch.Tensor:
-    """y [A, H] per local pair through the Gluon decode GEMMs (kernels/fused_moe_gluon.py): x
-    quantized, its rows gathered into slot order, GEMM 1 into h in slot order, GEMM 2 scattered
-    back to pair order."""
-    from . import fused_moe_gluon
+    """y [A, H] per local pair through the Gluon GEMMs of cfg["VARIANT"] (kernels/fused_moe_gluon.py
+    for "gluon", kernels/fused_moe_gluon_prefill.py for "gluon_prefill"): x quantized, its rows
+    gathered into slot order, GEMM 1 into h in slot order, GEMM 2 scattered back to pair order."""
+    from . import fused_moe_gluon, fused_moe_gluon_prefill
 
-    block_t = fused_moe_gluon.BLOCK_T
+    gemms = fused_moe_gluon if cfg["VARIANT"] == "gluon" else fused_moe_gluon_prefill
+
+    block_t = gemms.BLOCK_T
     if cfg["gemm1"]["BLOCK_T"] != block_t or cfg["gemm2"]["BLOCK_T"] != block_t:
-        raise ValueError(f"fused_moe: the Gluon GEMMs take {block_t}-slot blocks; cfg has {cfg}")
+        raise ValueError(f"fused_moe: the {cfg['VARIANT']} GEMMs take {block_t}-slot blocks; cfg has {cfg}")
     K = topk_ids.shape[1]
     sorted_pair_ids, block_expert = moe_align(topk_ids, w13.shape[0], expert_start, block_t)
     x_fp8, x_scales = fp8_quant(x)  # [T, H], [T, G_H]
     xg, xgs = moe_gather(x_fp8, x_scales, sorted_pair_ids, block_expert, K)  # [A_pad, H], [A_pad, G_H]
-    h, hs = fused_moe_gluon.gemm1(xg, xgs, w13, w13_scale, block_expert, cfg["gemm1"], FP8_MAX, AMAX_EPS)
-    return fused_moe_gluon.gemm2(
+    h, hs = gemms.gemm1(xg, xgs, w13, w13_scale, block_expert, cfg["gemm1"], FP8_MAX, AMAX_EPS)
+    return gemms.gemm2(
         h, hs, w2, w2_scale, sorted_pair_ids, block_expert, topk_ids.numel(), x.dtype, cfg["gemm2"]
     )
 
@@ -835,7 +848,7 @@ def gluon_available(device: torch.device) -> tuple[bool, str]:
     if not ok:
         return ok, why
     try:
-        from . import fused_moe_gluon
+        from . import fused_moe_gluon, fused_moe_gluon_prefill  # noqa: F401
     except Exception as e:  # a Triton whose Gluon lacks what the kernels use
         return False, f"the MoE Gluon kernels do not import ({type(e).__name__}: {e})"
     if not fused_moe_gluon.available():

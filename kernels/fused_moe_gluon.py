@@ -48,10 +48,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .fp8_gemm_gluon import _tma_load
-
-# A barrier among the CTA's threads: `thread_barrier` in Triton 3.6's Gluon, `barrier` later.
-_cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+from .fp8_gemm_gluon import _cta_barrier, _tma_load
 
 BLOCK_T = 64  # pair slots a block: the wgmma's M (one warpgroup)
 BLOCK_W = 128  # weight rows a tile: the wgmma's N; GEMM 1's tile is one 1x128 group of h

@@ -99,13 +99,14 @@ def triton_ops() -> KernelOps:
     The dense FP8 GEMM runs its Gluon variant (each block's wgmma overlapped with the previous
     block's scaling; 1.3-1.5x faster at 256 and 4096 tokens on an H200, docs/PERF.md) from 128
     tokens up where the current device is a Hopper GPU with Triton 3.6's Gluon, and so do the
-    FP8 MoE decode GEMMs above 160 pairs an expert (kernels/fused_moe_gluon.py; 9% faster at 256
-    sequences a rank, no faster below, docs/PERF.md); the choices are made here, once, and
-    logged."""
+    FP8 MoE GEMMs: the decode ones above 160 pairs an expert (kernels/fused_moe_gluon.py; 9%
+    faster at 256 sequences a rank, no faster below) and the prefill ones above 512
+    (kernels/fused_moe_gluon_prefill.py; 3-4% faster at 16k tokens a rank), docs/PERF.md; the
+    choices are made here, once, and logged."""
     try:
         from nmoe_serve.kernels.fp8_gemm import fp8_gemm, gluon_available
         from nmoe_serve.kernels.fp8_quant import fp8_quant
-        from nmoe_serve.kernels.fused_moe import fused_moe
+        from nmoe_serve.kernels.fused_moe import GLUON_MIN_PAIRS_PER_EXPERT, fused_moe
         from nmoe_serve.kernels.fused_moe import gluon_available as moe_gluon_available
         from nmoe_serve.kernels.mla_decode import mla_decode
         from nmoe_serve.kernels.mla_kv_write import mla_kv_write
@@ -122,7 +123,10 @@ def triton_ops() -> KernelOps:
     gemm = functools.partial(fp8_gemm, gluon=True) if gluon else fp8_gemm
     moe_gluon, why = moe_gluon_available(device)
     log.info(
-        "fused_moe: %s", f"the Gluon GEMMs for FP8 decode ({why})" if moe_gluon else f"Triton only: {why}"
+        "fused_moe: %s",
+        f"the Gluon GEMMs for FP8 above {GLUON_MIN_PAIRS_PER_EXPERT} pairs an expert ({why})"
+        if moe_gluon
+        else f"Triton only: {why}",
     )
     moe = functools.partial(fused_moe, gluon=True) if moe_gluon else fused_moe
     return KernelOps(

@@ -366,14 +366,20 @@ def _has_ptxas() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_ptxas(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_kernels_compile_for_sm90():
+    run_compile_script(Path(__file__), timeout=300)
+
+
+def run_compile_script(script: Path, timeout: int) -> None:
+    """Run a compile-for-Hopper test file as a script (`--quiet`) in a subprocess without the
+    interpreter flag, and fail with its output unless it exits 0."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, __file__, "--quiet"],
-        cwd=Path(__file__).parent,
+        [sys.executable, str(script), "--quiet"],
+        cwd=script.parent,
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 

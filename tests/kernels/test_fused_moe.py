@@ -10,6 +10,7 @@ from nmoe_serve.kernels import INTERPRET
 from nmoe_serve.kernels.fp8_format import quantize_weight_blocks
 from nmoe_serve.kernels.fused_moe import (
     GLUON_DECODE,
+    GLUON_PREFILL,
     default_config,
     fused_moe,
     fused_moe_ref,
@@ -43,6 +44,13 @@ def _weights(E: int, H: int, inter: int, dtype, fp8: bool, device):
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
+def _assert_near(out: torch.Tensor, want: torch.Tensor) -> None:
+    """The GPU bounds (why: test_fused_moe_gpu_deepseek_shapes): 2e-2 of the output's range at
+    most, 1e-2 in norm."""
+    assert _rel_err(out, want) <= 2e-2
+    assert ((out.float() - want.float()).norm() / want.float().norm()).item() <= 1e-2
 
 
 @pytest.mark.parametrize("T, K, E, total", [(7, 3, 4, 10), (40, 2, 3, 6), (1, 8, 32, 256)])
@@ -275,8 +283,7 @@ def test_fused_moe_gpu_deepseek_shapes(T, fp8):
     x, ids, weights, w, expert_start = _deepseek_rank_inputs(T, fp8)
     out = fused_moe(x, ids, weights, expert_start=expert_start, **w)
     want = fused_moe_ref(x, ids, weights, expert_start=expert_start, **w)
-    assert _rel_err(out, want) <= 2e-2
-    assert ((out.float() - want.float()).norm() / want.float().norm()).item() <= 1e-2
+    _assert_near(out, want)
     assert torch.equal(out, fused_moe(x, ids, weights, expert_start=expert_start, **w)), "not deterministic"
 
 
@@ -309,19 +316,19 @@ def test_fused_moe_gpu_variants_deepseek_shapes(T, variant):
         x, ids, weights, w["w13"], w["w2"], expert_start, w["w13_scale"], w["w2_scale"], cfg
     )
     want = fused_moe_ref(x, ids, weights, expert_start=expert_start, **w)
-    assert _rel_err(out, want) <= 2e-2
-    assert ((out.float() - want.float()).norm() / want.float().norm()).item() <= 1e-2
+    _assert_near(out, want)
 
 
 @pytest.mark.parametrize(
-    "T, K, E, total, block_t", [(7, 3, 4, 10, 4), (40, 2, 3, 6, 16), (33, 8, 32, 256, 64)]
+    "T, K, E, total, block_t",
+    [(7, 3, 4, 10, 4), (40, 2, 3, 6, 16), (33, 8, 32, 256, 64), (300, 8, 32, 256, 128)],
 )
 def test_moe_gather_matches_reference(T, K, E, total, block_t, device):
     """Rows and scales of every real block in slot order, zeros in its padding slots; the
     slots of blocks past the last run are not written (poisoned here, compared only where real)."""
     ids, _ = _routing(T, K, total, device)
     sorted_pair_ids, block_expert = moe_align(ids, E, 1, block_t)
-    H = 320  # not a multiple of the kernel's 1024-byte chunk
+    H = 320  # not a multiple of the kernel's 512- or 1024-byte chunk
     x = torch.randint(0, 256, (T, H), dtype=torch.uint8, device=device).view(torch.float8_e4m3fn)
     scales = torch.rand(T, 3, device=device)
     xg, xgs = moe_gather(x, scales, sorted_pair_ids, block_expert, K)
@@ -331,16 +338,18 @@ def test_moe_gather_matches_reference(T, K, E, total, block_t, device):
     assert torch.equal(xgs[real], want_xgs[real])
 
 
-def test_default_config_chooses_gluon_for_fp8_decode_only():
+def test_default_config_chooses_gluon_for_fp8_decode_above_128_seqs_and_prefill():
     assert default_config(990 * 8, 32, True, gluon=True)["VARIANT"] == "gluon"  # 256 seqs a rank
     assert "VARIANT" not in default_config(127 * 8, 32, True, gluon=True)  # 32: Triton's is faster
     assert "VARIANT" not in default_config(990 * 8, 32, True)
     assert "VARIANT" not in default_config(990 * 8, 32, False, gluon=True)  # bf16 weights
-    assert "VARIANT" not in default_config(16384 * 8, 32, True, gluon=True)  # prefill
+    assert default_config(16384 * 8, 32, True, gluon=True)["VARIANT"] == "gluon_prefill"
+    assert default_config(2049, 4, True, gluon=True)["VARIANT"] == "gluon_prefill"  # > 512 an expert
+    assert "VARIANT" not in default_config(16384 * 8, 32, True)
 
 
-def _gluon_config() -> dict:
-    return {k: dict(v) if isinstance(v, dict) else v for k, v in GLUON_DECODE.items()}
+def _gluon_config(tiles: dict = GLUON_DECODE) -> dict:
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in tiles.items()}
 
 
 def _moe_gluon_here() -> bool:
@@ -387,21 +396,54 @@ def test_fused_moe_gluon_matches_reference(T, H, inter, E, K, total, start, stag
         cfg["gemm2"].update(BLOCK_W=gemm2_rows, num_warps=8)
     out = fused_moe_with_config(x, ids, weights, w["w13"], w["w2"], start, w["w13_scale"], w["w2_scale"], cfg)
     want = fused_moe_ref(x, ids, weights, expert_start=start, **w)
-    assert _rel_err(out, want) <= 2e-2
-    assert ((out.float() - want.float()).norm() / want.float().norm()).item() <= 1e-2
+    _assert_near(out, want)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _moe_gluon_here(), reason="needs a Hopper GPU and Triton's Gluon")
-@pytest.mark.parametrize("T", [1, 32, 256, 1000])
-def test_fused_moe_gluon_deepseek_shapes(T):
+@pytest.mark.parametrize(
+    "T, gemms",
+    [(1, "decode"), (32, "decode"), (256, "decode"), (1000, "decode"), (2304, "prefill"), (4096, "prefill")],
+)
+def test_fused_moe_gluon_deepseek_shapes(T, gemms):
     """DeepSeek-V3 on one of 8 EP ranks (as test_fused_moe_gpu_deepseek_shapes, same bounds),
-    the Gluon GEMMs with their default tiles, deterministic."""
+    deterministic: the Gluon decode GEMMs with their default tiles at every T, the prefill ones
+    where `default_config` picks them."""
     x, ids, weights, w, expert_start = _deepseek_rank_inputs(T, fp8=True)
-    args = (x, ids, weights, w["w13"], w["w2"], expert_start, w["w13_scale"], w["w2_scale"], _gluon_config())
+    if gemms == "decode":
+        cfg = _gluon_config()
+    else:
+        cfg = default_config(ids.numel(), w["w13"].shape[0], True, gluon=True)
+        assert cfg["VARIANT"] == "gluon_prefill"
+    args = (x, ids, weights, w["w13"], w["w2"], expert_start, w["w13_scale"], w["w2_scale"], cfg)
     out = fused_moe_with_config(*args)
     want = fused_moe_ref(x, ids, weights, expert_start=expert_start, **w)
-    assert _rel_err(out, want) <= 2e-2
-    assert ((out.float() - want.float()).norm() / want.float().norm()).item() <= 1e-2
+    _assert_near(out, want)
     again = fused_moe_with_config(*args)
     assert torch.equal(out, again), "not deterministic"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _moe_gluon_here(), reason="needs a Hopper GPU and Triton's Gluon")
+@pytest.mark.parametrize(
+    "T, H, inter, E, K, total, start, stages",
+    [
+        (3, 256, 128, 4, 2, 8, 0, 4),  # one partial block; 4 K steps over both passes = STAGES
+        (300, 384, 256, 4, 4, 12, 2, 3),  # 3 K steps a pass (odd: the loop's even tail), 2 groups of h
+        (700, 512, 384, 8, 8, 16, 4, 4),  # 4 K steps a pass (the odd tail), 3 groups, blocks > GROUP_T
+        (1100, 768, 256, 8, 8, 16, 4, 2),  # 6 K steps a pass; 2 stages
+    ],
+)
+def test_fused_moe_gluon_prefill_matches_reference(T, H, inter, E, K, total, start, stages):
+    """The Gluon prefill GEMMs against the reference (FP8): both K-loop tails, stage counts at and
+    below a pass's K steps, experts over several 128-slot blocks, foreign experts on both sides,
+    more blocks than a grid group (GROUP_T 2)."""
+    x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
+    ids, weights = _routing(T, K, total, "cuda")
+    w = _weights(E, H, inter, torch.bfloat16, True, "cuda")
+    cfg = _gluon_config(GLUON_PREFILL)
+    for tiles in cfg["gemm1"], cfg["gemm2"]:
+        tiles.update(STAGES=stages, GROUP_T=2)
+    out = fused_moe_with_config(x, ids, weights, w["w13"], w["w2"], start, w["w13_scale"], w["w2_scale"], cfg)
+    want = fused_moe_ref(x, ids, weights, expert_start=start, **w)
+    _assert_near(out, want)
