@@ -41,6 +41,7 @@ from nmoe_serve.kernels.fp8_format import quantize_weight_blocks
 from nmoe_serve.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
 from nmoe_serve.kernels.fp8_quant import fp8_quant, fp8_quant_ref
 from nmoe_serve.kernels.fused_moe import fused_moe, fused_moe_ref
+from nmoe_serve.kernels.gather_sum import gather_sum, gather_sum_ref
 from nmoe_serve.kernels.kv_fp8 import KV_FP8_TAIL, quantize_kv_rows_ref
 from nmoe_serve.kernels.mla_decode import mla_decode, mla_decode_ref
 from nmoe_serve.kernels.mla_decode_fp8 import VARIANTS as FP8_MLA_VARIANTS
@@ -417,13 +418,41 @@ def bench_fp8_quant(ceil: dict, t: int, reps: int) -> dict:
     return timing_row(shape, seconds, graph_seconds, ref_seconds, nbytes, roof, None, ceils)
 
 
+def bench_gather_sum(ceil: dict, t: int, reps: int) -> dict:
+    """The expert-parallel combine of a rank with t tokens (EP 8, DeepSeek-V3 routing): the rows
+    coming back from the ranks that own each token's experts, summed; beside it the bf16
+    index_add the prefill exchange ran before (model/transport.py)."""
+    g = torch.Generator(device="cuda").manual_seed(t)
+    ids, _ = route(t, g)
+    to_rank = torch.zeros(t, EP, dtype=torch.bool, device="cuda").scatter_(1, ids // E_LOCAL, True)
+    _, send_token = to_rank.t().nonzero(as_tuple=True)
+    row_of = (to_rank.t().flatten().long().cumsum(0) - 1).view(EP, -1).t()
+    index = torch.where(to_rank, row_of, -1)  # [T, EP]
+    src = torch.randn(send_token.shape[0], H, device="cuda", dtype=torch.bfloat16)  # [Ms, H]
+    seconds = cuda_time(lambda: gather_sum(src, index), reps)
+    graph_seconds = graph_time(lambda: gather_sum(src, index), reps)
+    ref_seconds = cuda_time(lambda: gather_sum_ref(src, index), 3, warmup=1)
+    index_add_seconds = cuda_time(
+        lambda: torch.zeros(t, H, dtype=src.dtype, device="cuda").index_add_(0, send_token, src), reps
+    )
+    nbytes = src.numel() * 2 + t * H * 2 + index.numel() * 8
+    roof = nbytes / ceil["copy_bytes_per_s"]
+    shape = {"kernel": "gather_sum", "tokens": t, "rows": int(send_token.shape[0])}
+    row = timing_row(
+        shape, seconds, graph_seconds, ref_seconds, nbytes, roof, None, used(ceil, "copy_bytes_per_s")
+    )
+    row["index_add_bf16_seconds"] = index_add_seconds
+    print(f"  bf16 index_add at {t} tokens: {index_add_seconds * 1e6:.1f} us", flush=True)
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=Path("bench-kernels.json"))
     parser.add_argument("--quick", action="store_true", help="fewer repeats and shapes")
-    parser.add_argument("--only", choices=["moe", "mla", "gemm", "quant"], action="append")
+    parser.add_argument("--only", choices=["moe", "mla", "gemm", "quant", "combine"], action="append")
     parser.add_argument("--peers", action="store_true", help="FlashInfer's MLA decode beside ours")
     parser.add_argument("--warmup-seconds", type=float, default=5.0, help="clock warm-up before the ceilings")
     args = parser.parse_args()
@@ -431,7 +460,7 @@ def main() -> int:
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
         return 2
     reps = 5 if args.quick else 20
-    only = set(args.only or ["moe", "mla", "gemm", "quant"])
+    only = set(args.only or ["moe", "mla", "gemm", "quant", "combine"])
     started = time.time()
     warm_rate = warm_up(args.warmup_seconds)
     ceil = ceilings(max(reps, 20))
@@ -488,6 +517,9 @@ def main() -> int:
     if "quant" in only:
         for t in (1, 256, 16384):
             add(bench_fp8_quant(ceil, t, reps))
+    if "combine" in only:
+        for t in (256, 16384):
+            add(bench_gather_sum(ceil, t, reps))
     if "gemm" in only:
         for name, n, k in (
             ("q_a_proj", 1536, 7168),

@@ -128,14 +128,16 @@ def route(args: ModelArgs, tokens: int, g: torch.Generator, device: torch.device
 class LocalFeed:
     """The MoE transport of the simulated rank: its experts get `ids`/`weights` for rows
     `rows` of the layer input (the tokens 8 ranks would send it), and the outputs are summed
-    back into those rows."""
+    back into those rows by the backend's `gather_sum`, the engine's combine
+    (model/transport.py)."""
 
     name = "local-feed"
 
-    def __init__(self) -> None:
-        # tokens per rank -> (rows, ids, weights): a step may exchange at several sizes (the MTP
-        # draft passes of bench/spec_step.py); a layer input of another size takes the last set
-        self.routes: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, gather_sum) -> None:  # type: ignore[no-untyped-def]
+        self.gather_sum = gather_sum
+        # tokens per rank -> (rows, ids, weights, index): a step may exchange at several sizes (the
+        # MTP draft passes of bench/spec_step.py); a layer input of another size takes the last set
+        self.routes: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.last = 0
 
     def set(self, args: ModelArgs, tokens_per_rank: int, seed: int, device: torch.device) -> dict:
@@ -145,17 +147,24 @@ class LocalFeed:
         mine = (ids < local).any(dim=1)
         ids, weights = ids[mine].contiguous(), weights[mine].contiguous()
         received = int(ids.shape[0])
-        rows = torch.arange(received, device=device) % max(tokens_per_rank, 1)
-        self.routes[tokens_per_rank], self.last = (rows, ids, weights), tokens_per_rank
+        per_token = max(tokens_per_rank, 1)
+        rows = torch.arange(received, device=device) % per_token  # received row i -> token i mod T
+        # The combine's index [T, R]: token t's received rows t, t + T, t + 2T, ... (-1 past the end).
+        copies = -(-received // per_token)
+        index = torch.arange(per_token, device=device)[:, None] + per_token * torch.arange(
+            copies, device=device
+        )
+        index = torch.where(index < received, index, -1)
+        self.routes[tokens_per_rank], self.last = (rows, ids, weights, index), tokens_per_rank
         return {"tokens_received": received, "local_pairs": int((ids < local).sum())}
 
     def exchange(self, x, topk_ids, topk_weights, experts, decode):  # type: ignore[no-untyped-def]
-        rows, ids, weights = self.routes.get(int(x.shape[0]), self.routes[self.last])
+        rows, ids, weights, index = self.routes.get(int(x.shape[0]), self.routes[self.last])
         y = experts(x[rows], ids, weights)  # [Mr, H]
-        # Summed in float32 (native float atomics); the engine's prefill combine (model/transport.py)
-        # sums in bf16, which this does not time.
-        combined = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, rows, y.float())
-        return combined.to(x.dtype)
+        out = self.gather_sum(y, index)  # [T of the route, H]
+        if out.shape[0] == x.shape[0]:
+            return out
+        return torch.cat([out, x.new_zeros(x.shape[0] - out.shape[0], x.shape[1])])  # a larger input
 
 
 # --- the modeled all-to-all -----------------------------------------------------------------------
@@ -564,7 +573,7 @@ def build_rank(opts: argparse.Namespace, device: torch.device) -> Rank:
     if opts.decode_attention == "auto":  # FlashInfer's MLA where it imports, as the worker picks
         decode = choose_decode_attention(args, ops, PAGE, torch.bfloat16, device)
     backend = kernel_backend(args, ops, SdpaPrefill(), decode)
-    feed = LocalFeed()
+    feed = LocalFeed(ops.gather_sum)
     model_class = DeepseekV3WithMTP if getattr(opts, "mtp", False) else DeepseekV3  # bench/spec_step.py
     model = model_class(
         args,

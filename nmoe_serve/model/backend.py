@@ -89,6 +89,8 @@ class KernelOps:
     grouped_topk: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     silu_mul: Callable[..., torch.Tensor]
     router_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    # the expert-parallel combine: (rows [M, H], index [T, R]) -> [T, H] (kernels/gather_sum.py)
+    gather_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     # prefill's cached context: (kv_cache, flat slots [S], L, dtype) -> [S, C] (kernels/kv_fp8.py)
     mla_kv_read: Callable[..., torch.Tensor] = _kv_read_plain
 
@@ -108,6 +110,7 @@ def triton_ops() -> KernelOps:
         from nmoe_serve.kernels.fp8_quant import fp8_quant
         from nmoe_serve.kernels.fused_moe import GLUON_MIN_PAIRS_PER_EXPERT, fused_moe
         from nmoe_serve.kernels.fused_moe import gluon_available as moe_gluon_available
+        from nmoe_serve.kernels.gather_sum import gather_sum
         from nmoe_serve.kernels.mla_decode import mla_decode
         from nmoe_serve.kernels.mla_kv_write import mla_kv_write
         from nmoe_serve.kernels.rms_norm import add_rms_norm, rms_norm
@@ -131,7 +134,7 @@ def triton_ops() -> KernelOps:
     moe = functools.partial(fused_moe, gluon=True) if moe_gluon else fused_moe
     return KernelOps(
         "triton", fp8_quant, gemm, moe, mla_decode,
-        rms_norm, add_rms_norm, rope_, mla_kv_write, grouped_topk, silu_mul, router_logits,
+        rms_norm, add_rms_norm, rope_, mla_kv_write, grouped_topk, silu_mul, router_logits, gather_sum,
     )  # fmt: skip
 
 
@@ -141,6 +144,7 @@ def reference_ops() -> KernelOps:
         from nmoe_serve.kernels.fp8_gemm import fp8_gemm_ref
         from nmoe_serve.kernels.fp8_quant import fp8_quant_ref
         from nmoe_serve.kernels.fused_moe import fused_moe_ref
+        from nmoe_serve.kernels.gather_sum import gather_sum_ref
         from nmoe_serve.kernels.mla_decode import mla_decode_ref
         from nmoe_serve.kernels.mla_kv_write import mla_kv_write_ref
         from nmoe_serve.kernels.rms_norm import add_rms_norm_ref, rms_norm_ref
@@ -153,7 +157,7 @@ def reference_ops() -> KernelOps:
     return KernelOps(
         "torch-ref", fp8_quant_ref, fp8_gemm_ref, fused_moe_ref, mla_decode_ref,
         rms_norm_ref, add_rms_norm_ref, rope_ref_, mla_kv_write_ref, grouped_topk_ref, silu_mul_ref,
-        router_logits_ref,
+        router_logits_ref, gather_sum_ref,
     )  # fmt: skip
 
 

@@ -8,7 +8,8 @@ transport (`make_transport`); one instance serves every MoE layer of a rank.
 - AllToAllTransport (expert parallelism over a torch.distributed group: NCCL on GPUs, gloo on
   CPUs). A token goes once to every rank that owns at least one of its top-k experts, carrying
   its full top-k ids and weights; the receiving rank sums its local experts' weighted outputs
-  into one row and sends that row back, and the sender adds the rows it gets back. Two paths,
+  into one row and sends that row back, and the sender adds the rows it gets back (`gather_sum`:
+  each token's rows summed in float32, deterministic, no [T, EP, H] temporary). Two paths,
   chosen by the step's kind, which comes with the call:
   - variable (prefill): row counts are exchanged first, then exactly those rows;
   - fixed (decode): every rank sends every other rank a buffer of Cap rows, padded with rows
@@ -24,12 +25,16 @@ Shapes: the legend in docs/ARCHITECTURE.md (T, H, K, EP, Cap, Ms, Mr).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
 from nmoe_serve.topology import Topology
+
+# (rows [M, H], index [T, R]) -> [T, H]: each token's returned rows summed (kernels/gather_sum.py)
+GatherSum = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class LocalExperts(Protocol):
@@ -82,9 +87,17 @@ class AllToAllTransport:
         experts_per_rank: int,
         capacity: int,
         group: dist.ProcessGroup | None = None,
+        gather_sum: GatherSum | None = None,
     ) -> None:
+        """gather_sum: the combine's row sum (the model backend's `ops.gather_sum`; default: the
+        torch reference)."""
         self.rank, self.world_size = rank, world_size
         self.experts_per_rank, self.capacity, self.group = experts_per_rank, capacity, group
+        if gather_sum is None:
+            from nmoe_serve.kernels.gather_sum import gather_sum_ref
+
+            gather_sum = gather_sum_ref
+        self.gather_sum: GatherSum = gather_sum
 
     def exchange(
         self,
@@ -135,7 +148,10 @@ class AllToAllTransport:
         y_recv = experts(x_recv, ids_recv, w_recv)  # [Mr, H]
         y_back = x.new_empty(send_token.shape[0], h)  # [Ms, H]
         self._all_to_all("combine", y_back, y_recv, send_split, recv_split)
-        return torch.zeros_like(x).index_add_(0, send_token, y_back)
+        # y_back's rows are to_rank's true entries in (rank, token) order: (t, r)'s row is its rank
+        # among them.
+        row_of = (to_rank.t().flatten().long().cumsum(0) - 1).view(self.world_size, -1).t()  # [T, EP]
+        return self.gather_sum(y_back, torch.where(to_rank, row_of, -1))
 
     def exchange_fixed(
         self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: LocalExperts
@@ -166,16 +182,18 @@ class AllToAllTransport:
         self._all_to_all("ids", recv_ids, send_ids[:discard])
         self._all_to_all("weights", recv_w, send_w[:discard])
         y_recv = experts(recv_x, recv_ids, recv_w)  # [EP*Cap, H]; padded rows are zero
-        y_back = x.new_empty(discard + 1, h)
-        y_back[discard] = 0
-        self._all_to_all("combine", y_back[:discard], y_recv)
-        return y_back[flat].sum(dim=1, dtype=x.dtype) if t else torch.zeros_like(x)
+        y_back = x.new_empty(discard, h)  # [EP*Cap, H]
+        self._all_to_all("combine", y_back, y_recv)
+        return self.gather_sum(y_back, torch.where(to_rank, flat, -1))
 
 
-def make_transport(topology: Topology, n_routed_experts: int, capacity: int) -> ExpertTransport:
+def make_transport(
+    topology: Topology, n_routed_experts: int, capacity: int, gather_sum: GatherSum | None = None
+) -> ExpertTransport:
     """The transport of a rank at `topology`: all-to-all over the default process group (which
-    must be initialised) with several ranks; capacity = the most decode tokens a rank sends."""
+    must be initialised) with several ranks; capacity = the most decode tokens a rank sends;
+    gather_sum: the combine's row sum (the backend's `ops.gather_sum`)."""
     if topology.world_size == 1:
         return SingleRankTransport()
     per_rank = len(topology.owned_experts(n_routed_experts))
-    return AllToAllTransport(topology.rank, topology.world_size, per_rank, capacity)
+    return AllToAllTransport(topology.rank, topology.world_size, per_rank, capacity, gather_sum=gather_sum)

@@ -83,21 +83,19 @@ class Worker:
         started = time.monotonic()
         self.num_drafts = core.num_draft_tokens
         model_class = DeepseekV3WithMTP if self.num_drafts else DeepseekV3
+        backend = backend or choose_backend(
+            settings.kernels, args, core.page_size, dtype, self.device, kv_dtype="fp8" if fp8_kv else "auto"
+        )
         self.model = model_class(
             args,
             dtype=dtype,
             device=self.device,
             owned=topology.owned_experts(args.n_routed_experts),
-            backend=backend
-            or choose_backend(
-                settings.kernels,
-                args,
-                core.page_size,
-                dtype,
-                self.device,
-                kv_dtype="fp8" if fp8_kv else "auto",
+            backend=backend,
+            transport=transport
+            or make_transport(
+                topology, args.n_routed_experts, core.max_decode_tokens, gather_sum=backend.ops.gather_sum
             ),
-            transport=transport or make_transport(topology, args.n_routed_experts, core.max_decode_tokens),
         )
         self._load_weights()
         self.model.eval()

@@ -34,7 +34,7 @@ NOT_DIV16_STRIDES = {
 
 def _cases():
     """(label, kernel, pointer and float argument types, constexprs, num_warps, num_stages)."""
-    from nmoe_serve.kernels import fp8_gemm, fp8_quant, fused_moe, mla_decode
+    from nmoe_serve.kernels import fp8_gemm, fp8_quant, fused_moe, gather_sum, mla_decode
 
     f32, bf16, fp8, i32 = "*fp32", "*bf16", "*fp8e4nv", "*i32"
     cases = [
@@ -61,6 +61,16 @@ def _cases():
                 stages,
             )
         )
+    cases.append(
+        (
+            "gather_sum",
+            gather_sum.gather_sum_kernel,
+            dict(src_ptr=bf16, index_ptr="*i64", out_ptr=bf16),
+            dict(BLOCK_H=gather_sum.BLOCK_H),
+            4,
+            1,
+        )
+    )
     cases.append(
         (
             "fp8_gemm_reduce",
