@@ -91,6 +91,8 @@ class KernelOps:
     router_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     # the expert-parallel combine: (rows [M, H], index [T, R]) -> [T, H] (kernels/gather_sum.py)
     gather_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    # prefill's keys: (k_nope [S, N, D], k_pe [S, R]) -> [S, N, D + R] (kernels/mla_prefill_keys.py)
+    mla_prefill_keys: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     # prefill's cached context: (kv_cache, flat slots [S], L, dtype) -> [S, C] (kernels/kv_fp8.py)
     mla_kv_read: Callable[..., torch.Tensor] = _kv_read_plain
 
@@ -113,6 +115,7 @@ def triton_ops() -> KernelOps:
         from nmoe_serve.kernels.gather_sum import gather_sum
         from nmoe_serve.kernels.mla_decode import mla_decode
         from nmoe_serve.kernels.mla_kv_write import mla_kv_write
+        from nmoe_serve.kernels.mla_prefill_keys import mla_prefill_keys
         from nmoe_serve.kernels.rms_norm import add_rms_norm, rms_norm
         from nmoe_serve.kernels.rope import rope_
         from nmoe_serve.kernels.router import grouped_topk, router_logits
@@ -135,6 +138,7 @@ def triton_ops() -> KernelOps:
     return KernelOps(
         "triton", fp8_quant, gemm, moe, mla_decode,
         rms_norm, add_rms_norm, rope_, mla_kv_write, grouped_topk, silu_mul, router_logits, gather_sum,
+        mla_prefill_keys,
     )  # fmt: skip
 
 
@@ -147,6 +151,7 @@ def reference_ops() -> KernelOps:
         from nmoe_serve.kernels.gather_sum import gather_sum_ref
         from nmoe_serve.kernels.mla_decode import mla_decode_ref
         from nmoe_serve.kernels.mla_kv_write import mla_kv_write_ref
+        from nmoe_serve.kernels.mla_prefill_keys import mla_prefill_keys_ref
         from nmoe_serve.kernels.rms_norm import add_rms_norm_ref, rms_norm_ref
         from nmoe_serve.kernels.rope import rope_ref_
         from nmoe_serve.kernels.router import grouped_topk_ref, router_logits_ref
@@ -157,7 +162,7 @@ def reference_ops() -> KernelOps:
     return KernelOps(
         "torch-ref", fp8_quant_ref, fp8_gemm_ref, fused_moe_ref, mla_decode_ref,
         rms_norm_ref, add_rms_norm_ref, rope_ref_, mla_kv_write_ref, grouped_topk_ref, silu_mul_ref,
-        router_logits_ref, gather_sum_ref,
+        router_logits_ref, gather_sum_ref, mla_prefill_keys_ref,
     )  # fmt: skip
 
 

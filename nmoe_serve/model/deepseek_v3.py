@@ -256,8 +256,7 @@ class MLA(nn.Module):
         s = cached.shape[0]
         kv = self.kv_b_proj(cached[:, : self.latent]).view(s, self.n_heads, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [S, N, D], [S, N, Dv]
-        k_pe = cached[:, None, self.latent :].expand(s, self.n_heads, self.rope_dim)  # [S, N, R]
-        k = torch.cat([k_nope, k_pe], dim=-1)  # [S, N, D+R]
+        k = self.ops.mla_prefill_keys(k_nope, cached[:, self.latent :])  # [S, N, D+R]
         return self.prefill_attention(q, k, v, batch, self.scale)  # [T, N, Dv]
 
     def _decode(

@@ -34,7 +34,7 @@ NOT_DIV16_STRIDES = {
 
 def _cases():
     """(label, kernel, pointer and float argument types, constexprs, num_warps, num_stages)."""
-    from nmoe_serve.kernels import fp8_gemm, fp8_quant, fused_moe, gather_sum, mla_decode
+    from nmoe_serve.kernels import fp8_gemm, fp8_quant, fused_moe, gather_sum, mla_decode, mla_prefill_keys
 
     f32, bf16, fp8, i32 = "*fp32", "*bf16", "*fp8e4nv", "*i32"
     cases = [
@@ -67,6 +67,16 @@ def _cases():
             gather_sum.gather_sum_kernel,
             dict(src_ptr=bf16, index_ptr="*i64", out_ptr=bf16),
             dict(BLOCK_H=gather_sum.BLOCK_H),
+            4,
+            1,
+        )
+    )
+    cases.append(
+        (
+            "mla_prefill_keys",
+            mla_prefill_keys.mla_prefill_keys_kernel,
+            dict(nope_ptr=bf16, pe_ptr=bf16, k_ptr=bf16),
+            dict(BLOCK_N=mla_prefill_keys.BLOCK_N, BLOCK_D=128, BLOCK_R=64),
             4,
             1,
         )
