@@ -54,6 +54,7 @@ from nmoe_serve.kernels.mla_decode_fp8 import (
     mla_decode_fp8_with_config,
     variant_config,
 )
+from nmoe_serve.model.transport import combine_index
 
 H, INTER, E, K, GROUPS, TOPK_GROUPS = 7168, 2048, 256, 8, 8, 4
 EP, HEADS, LATENT, ROPE, PAGE = 8, 128, 512, 64, 64
@@ -426,8 +427,7 @@ def bench_gather_sum(ceil: dict, t: int, reps: int) -> dict:
     ids, _ = route(t, g)
     to_rank = torch.zeros(t, EP, dtype=torch.bool, device="cuda").scatter_(1, ids // E_LOCAL, True)
     _, send_token = to_rank.t().nonzero(as_tuple=True)
-    row_of = (to_rank.t().flatten().long().cumsum(0) - 1).view(EP, -1).t()
-    index = torch.where(to_rank, row_of, -1)  # [T, EP]
+    index = combine_index(to_rank)  # [T, EP]
     src = torch.randn(send_token.shape[0], H, device="cuda", dtype=torch.bfloat16)  # [Ms, H]
     seconds = cuda_time(lambda: gather_sum(src, index), reps)
     graph_seconds = graph_time(lambda: gather_sum(src, index), reps)

@@ -148,10 +148,7 @@ class AllToAllTransport:
         y_recv = experts(x_recv, ids_recv, w_recv)  # [Mr, H]
         y_back = x.new_empty(send_token.shape[0], h)  # [Ms, H]
         self._all_to_all("combine", y_back, y_recv, send_split, recv_split)
-        # y_back's rows are to_rank's true entries in (rank, token) order: (t, r)'s row is its rank
-        # among them.
-        row_of = (to_rank.t().flatten().long().cumsum(0) - 1).view(self.world_size, -1).t()  # [T, EP]
-        return self.gather_sum(y_back, torch.where(to_rank, row_of, -1))
+        return self.gather_sum(y_back, combine_index(to_rank))
 
     def exchange_fixed(
         self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: LocalExperts
@@ -185,6 +182,15 @@ class AllToAllTransport:
         y_back = x.new_empty(discard, h)  # [EP*Cap, H]
         self._all_to_all("combine", y_back, y_recv)
         return self.gather_sum(y_back, torch.where(to_rank, flat, -1))
+
+
+def combine_index(to_rank: torch.Tensor) -> torch.Tensor:
+    """The variable exchange's combine index [T, EP] for `gather_sum`: the row of y_back that holds
+    token t's result from rank r, -1 where t was not sent to r. y_back's rows are to_rank's true
+    entries in (rank, token) order (as `send_token` lists them), so (t, r)'s row is its rank among
+    them."""
+    row_of = (to_rank.t().flatten().long().cumsum(0) - 1).view(to_rank.shape[1], -1).t()  # [T, EP]
+    return torch.where(to_rank, row_of, -1)
 
 
 def make_transport(

@@ -79,11 +79,12 @@ def test_gather_sum_rejects_bad_arguments(src, index, match):
 def test_gather_sum_gpu_expert_parallel_shapes(T):
     """The combine of EP 8 at DeepSeek-V3's H: each token's rows from 1-8 ranks, bf16,
     deterministic and equal to the reference (same order of float32 sums)."""
+    from nmoe_serve.model.transport import combine_index  # the variable exchange's index
+
     H, R = 7168, 8
     to_rank = torch.rand(T, R, device="cuda") < 0.5
     to_rank[torch.arange(T), torch.randint(0, R, (T,))] = True
-    row_of = (to_rank.t().flatten().long().cumsum(0) - 1).view(R, -1).t()
-    index = torch.where(to_rank, row_of, -1)
+    index = combine_index(to_rank)
     src = torch.randn(int(to_rank.sum()), H, device="cuda").to(torch.bfloat16)
     out = gather_sum(src, index)
     assert torch.equal(out, gather_sum_ref(src, index))
