@@ -300,18 +300,25 @@ def mla_inputs(batch: int, context: int) -> tuple[torch.Tensor, ...]:
     return kv, table, lens, q, q_pe
 
 
-def bench_mla(ceil: dict, batch: int, context: int, reps: int, flashinfer=None) -> dict:  # type: ignore[no-untyped-def]
+def bench_mla(ceil: dict, batch: int, context: int, reps: int, flashinfer=None, gluon: bool = False) -> dict:  # type: ignore[no-untyped-def]
+    """mla_decode at one shape: the Triton kernel, or with `gluon` kernels/mla_decode_gluon.py's
+    (row "variant"); the peer (FlashInfer) beside it where given."""
     kv, table, lens, q, q_pe = mla_inputs(batch, context)
     scale = 192**-0.5
-    seconds = cuda_time(lambda: mla_decode(q, q_pe, kv, table, lens, scale), reps)
-    graph_seconds = graph_time(lambda: mla_decode(q, q_pe, kv, table, lens, scale), reps)
+    seconds = cuda_time(lambda: mla_decode(q, q_pe, kv, table, lens, scale, gluon=gluon), reps)
+    graph_seconds = graph_time(lambda: mla_decode(q, q_pe, kv, table, lens, scale, gluon=gluon), reps)
     ref_seconds = cuda_time(lambda: mla_decode_ref(q, q_pe, kv, table, lens, scale), 3, warmup=1)
     work = mla_work(batch, context)
     nbytes = work["kv_bytes"] + work["q_out_bytes"]
     roof = max(nbytes / ceil["copy_bytes_per_s"], work["flops"] / ceil["bf16_flops_per_s"])
-    shape = {"kernel": "mla_decode", "batch": batch, "context": context}
+    shape = {
+        "kernel": "mla_decode",
+        "batch": batch,
+        "context": context,
+        "variant": "gluon" if gluon else "triton",
+    }
     ref = mla_decode_ref(q, q_pe, kv, table, lens, scale)
-    ours = mla_decode(q, q_pe, kv, table, lens, scale)
+    ours = mla_decode(q, q_pe, kv, table, lens, scale, gluon=gluon)
     ceils = used(ceil, "copy_bytes_per_s", "bf16_flops_per_s")
     row = timing_row(shape, seconds, graph_seconds, ref_seconds, nbytes, roof, work["flops"], ceils)
     row["rel_err"] = ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -530,9 +537,15 @@ def main() -> int:
             for t in (1, 32, 256, 4096):
                 add(bench_fp8_gemm(ceil, name, n, k, t, reps))
     if "mla" in only:
+        from nmoe_serve.kernels.mla_decode import gluon_available as mla_gluon_available
+
+        mla_gluon, why = mla_gluon_available(torch.device("cuda"))
+        print(f"mla_decode Gluon kernel: {'yes' if mla_gluon else 'no'} ({why})", flush=True)
         for batch, context in ((32, 2000), (64, 2000), (128, 2000), (256, 2000), (32, 16000)):
             bf16_row = bench_mla(ceil, batch, context, reps, peer)
             add(bf16_row)
+            if mla_gluon:
+                add(bench_mla(ceil, batch, context, reps, peer, gluon=True))
             for row in bench_mla_fp8(ceil, batch, context, reps, bf16_row):
                 add(row)
     if "moe" in only:

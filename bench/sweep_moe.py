@@ -30,6 +30,8 @@ import kernels as bench_kernels  # bench/kernels.py: timers, ceilings, shapes
 from nmoe_serve.kernels.fp8_format import AMAX_EPS, FP8_MAX, quantize_weight_blocks
 from nmoe_serve.kernels.fp8_quant import fp8_quant
 from nmoe_serve.kernels.fused_moe import (
+    GLUON_DECODE,
+    GLUON_PREFILL,
     default_config,
     fused_moe_ref,
     fused_moe_with_config,
@@ -88,6 +90,17 @@ def _gluon(**per_gemm):
     return change
 
 
+def _gluon_everywhere(tiles: dict, **per_gemm):
+    """Decode at every batch on one family of Gluon GEMMs, whatever `default_config` would pick:
+    `GLUON_DECODE` (persistent, 64-slot blocks) or `GLUON_PREFILL` (128-slot blocks: at 256 seqs
+    a rank about one block an expert, so each weight tile is streamed once), tiles changed per GEMM."""
+
+    def change(cfg, phase):
+        return {g: dict(t, **per_gemm.get(g, {})) if isinstance(t, dict) else t for g, t in tiles.items()}
+
+    return change
+
+
 CANDIDATES = {
     "baseline": (("decode", "prefill"), _all(MERGE_GU=False, SCALAR_WS=False, GROUP_T=0)),
     "default": (("decode", "prefill"), lambda cfg, phase: cfg),
@@ -110,6 +123,16 @@ CANDIDATES = {
     "gluon-g2w8": (("decode",), _gluon(gemm2=dict(num_warps=8))),
     "gluon-g2bw256": (("decode",), _gluon(gemm2=dict(BLOCK_W=256, num_warps=8))),
     "gluon-g2bw256s3": (("decode",), _gluon(gemm2=dict(BLOCK_W=256, num_warps=8, STAGES=3))),
+    "gluon-decode-all": (("decode",), _gluon_everywhere(GLUON_DECODE)),
+    "gluon-128slot-decode": (("decode",), _gluon_everywhere(GLUON_PREFILL)),
+    "gluon-128slot-decode-flat": (
+        ("decode",),
+        _gluon_everywhere(GLUON_PREFILL, gemm1=dict(GROUP_T=1 << 20), gemm2=dict(GROUP_T=1 << 20)),
+    ),
+    "gluon-128slot-decode-s3": (
+        ("decode",),
+        _gluon_everywhere(GLUON_PREFILL, gemm1=dict(STAGES=3), gemm2=dict(STAGES=3)),
+    ),
     "gluon-prefill": (("prefill",), _gluon()),
     "gluon-prefill-s3": (("prefill",), _gluon(gemm1=dict(STAGES=3), gemm2=dict(STAGES=3))),
     "gluon-prefill-g2s5": (("prefill",), _gluon(gemm2=dict(STAGES=5))),

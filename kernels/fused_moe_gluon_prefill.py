@@ -344,6 +344,7 @@ def gemm1(xg, xgs, w13, w13_scale, block_expert, tiles: dict, fp8_max: float, am
     h = torch.empty(slots, inter, dtype=xg.dtype, device=xg.device)  # [A_pad, I]
     hs = torch.empty(slots, inter // 128, dtype=torch.float32, device=xg.device)  # [A_pad, G_I]
     num_blocks = block_expert.numel()
+    group_t = _group_t("GEMM 1", tiles, num_blocks)
     if num_blocks == 0:
         return h, hs
     if tiles["STAGES"] > 2 * (H // BLOCK_K):
@@ -357,7 +358,7 @@ def gemm1(xg, xgs, w13, w13_scale, block_expert, tiles: dict, fp8_max: float, am
         hs,
         block_expert,
         num_blocks,
-        min(tiles["GROUP_T"], num_blocks),
+        group_t,
         inter,
         H,
         xgs.stride(0),
@@ -373,11 +374,24 @@ def gemm1(xg, xgs, w13, w13_scale, block_expert, tiles: dict, fp8_max: float, am
     return h, hs
 
 
+def _group_t(gemm: str, tiles: dict, num_blocks: int) -> int:
+    """The launch's group of token blocks (`_block_and_tile`): GROUP_T, at most the blocks there are.
+    The Triton GEMMs' GROUP_T = 0 (the plain grid) is a group of every block here."""
+    group_t = tiles["GROUP_T"]
+    if not (isinstance(group_t, int) and group_t >= 1):
+        raise ValueError(
+            f"fused_moe: the Gluon prefill {gemm} needs GROUP_T >= 1 (token blocks a group; a large one is "
+            f"the plain grid), got {group_t!r}"
+        )
+    return max(1, min(group_t, num_blocks))
+
+
 def gemm2(h, hs, w2, w2_scale, sorted_pair_ids, block_expert, num_pairs: int, out_dtype, tiles: dict):
     """y [A, H] = h @ w2[e]^T per local pair, in out_dtype (`moe_gemm2_prefill_kernel`)."""
     E, H, inter = w2.shape
     y = torch.empty(num_pairs, H, dtype=out_dtype, device=h.device)  # [A, H]
     num_blocks = block_expert.numel()
+    group_t = _group_t("GEMM 2", tiles, num_blocks)
     if num_blocks == 0:
         return y
     moe_gemm2_prefill_kernel[(num_blocks * triton.cdiv(H, BLOCK_W),)](
@@ -389,7 +403,7 @@ def gemm2(h, hs, w2, w2_scale, sorted_pair_ids, block_expert, num_pairs: int, ou
         sorted_pair_ids,
         block_expert,
         num_blocks,
-        min(tiles["GROUP_T"], num_blocks),
+        group_t,
         num_pairs,
         H,
         inter,

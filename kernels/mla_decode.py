@@ -399,6 +399,34 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+def gluon_config(cfg: dict) -> dict:
+    """`cfg` (from `default_config`) for the Gluon kernel: its splits kept (it takes BLOCK_H 64,
+    as the Triton kernels at DeepSeek's 128 heads, so the same programs fill the SMs)."""
+    return dict(VARIANT="gluon", NUM_SPLITS=cfg["NUM_SPLITS"])
+
+
+def gluon_available(device: torch.device) -> tuple[bool, str]:
+    """Whether the Gluon kernel can run on `device` (a Hopper GPU, this Triton's Gluon), and why not."""
+    from .fp8_gemm import gluon_available as gemm_gluon_available
+
+    ok, why = gemm_gluon_available(device)
+    if not ok:
+        return ok, why
+    try:
+        from . import mla_decode_gluon  # noqa: F401
+    except Exception as e:  # a Triton whose Gluon lacks what the kernel uses
+        return False, f"the MLA Gluon kernel does not import ({type(e).__name__}: {e})"
+    return True, why
+
+
+def _gluon_takes(kv_cache: torch.Tensor, L: int, R: int, P: int) -> bool:
+    """The Gluon kernel's dims (kernels/mla_decode_gluon.py `shapes_ok`) and TMA's alignment."""
+    from . import mla_decode_gluon
+
+    aligned = kv_cache.data_ptr() % 16 == 0 and (L + R) * kv_cache.element_size() % 16 == 0
+    return aligned and mla_decode_gluon.shapes_ok(L, R, P, kv_cache.dtype)
+
+
 def variant_config(cfg: dict, name: str) -> dict:
     """`cfg` (from `default_config`) with the kernel and tiles of `VARIANTS[name]`, splits kept."""
     return {k: v for k, v in cfg.items() if k not in ("TMA", "SPLIT_SCORES")} | VARIANTS[name]
@@ -482,6 +510,7 @@ def mla_decode(
     context_lens: torch.Tensor,
     softmax_scale: float,
     num_splits: int | None = None,
+    gluon: bool = False,
 ) -> torch.Tensor:
     """Absorbed MLA decode attention over a paged latent cache; returns [B, N, L] in q's dtype.
 
@@ -491,6 +520,8 @@ def mla_decode(
     and <= max_pages * P (not checked on the device: an empty row gives NaN). q_nope and q_pe
     may be strided views with a contiguous last dimension (e.g. a [N, B, L] product seen as
     [B, N, L]); the rest contiguous, all on one device. num_splits: context splits per sequence, None to choose from the shapes.
+    gluon: run kernels/mla_decode_gluon.py's kernel where it takes the dims and the cache is
+    16-byte aligned (the backend passes True on a Hopper GPU whose Triton has Gluon: `gluon_available`).
     """
     check_decode_args(
         "mla_decode",
@@ -510,6 +541,8 @@ def mla_decode(
     )
     if num_splits is not None:
         cfg["NUM_SPLITS"] = num_splits
+    if gluon and q_nope.is_cuda and not INTERPRET and _gluon_takes(kv_cache, L, R, P):
+        cfg = gluon_config(cfg)
     return mla_decode_with_config(q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, cfg)
 
 
@@ -518,8 +551,9 @@ def mla_decode_with_config(
 ) -> torch.Tensor:
     """`mla_decode` on checked arguments with the kernel and tiles `cfg` (as `default_config` returns).
 
-    cfg["VARIANT"]: "generic" (`mla_decode_kernel`) or "paged" (`mla_decode_paged_kernel`, with
-    cfg["TMA"] and cfg["SPLIT_SCORES"]); a paged cfg for dims it does not take raises ValueError.
+    cfg["VARIANT"]: "generic" (`mla_decode_kernel`), "paged" (`mla_decode_paged_kernel`, with
+    cfg["TMA"] and cfg["SPLIT_SCORES"]) or "gluon" (kernels/mla_decode_gluon.py, its own tiles;
+    cfg["NUM_SPLITS"] only); a cfg for dims its kernel does not take raises ValueError.
     TMA falls back to plain loads where the cache's address or row stride is not 16-byte aligned.
     """
     B, N, L = q_nope.shape
@@ -540,9 +574,22 @@ def mla_decode_with_config(
         lse_strides = (lse.stride(0), lse.stride(1))
     # tl.dot wants K >= 16: a narrower latent or rope part (tiny test models) loads masked tiles.
     block_l = max(16, triton.next_power_of_2(L))
-    grid = (triton.cdiv(N, cfg["BLOCK_H"]), S, B)
+    grid = (triton.cdiv(N, cfg.get("BLOCK_H", 64)), S, B)  # the Triton kernels'
     tiles = {k: v for k, v in cfg.items() if k not in ("VARIANT", "TMA")}
-    if cfg["VARIANT"] == "generic":
+    if cfg["VARIANT"] == "gluon":
+        if not _gluon_takes(kv_cache, L, R, P):
+            raise ValueError(
+                f"mla_decode: the Gluon kernel needs bf16/fp16, L / 2 in (64, 128, 256), R in (32, 64, "
+                f"128), P a multiple of 64 and a 16-byte aligned cache, got {kv_cache.dtype}, L {L}, R {R}, "
+                f"P {P}; use the Triton kernels (gluon=False)"
+            )
+        from . import mla_decode_gluon
+
+        scale_log2 = softmax_scale * math.log2(math.e)
+        mla_decode_gluon.launch(
+            q_nope, q_pe, kv_cache, page_table, context_lens, scale_log2, o, lse, o_strides, lse_strides, S
+        )
+    elif cfg["VARIANT"] == "generic":
         mla_decode_kernel[grid](
             q_nope,
             q_pe,
@@ -612,7 +659,9 @@ def mla_decode_with_config(
             **tiles,
         )
     else:
-        raise ValueError(f"mla_decode: cfg VARIANT is {cfg['VARIANT']!r}, expected 'generic' or 'paged'")
+        raise ValueError(
+            f"mla_decode: cfg VARIANT is {cfg['VARIANT']!r}, expected 'generic', 'paged' or 'gluon'"
+        )
     if S > 1:
         mla_decode_merge_kernel[(B, N)](
             o,

@@ -105,14 +105,16 @@ def triton_ops() -> KernelOps:
     tokens up where the current device is a Hopper GPU with Triton 3.6's Gluon, and so do the
     FP8 MoE GEMMs: the decode ones above 160 pairs an expert (kernels/fused_moe_gluon.py; 9%
     faster at 256 sequences a rank, no faster below) and the prefill ones above 512
-    (kernels/fused_moe_gluon_prefill.py; 3-4% faster at 16k tokens a rank), docs/PERF.md; the
-    choices are made here, once, and logged."""
+    (kernels/fused_moe_gluon_prefill.py; 3-4% faster at 16k tokens a rank), and so does MLA
+    decode (kernels/mla_decode_gluon.py; 1.2-1.4x faster than the Triton kernel on an H200),
+    docs/PERF.md; the choices are made here, once, and logged."""
     try:
         from nmoe_serve.kernels.fp8_gemm import fp8_gemm, gluon_available
         from nmoe_serve.kernels.fp8_quant import fp8_quant
         from nmoe_serve.kernels.fused_moe import GLUON_MIN_PAIRS_PER_EXPERT, fused_moe
         from nmoe_serve.kernels.fused_moe import gluon_available as moe_gluon_available
         from nmoe_serve.kernels.gather_sum import gather_sum
+        from nmoe_serve.kernels.mla_decode import gluon_available as mla_gluon_available
         from nmoe_serve.kernels.mla_decode import mla_decode
         from nmoe_serve.kernels.mla_kv_write import mla_kv_write
         from nmoe_serve.kernels.mla_prefill_keys import mla_prefill_keys
@@ -135,8 +137,11 @@ def triton_ops() -> KernelOps:
         else f"Triton only: {why}",
     )
     moe = functools.partial(fused_moe, gluon=True) if moe_gluon else fused_moe
+    mla_gluon, why = mla_gluon_available(device)
+    log.info("mla_decode: %s", f"the Gluon kernel ({why})" if mla_gluon else f"Triton only: {why}")
+    decode = functools.partial(mla_decode, gluon=True) if mla_gluon else mla_decode
     return KernelOps(
-        "triton", fp8_quant, gemm, moe, mla_decode,
+        "triton", fp8_quant, gemm, moe, decode,
         rms_norm, add_rms_norm, rope_, mla_kv_write, grouped_topk, silu_mul, router_logits, gather_sum,
         mla_prefill_keys,
     )  # fmt: skip

@@ -447,3 +447,22 @@ def test_fused_moe_gluon_prefill_matches_reference(T, H, inter, E, K, total, sta
     out = fused_moe_with_config(x, ids, weights, w["w13"], w["w2"], start, w["w13_scale"], w["w2_scale"], cfg)
     want = fused_moe_ref(x, ids, weights, expert_start=start, **w)
     _assert_near(out, want)
+
+
+@pytest.mark.parametrize("group_t", [0, -1, 2.5])
+def test_gluon_prefill_gemms_refuse_a_group_of_no_blocks(group_t):
+    """GROUP_T 0 is the Triton GEMMs' plain grid; the Gluon prefill GEMMs divide by it, so their
+    wrappers refuse it (and any non-positive or non-integer value) before a launch."""
+    pytest.importorskip("triton.experimental.gluon")
+    from nmoe_serve.kernels import fused_moe_gluon_prefill as gemms
+
+    tiles = dict(GLUON_PREFILL["gemm1"], GROUP_T=group_t)
+    E, H, inter = 2, 256, 256
+    xg = torch.zeros(128, H).to(torch.float8_e4m3fn)
+    blocks = torch.zeros(1, dtype=torch.int32)
+    w13 = torch.zeros(E, 2 * inter, H).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"Gluon prefill GEMM 1 needs GROUP_T >= 1"):
+        gemms.gemm1(xg, torch.ones(128, H // 128), w13, torch.ones(E, 4, 2), blocks, tiles, 448.0, 1e-10)
+    w2 = torch.zeros(E, H, inter).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"Gluon prefill GEMM 2 needs GROUP_T >= 1"):
+        gemms.gemm2(xg, torch.ones(128, 2), w2, torch.ones(E, 2, 2), blocks, blocks, 1, torch.bfloat16, tiles)

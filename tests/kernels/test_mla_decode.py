@@ -10,6 +10,7 @@ from nmoe_serve.kernels import INTERPRET
 from nmoe_serve.kernels.mla_decode import (
     VARIANTS,
     default_config,
+    gluon_available,
     mla_decode,
     mla_decode_ref,
     mla_decode_with_config,
@@ -124,6 +125,20 @@ def test_mla_decode_paged_kernel_refuses_dims_it_does_not_take():
         mla_decode_with_config(**args, softmax_scale=0.1, cfg=cfg)
 
 
+def test_mla_decode_gluon_flag_falls_back_where_the_kernel_cannot_run(device):
+    """gluon=True off a CUDA device (or under the interpreter), or at dims the Gluon kernel does
+    not take (fp32, L 32), runs the Triton kernels: same results as without the flag."""
+    args = _paged_cache([22, 5], 16, 16, 32, 16, torch.float32, device)
+    want = mla_decode(**args, softmax_scale=0.1)
+    assert torch.equal(mla_decode(**args, softmax_scale=0.1, gluon=True), want)
+
+
+def test_mla_decode_gluon_config_refuses_dims_it_does_not_take():
+    args = _paged_cache([3, 5], 16, 16, 32, 16, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"the Gluon kernel needs bf16/fp16, L / 2 in \(64, 128, 256\)"):
+        mla_decode_with_config(**args, softmax_scale=0.1, cfg=dict(VARIANT="gluon", NUM_SPLITS=1))
+
+
 def test_mla_decode_ignores_pages_past_the_context(device):
     """Garbage (inf) in the unused slots of a sequence's last page must not reach the output,
     with the generic kernel (P = 4) and the paged one (P = 16, which `default_config` picks)."""
@@ -234,3 +249,75 @@ def test_mla_decode_gpu_variants(name, B, context):
     out = mla_decode_with_config(**args, softmax_scale=scale, cfg=cfg)
     assert torch.isfinite(out).all()
     assert _rel_err(out, want) <= 2e-2
+
+
+def _gluon_or_skip() -> None:
+    ok, why = gluon_available(torch.device("cuda"))
+    if not ok:
+        pytest.skip(f"the Gluon MLA kernel cannot run here: {why}")
+
+
+def _poison_past_context(args: dict, lens: list[int], P: int) -> None:
+    """inf in every slot of each sequence's last page past its context (the kernels must mask them)."""
+    for b, n in enumerate(lens):
+        args["kv_cache"][args["page_table"][b, (n - 1) // P].long(), (n - 1) % P + 1 :] = float("inf")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("context", [2000, 16000])
+@pytest.mark.parametrize("B", [1, 32, 128])
+def test_mla_decode_gluon_gpu_deepseek_shapes(B, context):
+    """kernels/mla_decode_gluon.py at DeepSeek-V3 shapes (bf16, N 128, L 512, R 64, P 64), inf past
+    each context; tolerance as in test_mla_decode_gpu_deepseek_shapes."""
+    _gluon_or_skip()
+    lens = (context - torch.randint(0, 200, (B,))).tolist()
+    args = _paged_cache(lens, 64, 128, 512, 64, torch.bfloat16, "cuda")
+    scale = 192**-0.5
+    want = mla_decode_ref(**args, softmax_scale=scale)
+    _poison_past_context(args, lens, 64)
+    out = mla_decode(**args, softmax_scale=scale, gluon=True)
+    assert torch.isfinite(out).all()
+    assert _rel_err(out, want) <= 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "lens, P, N, L, R, num_splits",
+    [
+        # a partial tile alone, one whole tile, a tile and one token, two tiles and a tail; 3 splits
+        # leave splits of the short sequences empty
+        pytest.param([1, 63, 64, 65, 150], 64, 128, 512, 64, 3, id="tile-edges"),
+        pytest.param([1, 63, 64, 65, 150], 64, 128, 512, 64, 1, id="tile-edges-one-split"),
+        # heads not a multiple of 64 (masked rows), two tiles a page, the smallest dims it takes
+        pytest.param([200, 5, 64, 129], 128, 20, 128, 32, 2, id="small-dims"),
+        pytest.param([300, 7], 64, 16, 256, 128, None, id="wide-rope"),
+    ],
+)
+def test_mla_decode_gluon_gpu_matches_reference(lens, P, N, L, R, num_splits, dtype):
+    _gluon_or_skip()
+    args = _paged_cache(lens, P, N, L, R, dtype, "cuda")
+    scale = (L + R) ** -0.5
+    want = mla_decode_ref(**args, softmax_scale=scale)
+    _poison_past_context(args, lens, P)
+    out = mla_decode(**args, softmax_scale=scale, num_splits=num_splits, gluon=True)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert _rel_err(out, want) <= 2e-2
+
+
+@pytest.mark.gpu
+def test_mla_decode_gluon_gpu_takes_strided_queries_and_no_rows():
+    """q_nope as a [N, B, L] product seen as [B, N, L], q_pe as the rope columns of a wider query;
+    and a T = 0 pass."""
+    _gluon_or_skip()
+    lens = [700, 64, 3]
+    args = _paged_cache(lens, 64, 128, 512, 64, torch.bfloat16, "cuda")
+    want = mla_decode_ref(**args, softmax_scale=0.07)
+    q_nope = args["q_nope"].transpose(0, 1).contiguous().transpose(0, 1)  # strides (L, B * L, 1)
+    wide = torch.cat([torch.randn_like(args["q_pe"]), args["q_pe"]], dim=-1)  # [B, N, 2R]
+    out = mla_decode(**(args | dict(q_nope=q_nope, q_pe=wide[..., 64:])), softmax_scale=0.07, gluon=True)
+    assert _rel_err(out, want) <= 2e-2
+    empty = {
+        k: v[:0] if k in ("q_nope", "q_pe", "page_table", "context_lens") else v for k, v in args.items()
+    }
+    assert mla_decode(**empty, softmax_scale=0.07, gluon=True).shape == (0, 128, 512)
