@@ -691,7 +691,8 @@ def mla_decode_ref(
     context_lens: torch.Tensor,
     softmax_scale: float,
 ) -> torch.Tensor:
-    """Torch reference of `mla_decode`: gather each sequence's pages, masked softmax in float32.
+    """Torch reference of `mla_decode`: gather each sequence's context rows, softmax in float32.
+    Slots past a context are never read (they may hold any bits, inf and NaN included).
 
     Raises ValueError if a context length is < 1 or beyond the page table (one host sync).
     """
@@ -700,18 +701,16 @@ def mla_decode_ref(
     out = torch.empty(B, N, L, dtype=q_nope.dtype, device=q_nope.device)  # [B, N, L]
     if B == 0:
         return out
-    lo, hi = int(context_lens.min()), int(context_lens.max())
-    if lo < 1 or hi > page_table.shape[1] * P:
+    lens = context_lens.tolist()
+    if min(lens) < 1 or max(lens) > page_table.shape[1] * P:
         raise ValueError(
             f"mla_decode_ref: context_lens must lie in [1, max_pages * P = {page_table.shape[1] * P}], "
-            f"got min {lo}, max {hi}"
+            f"got min {min(lens)}, max {max(lens)}"
         )
-    pages_used = triton.cdiv(hi, P)
-    positions = torch.arange(pages_used * P, device=q_nope.device)  # [W * P]
-    for b in range(B):
-        kv = kv_cache[page_table[b, :pages_used].clamp(min=0).long()].reshape(-1, kv_cache.shape[2]).float()
-        c_kv, k_pe = kv[:, :L], kv[:, L:]  # [W * P, L], [W * P, R]
-        scores = (q_nope[b].float() @ c_kv.T + q_pe[b].float() @ k_pe.T) * softmax_scale  # [N, W * P]
-        scores = scores.masked_fill(positions >= context_lens[b], float("-inf"))
+    for b, n in enumerate(lens):
+        pages = page_table[b, : triton.cdiv(n, P)].clamp(min=0).long()
+        kv = kv_cache[pages].reshape(-1, kv_cache.shape[2])[:n].float()  # [n, L + R]
+        c_kv, k_pe = kv[:, :L], kv[:, L:]  # [n, L], [n, R]
+        scores = (q_nope[b].float() @ c_kv.T + q_pe[b].float() @ k_pe.T) * softmax_scale  # [N, n]
         out[b] = (torch.softmax(scores, dim=-1) @ c_kv).to(q_nope.dtype)
     return out

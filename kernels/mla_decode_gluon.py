@@ -15,12 +15,16 @@ flight while the scores finish and for the whole next step: issuing it after the
 instead, one CTA barrier fewer, measured 12-20% slower); then the softmax of tile j + 1. No
 product is in flight across the loop's back edge (ptxas would serialize the wgmma:
 PITFALLS.md). The softmax does not overlap a dot: that needs a third stage (no room: below) or
-warpgroups in different roles (warp specialization), the next step (docs/PERF.md).
+warpgroups in different roles (warp specialization: tried, slower with two stages: docs/PERF.md).
 
 Layouts: eight warps as two warpgroups. The scores [BH, BN] split along the tokens (each
 warpgroup BN / 2 of them: the row max crosses warpgroups through shared memory), the weighted
 sum along the latent (each warpgroup a quarter of L in each accumulator). p goes to the second
 GEMM through shared memory; the running sum stays a [BH, BN] tile reduced once at the end.
+
+Each tile lands as three TMA pieces (k_pe, then c_kv's halves), each on its own mbarrier, and
+the scores issue each of their three dots as soon as its piece is in: the first dot no longer
+waits for the whole 72 KiB (1-4% at 2k contexts on an H200, docs/PERF.md).
 
 Shared memory (bf16, L 512, R 64): q 72 KiB, two stages of a 64-token tile 144 KiB, p 8 KiB.
 The split's last, partial tile (the context's end) is loaded with masks through registers so
@@ -55,25 +59,46 @@ _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrie
 
 @gluon.jit
 def _load_tile(ckv_desc, kpe_desc, c0_s, c1_s, kpe_s, ready, stage, page_row, tok, P: gl.constexpr):
-    """Start the copy of tokens [tok, tok + BN) (one page's rows) into `stage`."""
+    """Start the copy of tokens [tok, tok + BN) (one page's rows) into `stage`: k_pe, then c_kv's
+    halves, each onto its own barrier (ready[3 stage + piece]) so the scores start on the first."""
     page = gl.load(page_row + tok // P)
     row = page * P + tok % P  # row of the cache viewed as [NP * P, L + R]
-    bar = ready.index(stage)
-    mbarrier.expect(bar, 2 * ckv_desc.block_type.nbytes + kpe_desc.block_type.nbytes)
-    _tma_load(ckv_desc, [row, 0], bar, c0_s.index(stage))
-    _tma_load(ckv_desc, [row, ckv_desc.block_type.shape[1]], bar, c1_s.index(stage))
+    bar = ready.index(3 * stage)
+    mbarrier.expect(bar, kpe_desc.block_type.nbytes)
     _tma_load(kpe_desc, [row, 0], bar, kpe_s.index(stage))
+    bar = ready.index(3 * stage + 1)
+    mbarrier.expect(bar, ckv_desc.block_type.nbytes)
+    _tma_load(ckv_desc, [row, 0], bar, c0_s.index(stage))
+    bar = ready.index(3 * stage + 2)
+    mbarrier.expect(bar, ckv_desc.block_type.nbytes)
+    _tma_load(ckv_desc, [row, ckv_desc.block_type.shape[1]], bar, c1_s.index(stage))
 
 
 @gluon.jit
 def _scores(
-    q0_s, q1_s, qpe_s, c0, c1, kpe, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr
+    q0_s,
+    q1_s,
+    qpe_s,
+    c0,
+    c1,
+    kpe,
+    ready,
+    stage,
+    phase,
+    BLOCK_H: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    s_layout: gl.constexpr,
 ):
-    """Issue q @ [c_kv, k_pe]^T for one tile ([BH, BN], unscaled) as three chained async dots."""
+    """Issue q @ [c_kv, k_pe]^T for one tile ([BH, BN], unscaled) as three chained async dots,
+    each once its piece of the tile has landed (ready[3 stage + piece] at `phase`; a tile written
+    through registers passes pred-false waits: phase < 0)."""
     zero = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, s_layout)
-    s = warpgroup_mma(q0_s, c0.permute((1, 0)), zero, use_acc=False, is_async=True)
-    s = warpgroup_mma(q1_s, c1.permute((1, 0)), s, is_async=True)
-    return warpgroup_mma(qpe_s, kpe.permute((1, 0)), s, is_async=True)
+    mbarrier.wait(ready.index(3 * stage), phase, pred=phase >= 0)
+    s = warpgroup_mma(qpe_s, kpe.permute((1, 0)), zero, use_acc=False, is_async=True)
+    mbarrier.wait(ready.index(3 * stage + 1), phase, pred=phase >= 0)
+    s = warpgroup_mma(q0_s, c0.permute((1, 0)), s, is_async=True)
+    mbarrier.wait(ready.index(3 * stage + 2), phase, pred=phase >= 0)
+    return warpgroup_mma(q1_s, c1.permute((1, 0)), s, is_async=True)
 
 
 @gluon.jit
@@ -158,9 +183,9 @@ def mla_decode_gluon_kernel(
     c1_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HALF_L], ckv_desc.layout)
     kpe_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, R], kpe_desc.layout)
     p_s = gl.allocate_shared_memory(dtype, [BLOCK_H, BLOCK_N], p_layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for st in gl.static_range(STAGES):
-        mbarrier.init(ready.index(st), count=1)
+    ready = gl.allocate_shared_memory(gl.int64, [3 * STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(3 * STAGES):
+        mbarrier.init(ready.index(i), count=1)
     fence_async_shared()  # the barriers' init before the copy engine uses them
     for st in gl.static_range(STAGES):
         if st < n_full:
@@ -184,9 +209,19 @@ def mla_decode_gluon_kernel(
     o0 = gl.zeros([BLOCK_H, HALF_L], gl.float32, o_layout)  # latent [0, L/2)
     o1 = gl.zeros([BLOCK_H, HALF_L], gl.float32, o_layout)  # latent [L/2, L)
     if n_full > 0:
-        mbarrier.wait(ready.index(0), 0)
         s = _scores(
-            q0_s, q1_s, qpe_s, c0_s.index(0), c1_s.index(0), kpe_s.index(0), BLOCK_H, BLOCK_N, s_layout
+            q0_s,
+            q1_s,
+            qpe_s,
+            c0_s.index(0),
+            c1_s.index(0),
+            kpe_s.index(0),
+            ready,
+            0,
+            0,
+            BLOCK_H,
+            BLOCK_N,
+            s_layout,
         )
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
         m_i, l_tile, o0, o1 = _softmax_into_p(s, m_i, l_tile, o0, o1, p_s, scale_log2, o_layout)
@@ -195,7 +230,6 @@ def mla_decode_gluon_kernel(
             nxt = j + 1
             o0 = warpgroup_mma(p_s, c0_s.index(stage), o0, is_async=True)
             o1 = warpgroup_mma(p_s, c1_s.index(stage), o1, is_async=True)
-            mbarrier.wait(ready.index(nxt % STAGES), (nxt // STAGES) & 1)
             s = _scores(
                 q0_s,
                 q1_s,
@@ -203,6 +237,9 @@ def mla_decode_gluon_kernel(
                 c0_s.index(nxt % STAGES),
                 c1_s.index(nxt % STAGES),
                 kpe_s.index(nxt % STAGES),
+                ready,
+                nxt % STAGES,
+                (nxt // STAGES) & 1,
                 BLOCK_H,
                 BLOCK_N,
                 s_layout,
@@ -229,8 +266,8 @@ def mla_decode_gluon_kernel(
         o1 = warpgroup_mma(p_s, c1_s.index(last), o1, is_async=True)
         o0, o1 = warpgroup_mma_wait(num_outstanding=0, deps=(o0, o1))
         _cta_barrier()  # stage 0 and p are free for the partial tile
-    for st in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(st))
+    for i in gl.static_range(3 * STAGES):
+        mbarrier.invalidate(ready.index(i))
 
     if full_end < end:
         # The split's partial tile, through registers with masks, into stage 0 (no copy pending).
@@ -244,7 +281,18 @@ def mla_decode_gluon_kernel(
         fence_async_shared()
         _cta_barrier()
         s = _scores(
-            q0_s, q1_s, qpe_s, c0_s.index(0), c1_s.index(0), kpe_s.index(0), BLOCK_H, BLOCK_N, s_layout
+            q0_s,
+            q1_s,
+            qpe_s,
+            c0_s.index(0),
+            c1_s.index(0),
+            kpe_s.index(0),
+            ready,
+            0,
+            -1,
+            BLOCK_H,
+            BLOCK_N,
+            s_layout,
         )
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
         cols = full_end + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))  # [BN]

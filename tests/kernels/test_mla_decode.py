@@ -173,6 +173,25 @@ def test_mla_decode_takes_strided_queries(P, device):
     assert _rel_err(out, want) <= (1e-5 if INTERPRET else 1e-2)
 
 
+def test_mla_decode_reference_never_reads_slots_past_the_context():
+    """The oracle itself: inf and NaN in every slot past each context (the rest of the last page,
+    and pages the table lists past it) leave its output unchanged and finite. It masked scores
+    before and then multiplied their zero weights by those slots (NaN)."""
+    lens, P = [1, 6, 9], 4
+    args = _paged_cache(lens, P, 16, 32, 16, torch.float32, "cpu")
+    want = mla_decode_ref(**args, softmax_scale=0.1)
+    table = args["page_table"]
+    spare = next(page for page in range(args["kv_cache"].shape[0]) if page not in table)
+    table[:, -1] = spare  # a page listed past every context
+    args["kv_cache"][spare] = float("inf")
+    for b, n in enumerate(lens):
+        if n % P:
+            args["kv_cache"][table[b, n // P].long(), n % P :] = float("inf") if b % 2 else float("nan")
+    got = mla_decode_ref(**args, softmax_scale=0.1)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_mla_decode_reference_refuses_empty_context():
     args = _paged_cache([3, 1], 4, 16, 32, 16, torch.float32, "cpu")
     args["context_lens"][1] = 0
