@@ -31,10 +31,12 @@ from nmoe_serve.kernels.fp8_format import AMAX_EPS, FP8_MAX, quantize_weight_blo
 from nmoe_serve.kernels.fp8_quant import fp8_quant
 from nmoe_serve.kernels.fused_moe import (
     GLUON_DECODE,
+    GLUON_DECODE_WIDE,
     GLUON_PREFILL,
     default_config,
     fused_moe_ref,
     fused_moe_with_config,
+    gluon_blocks,
     moe_align,
     moe_gather,
     moe_gemm1,
@@ -92,8 +94,9 @@ def _gluon(**per_gemm):
 
 def _gluon_everywhere(tiles: dict, **per_gemm):
     """Decode at every batch on one family of Gluon GEMMs, whatever `default_config` would pick:
-    `GLUON_DECODE` (persistent, 64-slot blocks) or `GLUON_PREFILL` (128-slot blocks: at 256 seqs
-    a rank about one block an expert, so each weight tile is streamed once), tiles changed per GEMM."""
+    `GLUON_DECODE` (persistent, 64-slot blocks), `GLUON_DECODE_WIDE` (persistent, 128-slot blocks)
+    or `GLUON_PREFILL` (128-slot blocks, a program an item; with 128-slot blocks, at 256 seqs a rank
+    about one block an expert, so each weight tile is streamed once), tiles changed per GEMM."""
 
     def change(cfg, phase):
         return {g: dict(t, **per_gemm.get(g, {})) if isinstance(t, dict) else t for g, t in tiles.items()}
@@ -124,6 +127,12 @@ CANDIDATES = {
     "gluon-g2bw256": (("decode",), _gluon(gemm2=dict(BLOCK_W=256, num_warps=8))),
     "gluon-g2bw256s3": (("decode",), _gluon(gemm2=dict(BLOCK_W=256, num_warps=8, STAGES=3))),
     "gluon-decode-all": (("decode",), _gluon_everywhere(GLUON_DECODE)),
+    "gluon-wide-decode": (("decode",), _gluon_everywhere(GLUON_DECODE_WIDE)),
+    "gluon-wide-decode-g1s3": (("decode",), _gluon_everywhere(GLUON_DECODE_WIDE, gemm1=dict(STAGES=3))),
+    "gluon-wide-decode-g2wide": (
+        ("decode",),
+        _gluon_everywhere(GLUON_DECODE_WIDE, gemm2=dict(BLOCK_T=128, STAGES=6, CTAS_PER_SM=1, num_warps=8)),
+    ),
     "gluon-128slot-decode": (("decode",), _gluon_everywhere(GLUON_PREFILL)),
     "gluon-128slot-decode-flat": (
         ("decode",),
@@ -191,7 +200,7 @@ def time_case(cfg: dict, inputs: dict, graph: bool, reps: int) -> tuple[float, f
 
         gemms = fused_moe_gluon if cfg["VARIANT"] == "gluon" else fused_moe_gluon_prefill
 
-        ids_sorted, block_expert = moe_align(ids, E, 0, gemms.BLOCK_T)
+        ids_sorted, block_expert, halves = gluon_blocks(ids, E, 0, cfg)
         x8, xs = fp8_quant(x)
 
         def gemm1():
@@ -202,7 +211,9 @@ def time_case(cfg: dict, inputs: dict, graph: bool, reps: int) -> tuple[float, f
         calls = (
             lambda: fused_moe_with_config(x, ids, weights, w13, w2, 0, s13, s2, cfg),
             gemm1,
-            lambda: gemms.gemm2(h, hs, w2, s2, ids_sorted, block_expert, ids.numel(), x.dtype, cfg["gemm2"]),
+            lambda: gemms.gemm2(
+                h, hs, w2, s2, ids_sorted, block_expert, ids.numel(), x.dtype, cfg["gemm2"], halves
+            ),
         )
         if graph:
             return tuple(bench_kernels.graph_time(fn, reps) for fn in calls)  # type: ignore[return-value]

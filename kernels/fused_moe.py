@@ -108,18 +108,23 @@ def moe_align_scatter_kernel(
     counts_ptr,  # [Ch, BLOCK_E] int32
     sorted_pair_ids_ptr,  # [A_pad] int32 out
     block_expert_ptr,  # [A_pad / BLOCK_T] int32 out
+    half_expert_ptr,  # HALVES: [num_halves] int32 out, the local expert of each half block
+    half_base_ptr,  # HALVES: [num_halves] int32 out, where it starts, in half blocks
     num_pairs,
     expert_start,
     num_experts,
     num_chunks,
     num_blocks,
     blocks_per_chunk,
+    num_halves,
+    halves_per_chunk,
     BLOCK_T: tl.constexpr,
     CHUNK: tl.constexpr,
     SUB: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_C: tl.constexpr,
     FILL_BLOCKS: tl.constexpr,
+    HALVES: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     experts = tl.arange(0, BLOCK_E)  # [BE]
@@ -160,6 +165,26 @@ def moe_align_scatter_kernel(
         padding = block_mask[:, None] & (slots >= real_end[:, None])
         tl.store(sorted_pair_ids_ptr + slots, tl.zeros_like(slots) + num_pairs, mask=padding)
 
+    if HALVES:
+        # The half blocks (BLOCK_T / 2 slots) that hold pairs, each expert's in slot order: an
+        # expert's run of ceil(total / half) of them starts at its first block's first half.
+        HALF: tl.constexpr = BLOCK_T // 2
+        half_counts = (total + HALF - 1) // HALF  # [BE]
+        half_ends = tl.cumsum(half_counts, axis=0)  # [BE]
+        half_starts = half_ends - half_counts
+        first_h = chunk * halves_per_chunk
+        for h0 in range(first_h, first_h + halves_per_chunk, FILL_BLOCKS):
+            halves = h0 + tl.arange(0, FILL_BLOCKS)  # [FB]
+            half_mask = (halves < first_h + halves_per_chunk) & (halves < num_halves)
+            expert = tl.sum(
+                (is_local[None, :] & (half_ends[None, :] <= halves[:, None])).to(tl.int32), axis=1
+            )
+            found = expert < num_experts
+            mine = experts[None, :] == expert[:, None]  # [FB, BE]
+            base = tl.sum(tl.where(mine, padded_starts[None, :] // HALF - half_starts[None, :], 0), axis=1)
+            tl.store(half_expert_ptr + halves, tl.where(found, expert, -1), mask=half_mask)
+            tl.store(half_base_ptr + halves, tl.where(found, base + halves, 0), mask=half_mask)
+
 
 def moe_align(
     topk_ids: torch.Tensor, num_experts: int, expert_start: int, block_t: int
@@ -173,13 +198,37 @@ def moe_align(
     blocks past the last expert's run. Experts with no pairs get no blocks. Two launches, no
     host sync: the sizes depend only on the shapes.
     """
+    sorted_pair_ids, block_expert, _ = _moe_align(topk_ids, num_experts, expert_start, block_t, False)
+    return sorted_pair_ids, block_expert
+
+
+def moe_align_halves(
+    topk_ids: torch.Tensor, num_experts: int, expert_start: int, block_t: int
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """`moe_align`, and the half blocks (block_t / 2 slots) of its blocks that hold pairs, in slot
+    order: (half_expert [num_halves] int32, the local expert of each, -1 past the last one;
+    half_base [num_halves] int32, where each starts, in half blocks), num_halves =
+    max_aligned_blocks(T*K, E, block_t / 2). A GEMM on half blocks streams no weights for a block's
+    half that holds only padding. Same two launches."""
+    sorted_pair_ids, block_expert, halves = _moe_align(topk_ids, num_experts, expert_start, block_t, True)
+    assert halves is not None
+    return sorted_pair_ids, block_expert, halves
+
+
+def _moe_align(
+    topk_ids: torch.Tensor, num_experts: int, expert_start: int, block_t: int, with_halves: bool
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     device = topk_ids.device
     num_pairs = topk_ids.numel()
     num_blocks = max_aligned_blocks(num_pairs, num_experts, block_t)
     sorted_pair_ids = torch.empty(num_blocks * block_t, dtype=torch.int32, device=device)  # [A_pad]
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)  # [A_pad / BT]
+    num_halves = max_aligned_blocks(num_pairs, num_experts, block_t // 2) if with_halves else 0
+    half_expert = torch.empty(num_halves, dtype=torch.int32, device=device)  # [NH]
+    half_base = torch.empty(num_halves, dtype=torch.int32, device=device)  # [NH]
+    halves = (half_expert, half_base) if with_halves else None
     if num_pairs == 0:
-        return sorted_pair_ids, block_expert
+        return sorted_pair_ids, block_expert, halves
     chunk = max(ALIGN_SUB, triton.next_power_of_2(triton.cdiv(num_pairs, ALIGN_MAX_CHUNKS)))
     num_chunks = triton.cdiv(num_pairs, chunk)
     block_e = triton.next_power_of_2(num_experts)
@@ -191,18 +240,23 @@ def moe_align(
         counts,
         sorted_pair_ids,
         block_expert,
+        half_expert,
+        half_base,
         num_pairs,
         expert_start,
         num_experts,
         num_chunks,
         num_blocks,
         triton.cdiv(num_blocks, num_chunks),
+        num_halves,
+        triton.cdiv(num_halves, num_chunks),
         BLOCK_T=block_t,
         BLOCK_C=triton.next_power_of_2(num_chunks),
         FILL_BLOCKS=max(1, min(16, 2048 // block_t)),
+        HALVES=with_halves,
         **common,
     )
-    return sorted_pair_ids, block_expert
+    return sorted_pair_ids, block_expert, halves
 
 
 def moe_align_ref(
@@ -634,6 +688,15 @@ GLUON_DECODE = dict(
     gemm1=dict(BLOCK_T=64, STAGES=4, CTAS_PER_SM=1, num_warps=8),
     gemm2=dict(BLOCK_T=64, STAGES=4, CTAS_PER_SM=2, num_warps=4),
 )
+# GEMM 1 of the same on 128-slot blocks (two warpgroups along the tokens, 8 warps, one program an
+# SM): at 256 sequences a rank about one block an expert, so each weight tile is streamed once.
+# GEMM 2 takes the 64-slot halves of those blocks that hold pairs (`moe_align_halves`): on 128-slot
+# blocks its tensor work per weight byte doubles and it runs slower (docs/PERF.md).
+GLUON_DECODE_WIDE = dict(
+    VARIANT="gluon",
+    gemm1=dict(BLOCK_T=128, STAGES=4, CTAS_PER_SM=1, num_warps=8),
+    gemm2=dict(BLOCK_T=64, STAGES=4, CTAS_PER_SM=2, num_warps=4),
+)
 # Above 512 pairs an expert (prefill), the Gluon prefill GEMMs (kernels/fused_moe_gluon_prefill.py).
 GLUON_PREFILL = dict(
     VARIANT="gluon_prefill",
@@ -648,8 +711,9 @@ def default_config(num_pairs: int, num_experts: int, fp8: bool, gluon: bool = Fa
 
     gluon (Hopper, chosen by the backend at start-up): FP8 decode with more than
     GLUON_MIN_PAIRS_PER_EXPERT pairs an expert runs the Gluon GEMMs (kernels/fused_moe_gluon.py:
-    64-slot blocks, tokens as the wgmma's M, weight tiles through a TMA ring in a persistent
-    grid) with `GLUON_DECODE`'s tiles; more than 512 (prefill) the Gluon prefill GEMMs
+    tokens as the wgmma's M, weight tiles through a TMA ring in a persistent grid) with
+    `GLUON_DECODE_WIDE`'s tiles (GEMM 1 on 128-slot blocks, GEMM 2 on their 64-slot halves;
+    `GLUON_DECODE`, 64-slot blocks for both, was 9% slower at 256 seqs, docs/PERF.md); more than 512 (prefill) the Gluon prefill GEMMs
     (kernels/fused_moe_gluon_prefill.py: 128-slot blocks, each K step's wgmma overlapped with the
     previous step's scaling) with `GLUON_PREFILL`'s; smaller decode batches keep the Triton tiles.
 
@@ -679,7 +743,7 @@ def default_config(num_pairs: int, num_experts: int, fp8: bool, gluon: bool = Fa
     """
     per_expert = num_pairs / num_experts
     if gluon and fp8 and per_expert > GLUON_MIN_PAIRS_PER_EXPERT:
-        chosen = GLUON_DECODE if per_expert <= 512 else GLUON_PREFILL
+        chosen = GLUON_DECODE_WIDE if per_expert <= 512 else GLUON_PREFILL
         return {k: dict(v) if isinstance(v, dict) else v for k, v in chosen.items()}
     block_k = 128 if fp8 else 64
     common = dict(BLOCK_W=128, BLOCK_K=block_k, SCALAR_WS=fp8)
@@ -827,17 +891,47 @@ def _gluon_gemms(x, topk_ids, w13, w2, expert_start, w13_scale, w2_scale, cfg) -
 
     gemms = fused_moe_gluon if cfg["VARIANT"] == "gluon" else fused_moe_gluon_prefill
 
-    block_t = gemms.BLOCK_T
-    if cfg["gemm1"]["BLOCK_T"] != block_t or cfg["gemm2"]["BLOCK_T"] != block_t:
-        raise ValueError(f"fused_moe: the {cfg['VARIANT']} GEMMs take {block_t}-slot blocks; cfg has {cfg}")
     K = topk_ids.shape[1]
-    sorted_pair_ids, block_expert = moe_align(topk_ids, w13.shape[0], expert_start, block_t)
+    sorted_pair_ids, block_expert, halves = gluon_blocks(topk_ids, w13.shape[0], expert_start, cfg)
     x_fp8, x_scales = fp8_quant(x)  # [T, H], [T, G_H]
     xg, xgs = moe_gather(x_fp8, x_scales, sorted_pair_ids, block_expert, K)  # [A_pad, H], [A_pad, G_H]
     h, hs = gemms.gemm1(xg, xgs, w13, w13_scale, block_expert, cfg["gemm1"], FP8_MAX, AMAX_EPS)
+    if halves is not None:
+        return gemms.gemm2(
+            h,
+            hs,
+            w2,
+            w2_scale,
+            sorted_pair_ids,
+            block_expert,
+            topk_ids.numel(),
+            x.dtype,
+            cfg["gemm2"],
+            halves,
+        )
     return gemms.gemm2(
         h, hs, w2, w2_scale, sorted_pair_ids, block_expert, topk_ids.numel(), x.dtype, cfg["gemm2"]
     )
+
+
+def gluon_blocks(topk_ids, num_experts: int, expert_start: int, cfg: dict):
+    """The aligned pairs the Gluon GEMMs of `cfg` take: (sorted_pair_ids, block_expert, halves),
+    halves from `moe_align_halves` where GEMM 1 takes 128-slot blocks and GEMM 2 their 64-slot
+    halves, else None. Refuses tiles whose block sizes no kernel takes."""
+    from . import fused_moe_gluon, fused_moe_gluon_prefill
+
+    gemms = fused_moe_gluon if cfg["VARIANT"] == "gluon" else fused_moe_gluon_prefill
+    block_t = cfg["gemm1"]["BLOCK_T"]
+    sizes = gemms.BLOCK_TS if cfg["VARIANT"] == "gluon" else (gemms.BLOCK_T,)
+    on_halves = cfg["VARIANT"] == "gluon" and block_t == 128 and cfg["gemm2"]["BLOCK_T"] == 64
+    if block_t not in sizes or (cfg["gemm2"]["BLOCK_T"] != block_t and not on_halves):
+        raise ValueError(
+            f"fused_moe: the {cfg['VARIANT']} GEMMs take blocks of {sizes} slots, the same for both "
+            f"(or, for 'gluon', 128 for GEMM 1 and 64 for GEMM 2, on its blocks' halves); cfg has {cfg}"
+        )
+    if on_halves:
+        return moe_align_halves(topk_ids, num_experts, expert_start, block_t)
+    return (*moe_align(topk_ids, num_experts, expert_start, block_t), None)
 
 
 def gluon_available(device: torch.device) -> tuple[bool, str]:

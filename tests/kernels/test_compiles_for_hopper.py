@@ -142,13 +142,31 @@ def _cases():
             4,
             1,
         ),
-        (
-            "moe_align_scatter",
-            fused_moe.moe_align_scatter_kernel,
-            dict(ids_ptr=i32, counts_ptr=i32, sorted_pair_ids_ptr=i32, block_expert_ptr=i32),
-            dict(BLOCK_T=16, CHUNK=256, SUB=256, BLOCK_E=32, BLOCK_C=128, FILL_BLOCKS=16),
-            4,
-            1,
+        *(
+            (
+                f"moe_align_scatter BLOCK_T={block_t}{' halves' if halves else ''}",
+                fused_moe.moe_align_scatter_kernel,
+                dict(
+                    ids_ptr=i32,
+                    counts_ptr=i32,
+                    sorted_pair_ids_ptr=i32,
+                    block_expert_ptr=i32,
+                    half_expert_ptr=i32,
+                    half_base_ptr=i32,
+                ),
+                dict(
+                    BLOCK_T=block_t,
+                    CHUNK=256,
+                    SUB=256,
+                    BLOCK_E=32,
+                    BLOCK_C=128,
+                    FILL_BLOCKS=max(1, min(16, 2048 // block_t)),
+                    HALVES=halves,
+                ),
+                4,
+                1,
+            )
+            for block_t, halves in ((16, False), (128, True))
         ),
     ]
     cases.append(

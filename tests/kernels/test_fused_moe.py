@@ -10,6 +10,7 @@ from nmoe_serve.kernels import INTERPRET
 from nmoe_serve.kernels.fp8_format import quantize_weight_blocks
 from nmoe_serve.kernels.fused_moe import (
     GLUON_DECODE,
+    GLUON_DECODE_WIDE,
     GLUON_PREFILL,
     default_config,
     fused_moe,
@@ -18,6 +19,7 @@ from nmoe_serve.kernels.fused_moe import (
     kernel_tiles,
     max_aligned_blocks,
     moe_align,
+    moe_align_halves,
     moe_align_ref,
     moe_gather,
     moe_gather_ref,
@@ -51,6 +53,33 @@ def _assert_near(out: torch.Tensor, want: torch.Tensor) -> None:
     most, 1e-2 in norm."""
     assert _rel_err(out, want) <= 2e-2
     assert ((out.float() - want.float()).norm() / want.float().norm()).item() <= 1e-2
+
+
+@pytest.mark.parametrize(
+    "T, K, E, total, block_t",
+    [(7, 3, 4, 10, 16), (40, 2, 3, 6, 16), (1, 8, 32, 256, 128), (150, 4, 4, 8, 128), (90, 8, 8, 16, 32)],
+)
+def test_moe_align_halves_lists_each_half_block_that_holds_pairs(T, K, E, total, block_t, device):
+    """The half blocks of moe_align's blocks that hold a pair, in slot order, each with its
+    block's expert; -1 and base 0 past the last; the blocks themselves as moe_align's. Experts
+    with 1..3 halves' worth of pairs, one with none, foreign experts."""
+    expert_start = 2
+    ids, _ = _routing(T, K, total, device, avoid=(expert_start + 1,))
+    sorted_pair_ids, block_expert, (half_expert, half_base) = moe_align_halves(ids, E, expert_start, block_t)
+    want_ids, want_blocks = moe_align(ids, E, expert_start, block_t)
+    assert torch.equal(sorted_pair_ids, want_ids) and torch.equal(block_expert, want_blocks)
+    half, num_pairs = block_t // 2, T * K
+    assert half_expert.shape == half_base.shape == (max_aligned_blocks(num_pairs, E, half),)
+    want = [
+        (int(block_expert[b]), 2 * b + j)
+        for b in range(block_expert.numel())
+        if block_expert[b] >= 0
+        for j in (0, 1)
+        if bool((sorted_pair_ids[(2 * b + j) * half : (2 * b + j + 1) * half] < num_pairs).any())
+    ]
+    n = len(want)
+    assert list(zip(half_expert[:n].tolist(), half_base[:n].tolist(), strict=True)) == want
+    assert torch.all(half_expert[n:] == -1) and torch.all(half_base[n:] == 0)
 
 
 @pytest.mark.parametrize("T, K, E, total", [(7, 3, 4, 10), (40, 2, 3, 6), (1, 8, 32, 256)])
@@ -380,16 +409,19 @@ def _moe_gluon_here() -> bool:
     ],
 )
 @pytest.mark.parametrize("gemm2_rows", [128, 256])
-def test_fused_moe_gluon_matches_reference(T, H, inter, E, K, total, start, stages, gemm2_rows):
+@pytest.mark.parametrize("block_t", [64, 128])
+def test_fused_moe_gluon_matches_reference(T, H, inter, E, K, total, start, stages, gemm2_rows, block_t):
     """The Gluon decode GEMMs against the reference (FP8), stage counts below and above the K
-    steps, experts split over several 64-slot blocks, foreign experts on both sides; GEMM 2 with
-    128- and 256-row weight tiles (per-column scales)."""
+    steps, experts split over several 64- or 128-slot blocks, foreign experts on both sides; GEMM 2
+    with 128- and 256-row weight tiles (per-column scales; 64-slot blocks only)."""
     if H % gemm2_rows:
         pytest.skip(f"H {H} is not a multiple of {gemm2_rows}")
+    if block_t == 128 and gemm2_rows != 128:
+        pytest.skip("128-slot blocks take 128-row GEMM 2 tiles (test_gluon_wide_gemm2_refuses_256_row_tiles)")
     x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
     ids, weights = _routing(T, K, total, "cuda")
     w = _weights(E, H, inter, torch.bfloat16, True, "cuda")
-    cfg = _gluon_config()
+    cfg = _gluon_config(GLUON_DECODE if block_t == 64 else GLUON_DECODE_WIDE)
     for tiles in cfg["gemm1"], cfg["gemm2"]:
         tiles["STAGES"] = stages
     if gemm2_rows != 128:
@@ -403,15 +435,27 @@ def test_fused_moe_gluon_matches_reference(T, H, inter, E, K, total, start, stag
 @pytest.mark.skipif(not _moe_gluon_here(), reason="needs a Hopper GPU and Triton's Gluon")
 @pytest.mark.parametrize(
     "T, gemms",
-    [(1, "decode"), (32, "decode"), (256, "decode"), (1000, "decode"), (2304, "prefill"), (4096, "prefill")],
+    [
+        (1, "decode"),
+        (32, "decode"),
+        (256, "decode"),
+        (1000, "decode"),
+        (1, "decode-wide"),
+        (256, "decode-wide"),
+        (1000, "decode-wide"),
+        (2304, "prefill"),
+        (4096, "prefill"),
+    ],
 )
 def test_fused_moe_gluon_deepseek_shapes(T, gemms):
     """DeepSeek-V3 on one of 8 EP ranks (as test_fused_moe_gpu_deepseek_shapes, same bounds),
-    deterministic: the Gluon decode GEMMs with their default tiles at every T, the prefill ones
-    where `default_config` picks them."""
+    deterministic: the Gluon decode GEMMs with their default tiles (64-slot blocks) and with
+    128-slot blocks at every T, the prefill ones where `default_config` picks them."""
     x, ids, weights, w, expert_start = _deepseek_rank_inputs(T, fp8=True)
     if gemms == "decode":
         cfg = _gluon_config()
+    elif gemms == "decode-wide":
+        cfg = _gluon_config(GLUON_DECODE_WIDE)
     else:
         cfg = default_config(ids.numel(), w["w13"].shape[0], True, gluon=True)
         assert cfg["VARIANT"] == "gluon_prefill"
@@ -447,6 +491,52 @@ def test_fused_moe_gluon_prefill_matches_reference(T, H, inter, E, K, total, sta
     out = fused_moe_with_config(x, ids, weights, w["w13"], w["w2"], start, w["w13_scale"], w["w2_scale"], cfg)
     want = fused_moe_ref(x, ids, weights, expert_start=start, **w)
     _assert_near(out, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _moe_gluon_here(), reason="needs a Hopper GPU and Triton's Gluon")
+def test_gluon_wide_gemm2_refuses_256_row_tiles():
+    """128-slot blocks with 256-row GEMM 2 tiles would need 256 accumulator registers a thread:
+    the wrapper says so before a launch."""
+    x = torch.randn(8, 256, device="cuda").to(torch.bfloat16)
+    ids, weights = _routing(8, 2, 4, "cuda")
+    w = _weights(4, 256, 128, torch.bfloat16, True, "cuda")
+    cfg = _gluon_config(GLUON_DECODE_WIDE)
+    cfg["gemm2"].update(BLOCK_T=128, BLOCK_W=256, num_warps=8, CTAS_PER_SM=1)
+    with pytest.raises(ValueError, match="128-row tiles with 128-slot blocks"):
+        fused_moe_with_config(x, ids, weights, w["w13"], w["w2"], 0, w["w13_scale"], w["w2_scale"], cfg)
+
+
+@pytest.mark.parametrize(
+    "tiles, slots, blocks, message",
+    [
+        (dict(BLOCK_T=96, num_warps=8), 96, 1, r"blocks of \(64, 128\) slots, not 96"),
+        (dict(BLOCK_T=128, num_warps=4), 128, 1, "need num_warps = 8"),
+        (dict(BLOCK_T=128, num_warps=8), 128, 2, "aligned to 64-slot blocks, the tiles say 128"),
+    ],
+)
+def test_gluon_decode_gemms_refuse_tiles_they_cannot_run(tiles, slots, blocks, message):
+    """A block size the kernels lack, 128-slot blocks on one warpgroup, or pairs aligned to another
+    block size than the tiles': a clear error before a launch, no wrong result."""
+    pytest.importorskip("triton.experimental.gluon")
+    from nmoe_serve.kernels import fused_moe_gluon
+
+    with pytest.raises(ValueError, match=message):
+        fused_moe_gluon.block_slots(tiles, slots, blocks)
+    assert fused_moe_gluon.block_slots(dict(BLOCK_T=128, num_warps=8), 256, 2) == 128
+
+
+def test_fused_moe_refuses_gluon_tiles_of_two_block_sizes():
+    """GEMM 2 reads h in GEMM 1's slot order: it takes GEMM 1's block size, or (128-slot GEMM 1)
+    their 64-slot halves, never larger blocks than GEMM 1's."""
+    pytest.importorskip("triton.experimental.gluon")
+    cfg = _gluon_config(GLUON_DECODE)
+    cfg["gemm2"].update(BLOCK_T=128, num_warps=8)
+    x = torch.randn(4, 256).to(torch.bfloat16)
+    ids, weights = _routing(4, 2, 4, "cpu")
+    w = _weights(4, 256, 128, torch.bfloat16, True, "cpu")
+    with pytest.raises(ValueError, match="the same for both"):
+        fused_moe_with_config(x, ids, weights, w["w13"], w["w2"], 0, w["w13_scale"], w["w2_scale"], cfg)
 
 
 @pytest.mark.parametrize("group_t", [0, -1, 2.5])

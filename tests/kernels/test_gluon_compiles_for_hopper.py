@@ -48,26 +48,28 @@ def _cases() -> list:
         types = dict(x_desc=_desc([bt, 128]), w_desc=_desc([bw, 128]), xs_ptr=f32, ws_ptr=f32, y_ptr="*bf16")
         constexprs = dict(BLOCK_T=bt, BLOCK_W=bw, STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
         cases.append((f"fp8_gemm_gluon T={T}", fp8_gemm_gluon.fp8_gemm_gluon_kernel, types, constexprs, True))
-    decode = fused_moe.GLUON_DECODE
-    for gemm, kernel, types in (
-        (
-            "gemm1",
-            fused_moe_gluon.moe_gemm1_gluon_kernel,
-            dict(x_desc=_desc([64, 128]), w_desc=_desc([128, 128]), h_ptr="*fp8e4nv", hs_ptr=f32),
-        ),
-        (
-            "gemm2",
-            fused_moe_gluon.moe_gemm2_gluon_kernel,
-            dict(x_desc=_desc([64, 128]), w_desc=_desc([128, 128]), y_ptr="*bf16", sorted_pair_ids_ptr=i32),
-        ),
+    for label, decode in (
+        ("", fused_moe.GLUON_DECODE),
+        (" wide (128-slot GEMM 1, GEMM 2 on halves)", fused_moe.GLUON_DECODE_WIDE),
     ):
-        tiles = decode[gemm]
-        constexprs = dict(STAGES=tiles["STAGES"], MAX_BLOCKS=128, num_warps=tiles["num_warps"])
-        if gemm == "gemm1":
-            constexprs |= dict(FP8_MAX=448.0, AMAX_EPS=1e-10)
-        types |= dict(xs_ptr=f32, ws_ptr=f32, block_expert_ptr=i32)
-        # The decode GEMMs wait for each step's product (they are bound by the weight stream).
-        cases.append((f"fused_moe_gluon {gemm}", kernel, types, constexprs, False))
+        for gemm, kernel in (
+            ("gemm1", fused_moe_gluon.moe_gemm1_gluon_kernel),
+            ("gemm2", fused_moe_gluon.moe_gemm2_gluon_kernel),
+        ):
+            tiles = decode[gemm]
+            types = dict(x_desc=_desc([tiles["BLOCK_T"], 128]), w_desc=_desc([128, 128]))
+            types |= dict(xs_ptr=f32, ws_ptr=f32, block_expert_ptr=i32)
+            constexprs = dict(STAGES=tiles["STAGES"], MAX_BLOCKS=128, num_warps=tiles["num_warps"])
+            if gemm == "gemm1":
+                types |= dict(h_ptr="*fp8e4nv", hs_ptr=f32)
+                constexprs |= dict(FP8_MAX=448.0, AMAX_EPS=1e-10)
+            else:  # the wide config's GEMM 2 takes the 64-slot halves of GEMM 1's blocks
+                types |= dict(y_ptr="*bf16", sorted_pair_ids_ptr=i32, block_base_ptr=i32)
+                constexprs |= dict(INDIRECT=decode is fused_moe.GLUON_DECODE_WIDE)
+            # The decode GEMMs wait for each step's products (they are bound by the weight
+            # stream); GEMM 1 on 128-slot blocks keeps one half product in flight (DEPBAR 0x1).
+            in_flight = decode is fused_moe.GLUON_DECODE_WIDE and gemm == "gemm1"
+            cases.append((f"fused_moe_gluon{label} {gemm}", kernel, types, constexprs, in_flight))
     prefill = fused_moe.GLUON_PREFILL
     gemm1_types = dict(x_desc=_desc([128, 128]), w_desc=_desc([64, 128]), h_ptr="*fp8e4nv")
     gemm1_types |= dict(xs_ptr=f32, ws_ptr=f32, hs_ptr=f32, block_expert_ptr=i32)
