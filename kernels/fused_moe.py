@@ -713,9 +713,10 @@ def default_config(num_pairs: int, num_experts: int, fp8: bool, gluon: bool = Fa
     GLUON_MIN_PAIRS_PER_EXPERT pairs an expert runs the Gluon GEMMs (kernels/fused_moe_gluon.py:
     tokens as the wgmma's M, weight tiles through a TMA ring in a persistent grid) with
     `GLUON_DECODE_WIDE`'s tiles (GEMM 1 on 128-slot blocks, GEMM 2 on their 64-slot halves;
-    `GLUON_DECODE`, 64-slot blocks for both, was 9% slower at 256 seqs, docs/PERF.md); more than 512 (prefill) the Gluon prefill GEMMs
-    (kernels/fused_moe_gluon_prefill.py: 128-slot blocks, each K step's wgmma overlapped with the
-    previous step's scaling) with `GLUON_PREFILL`'s; smaller decode batches keep the Triton tiles.
+    `GLUON_DECODE`, 64-slot blocks for both, was about 10% slower at 256 seqs, docs/PERF.md);
+    more than 512 (prefill) the Gluon prefill GEMMs (kernels/fused_moe_gluon_prefill.py: 128-slot
+    blocks, each K step's wgmma overlapped with the previous step's scaling) with `GLUON_PREFILL`'s;
+    smaller decode batches keep the Triton tiles.
 
     BLOCK_T follows T*K/E, the mean pairs per expert if every pair were local (an upper bound;
     with expert parallelism about a quarter are). Decode streams each expert's weights once per
@@ -896,22 +897,8 @@ def _gluon_gemms(x, topk_ids, w13, w2, expert_start, w13_scale, w2_scale, cfg) -
     x_fp8, x_scales = fp8_quant(x)  # [T, H], [T, G_H]
     xg, xgs = moe_gather(x_fp8, x_scales, sorted_pair_ids, block_expert, K)  # [A_pad, H], [A_pad, G_H]
     h, hs = gemms.gemm1(xg, xgs, w13, w13_scale, block_expert, cfg["gemm1"], FP8_MAX, AMAX_EPS)
-    if halves is not None:
-        return gemms.gemm2(
-            h,
-            hs,
-            w2,
-            w2_scale,
-            sorted_pair_ids,
-            block_expert,
-            topk_ids.numel(),
-            x.dtype,
-            cfg["gemm2"],
-            halves,
-        )
-    return gemms.gemm2(
-        h, hs, w2, w2_scale, sorted_pair_ids, block_expert, topk_ids.numel(), x.dtype, cfg["gemm2"]
-    )
+    args = (h, hs, w2, w2_scale, sorted_pair_ids, block_expert, topk_ids.numel(), x.dtype, cfg["gemm2"])
+    return gemms.gemm2(*args) if halves is None else gemms.gemm2(*args, halves)
 
 
 def gluon_blocks(topk_ids, num_experts: int, expert_start: int, cfg: dict):

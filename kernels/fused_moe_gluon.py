@@ -66,14 +66,6 @@ BLOCK_K = 128  # one FP8 scale group a step
 
 
 @gluon.jit
-def _item_expert(block_expert_ptr, item, n_tiles, num_blocks):
-    """Local expert of work item `item`, clamped to a valid block and expert: items past this
-    program's last one get a safe address whose values go unused."""
-    block = gl.minimum(item // n_tiles, num_blocks - 1)
-    return gl.maximum(gl.load(block_expert_ptr + block), 0)
-
-
-@gluon.jit
 def _item_coords(item, n_tiles, num_blocks, block_expert_ptr, block_base_ptr, INDIRECT: gl.constexpr):
     """(block, weight tile, local expert) of work item `item`, the block clamped into the list and
     the expert to >= 0: an item past this program's last gets safe addresses, its values unused.
@@ -142,14 +134,6 @@ def _async_product(x_buf, w_buf, BLOCK_T: gl.constexpr, BLOCK_W: gl.constexpr, m
         use_acc=False,
         is_async=True,
     )
-
-
-@gluon.jit
-def _product_after(x_buf, w_buf, after):
-    """x_buf @ w_buf^T, complete, issued once `after` (a tensor of its shape and layout) is
-    computed: the product accumulates onto after * 0."""
-    prod = warpgroup_mma(x_buf, w_buf.permute((1, 0)), after * 0.0, is_async=True)
-    return warpgroup_mma_wait(num_outstanding=0, deps=(prod,))
 
 
 @gluon.jit
@@ -234,9 +218,9 @@ def _moe_gemm_loop(
 
     # 64-slot blocks: one warpgroup along the tokens; a second one (8 warps) takes half of the
     # weight rows. 128-slot blocks: two warpgroups along the tokens (8 warps); GEMM 1 there keeps
-    # gate and up (128 x 128 each: 128 registers a thread) as four halves of CHUNK_W columns and
-    # takes one half product at a time (`SPLIT`), so that one 32-register product is live beside
-    # them (two full products would need 128 more, and spill).
+    # gate and up (128 x 128 each: 128 registers a thread) as four halves of CHUNK_W columns
+    # (`SPLIT`) and has two 32-register half products in flight beside them (two full products
+    # would need 128 more, and spill).
     WG_M: gl.constexpr = BLOCK_T // 64
     WG_N: gl.constexpr = num_warps // 4 // WG_M
     SPLIT: gl.constexpr = 2 if GATED and WG_M == 2 else 1
@@ -279,12 +263,13 @@ def _moe_gemm_loop(
             stage = s % STAGES
             mbarrier.wait(ready.index(stage), (s // STAGES) & 1)
             if SPLIT == 2:
-                # Four half products in turn, each scaled into its sum before the next is issued.
-                # Each next product accumulates onto the sum just updated times 0: that makes it
-                # wait for the scale FMA (ptxas otherwise defers the FMAs past the later products,
-                # keeps every product live and spills; so 224 registers, no spills). The zero
-                # term joins each element to itself in the same row, and a row whose sum is
-                # inf or NaN has its whole 1x128 group of h so already.
+                # Four half products, two in flight: the gate's two are issued together, and each
+                # up half is issued once a gate half has been scaled into its sum, accumulating
+                # onto that sum times 0. That makes it wait for the scale FMA (ptxas otherwise
+                # defers the FMAs past the later products, keeps every product live and spills;
+                # so 224 registers, no spills). The zero term joins each element to itself in
+                # the same row, and a row whose sum is inf or NaN has its whole 1x128 group of h
+                # so already.
                 x_buf = x_bufs.index(stage)
                 gate_buf = w_bufs.index(2 * stage)
                 up_buf = w_bufs.index(2 * stage + 1)
