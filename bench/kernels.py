@@ -38,7 +38,8 @@ import torch
 from report import cuda_time, warm_up
 
 from nmoe_serve.kernels.fp8_format import quantize_weight_blocks
-from nmoe_serve.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
+from nmoe_serve.kernels.fp8_gemm import GLUON_MIN_T, fp8_gemm, fp8_gemm_ref
+from nmoe_serve.kernels.fp8_gemm import gluon_available as fp8_gemm_gluon_available
 from nmoe_serve.kernels.fp8_quant import fp8_quant, fp8_quant_ref
 from nmoe_serve.kernels.fused_moe import fused_moe, fused_moe_ref
 from nmoe_serve.kernels.gather_sum import gather_sum, gather_sum_ref
@@ -47,6 +48,12 @@ from nmoe_serve.kernels.mla_decode import mla_decode, mla_decode_ref
 from nmoe_serve.kernels.mla_decode_fp8 import VARIANTS as FP8_MLA_VARIANTS
 from nmoe_serve.kernels.mla_decode_fp8 import (
     default_config as fp8_mla_config,
+)
+from nmoe_serve.kernels.mla_decode_fp8 import (
+    gluon_available as fp8_mla_gluon_available,
+)
+from nmoe_serve.kernels.mla_decode_fp8 import (
+    gluon_config as fp8_mla_gluon_config,
 )
 from nmoe_serve.kernels.mla_decode_fp8 import (
     mla_decode_fp8,
@@ -332,9 +339,12 @@ def bench_mla(ceil: dict, batch: int, context: int, reps: int, flashinfer=None, 
     return row
 
 
-def bench_mla_fp8(ceil: dict, batch: int, context: int, reps: int, bf16_row: dict) -> list[dict]:
-    """`mla_decode_fp8` at the shape of `bf16_row` (the same random cache, quantized): its default
-    config and, at 256 x 2000, each variant."""
+def bench_mla_fp8(
+    ceil: dict, batch: int, context: int, reps: int, bf16_row: dict, gluon: bool = False
+) -> list[dict]:
+    """`mla_decode_fp8` at the shape of `bf16_row` (the same random cache, quantized; the fastest of
+    our bf16 kernels, which `over_bf16_graph` divides): the Triton kernel's default config, with
+    `gluon` the Gluon kernel's (kernels/mla_decode_fp8_gluon.py) and, at 256 x 2000, each variant."""
     kv, table, lens, q, q_pe = mla_inputs(batch, context)
     scale = 192**-0.5
     kv8 = quantize_kv_rows_ref(kv.view(-1, LATENT + ROPE), LATENT).view(kv.shape[0], PAGE, -1)
@@ -356,6 +366,8 @@ def bench_mla_fp8(ceil: dict, batch: int, context: int, reps: int, bf16_row: dic
         torch.cuda.get_device_properties(0).multi_processor_count,
     )
     configs = [("default", base)]
+    if gluon:
+        configs.append(("gluon", fp8_mla_gluon_config(base)))
     if (batch, context) == (256, 2000):
         configs += [(name, variant_config(base, name)) for name in FP8_MLA_VARIANTS]
     rows = []
@@ -363,8 +375,8 @@ def bench_mla_fp8(ceil: dict, batch: int, context: int, reps: int, bf16_row: dic
         try:
 
             def call(cfg=cfg, name=name):  # type: ignore[no-untyped-def]
-                if name == "default":
-                    return mla_decode_fp8(q, q_pe, kv8, table, lens, scale)
+                if name in ("default", "gluon"):
+                    return mla_decode_fp8(q, q_pe, kv8, table, lens, scale, gluon=name == "gluon")
                 return mla_decode_fp8_with_config(q, q_pe, kv8, table, lens, scale, cfg)
 
             out = call().float()
@@ -387,14 +399,18 @@ def bench_mla_fp8(ceil: dict, batch: int, context: int, reps: int, bf16_row: dic
     return rows
 
 
-def bench_fp8_gemm(ceil: dict, name: str, n: int, k: int, t: int, reps: int) -> dict:
+def bench_fp8_gemm(ceil: dict, name: str, n: int, k: int, t: int, reps: int, gluon: bool = False) -> dict:
+    """fp8_gemm at one shape as the backend runs it: with `gluon` (the backend's choice on Hopper)
+    the Gluon kernel from GLUON_MIN_T tokens, the Triton one below (the row's `variant` says which)."""
     g = torch.Generator(device="cuda").manual_seed(n + k + t)
     w, s = quantize_weight_blocks(torch.randn(n, k, generator=g, device="cuda") * k**-0.5)
     x8, xs = fp8_quant(torch.randn(t, k, generator=g, device="cuda", dtype=torch.bfloat16))
-    seconds = cuda_time(lambda: fp8_gemm(x8, xs, w, s), reps)
+    seconds = cuda_time(lambda: fp8_gemm(x8, xs, w, s, gluon=gluon), reps)
     # Small weights fit in L2 (50 MB on an H100): cycle through copies worth 150 MB.
     copies = [(w, s)] + [(w.clone(), s.clone()) for _ in range(min(15, math.ceil(150e6 / w.numel()) - 1))]
-    graph_seconds = graph_time([lambda w=w, s=s: fp8_gemm(x8, xs, w, s) for w, s in copies], reps)
+    graph_seconds = graph_time(
+        [lambda w=w, s=s: fp8_gemm(x8, xs, w, s, gluon=gluon) for w, s in copies], reps
+    )
     del copies
     ref_seconds = cuda_time(lambda: fp8_gemm_ref(x8, xs, w, s), 3, warmup=1)
     nbytes = n * k + t * k + t * n * 2
@@ -402,7 +418,8 @@ def bench_fp8_gemm(ceil: dict, name: str, n: int, k: int, t: int, reps: int) -> 
     roof = max(
         nbytes / ceil["copy_bytes_per_s"], flops / ceil.get("fp8_flops_per_s", ceil["bf16_flops_per_s"])
     )
-    shape = {"kernel": "fp8_gemm", "weight": name, "n": n, "k": k, "tokens": t}
+    variant = "gluon" if gluon and t >= GLUON_MIN_T else "triton"
+    shape = {"kernel": "fp8_gemm", "weight": name, "n": n, "k": k, "tokens": t, "variant": variant}
     rate_name = "fp8_flops_per_s" if "fp8_flops_per_s" in ceil else "bf16_flops_per_s"
     ceils = used(ceil, "copy_bytes_per_s", rate_name)
     row = timing_row(shape, seconds, graph_seconds, ref_seconds, nbytes, roof, flops, ceils)
@@ -528,6 +545,11 @@ def main() -> int:
         for t in (256, 16384):
             add(bench_gather_sum(ceil, t, reps))
     if "gemm" in only:
+        gemm_gluon, why = fp8_gemm_gluon_available(torch.device("cuda"))
+        print(
+            f"fp8_gemm Gluon kernel from {GLUON_MIN_T} tokens: {'yes' if gemm_gluon else 'no'} ({why})",
+            flush=True,
+        )
         for name, n, k in (
             ("q_a_proj", 1536, 7168),
             ("kv_a_proj_with_mqa", 576, 7168),
@@ -535,18 +557,21 @@ def main() -> int:
             ("o_proj", 7168, 16384),
         ):
             for t in (1, 32, 256, 4096):
-                add(bench_fp8_gemm(ceil, name, n, k, t, reps))
+                add(bench_fp8_gemm(ceil, name, n, k, t, reps, gluon=gemm_gluon))
     if "mla" in only:
         from nmoe_serve.kernels.mla_decode import gluon_available as mla_gluon_available
 
         mla_gluon, why = mla_gluon_available(torch.device("cuda"))
         print(f"mla_decode Gluon kernel: {'yes' if mla_gluon else 'no'} ({why})", flush=True)
+        fp8_gluon, why = fp8_mla_gluon_available(torch.device("cuda"))
+        print(f"mla_decode_fp8 Gluon kernel: {'yes' if fp8_gluon else 'no'} ({why})", flush=True)
         for batch, context in ((32, 2000), (64, 2000), (128, 2000), (256, 2000), (32, 16000)):
             bf16_row = bench_mla(ceil, batch, context, reps, peer)
             add(bf16_row)
             if mla_gluon:
-                add(bench_mla(ceil, batch, context, reps, peer, gluon=True))
-            for row in bench_mla_fp8(ceil, batch, context, reps, bf16_row):
+                bf16_row = bench_mla(ceil, batch, context, reps, peer, gluon=True)
+                add(bf16_row)
+            for row in bench_mla_fp8(ceil, batch, context, reps, bf16_row, gluon=fp8_gluon):
                 add(row)
     if "moe" in only:
         from nmoe_serve.kernels.fused_moe import gluon_available

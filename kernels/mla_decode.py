@@ -405,17 +405,20 @@ def gluon_config(cfg: dict) -> dict:
     return dict(VARIANT="gluon", NUM_SPLITS=cfg["NUM_SPLITS"])
 
 
-def gluon_available(device: torch.device) -> tuple[bool, str]:
-    """Whether the Gluon kernel can run on `device` (a Hopper GPU, this Triton's Gluon), and why not."""
+def gluon_available(device: torch.device, module: str = "mla_decode_gluon") -> tuple[bool, str]:
+    """Whether the Gluon kernel of kernels/`module`.py can run on `device` (a Hopper GPU, this
+    Triton's Gluon), and why not."""
+    import importlib
+
     from .fp8_gemm import gluon_available as gemm_gluon_available
 
     ok, why = gemm_gluon_available(device)
     if not ok:
         return ok, why
     try:
-        from . import mla_decode_gluon  # noqa: F401
+        importlib.import_module(f"{__package__}.{module}")
     except Exception as e:  # a Triton whose Gluon lacks what the kernel uses
-        return False, f"the MLA Gluon kernel does not import ({type(e).__name__}: {e})"
+        return False, f"the Gluon kernel of {module} does not import ({type(e).__name__}: {e})"
     return True, why
 
 

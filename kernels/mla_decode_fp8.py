@@ -1,5 +1,6 @@
 """Paged MLA decode over the FP8 latent cache (kernels/kv_fp8.py): QK^T on FP8 tensor cores, PV
-on FP8 or bf16.
+on FP8 or bf16; on Hopper with Gluon, kernels/mla_decode_fp8_gluon.py (`gluon=True`) runs both on
+FP8 tensor cores.
 
 Shapes: the legend in docs/ARCHITECTURE.md (B, N, L, R, P, Sp, NP, W).
 
@@ -37,7 +38,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import num_sms
+from . import INTERPRET, num_sms
 from ._validate import check_tensor
 from .kv_fp8 import FP8_DTYPE, FP8_MAX, KV_FP8_TAIL, dequantize_kv_rows_ref, fp8_scale
 from .mla_decode import (
@@ -48,6 +49,7 @@ from .mla_decode import (
     check_decode_args,
     mla_decode_merge_kernel,
 )
+from .mla_decode import gluon_available as bf16_gluon_available
 
 
 @triton.jit
@@ -307,18 +309,58 @@ def mla_decode_fp8(
     context_lens: torch.Tensor,
     softmax_scale: float,
     num_splits: int | None = None,
+    gluon: bool = False,
 ) -> torch.Tensor:
     """`mla_decode` over an FP8 cache [num_pages, P, L + R + 16] float8_e4m3fn (kernels/kv_fp8.py);
     returns [B, N, L] in q's dtype. q_nope [B, N, L], q_pe [B, N, R] bf16/fp16/fp32 (quantized
     to e4m3 per head inside the kernel); page_table, context_lens as for `mla_decode`. Only the
-    dims `fp8_shape_ok` accepts (ValueError otherwise: use `mla_decode_fp8_ref`)."""
+    dims `fp8_shape_ok` accepts (ValueError otherwise: use `mla_decode_fp8_ref`).
+    gluon: run kernels/mla_decode_fp8_gluon.py's kernel (both GEMMs on FP8 tensor cores) where it
+    takes the dims (the backend passes True on a Hopper GPU whose Triton has Gluon: `gluon_available`)."""
     _check_args("mla_decode_fp8", q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, num_splits)
     B, N, L = q_nope.shape
     R, P = q_pe.shape[2], kv_cache.shape[1]
     cfg = default_config(B, N, L, R, P, page_table.shape[1] * P, num_sms(q_nope.device))
     if num_splits is not None:
         cfg["NUM_SPLITS"] = num_splits
+    if gluon and q_nope.is_cuda and not INTERPRET and _gluon_takes(kv_cache, L, R, P):
+        cfg = gluon_config(cfg)
     return mla_decode_fp8_with_config(q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, cfg)
+
+
+def mla_decode_fp8_gluon(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    context_lens: torch.Tensor,
+    softmax_scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """`mla_decode_fp8` with gluon=True, under its own name (the backend's choice on a Hopper GPU
+    whose Triton has Gluon, logged by that name)."""
+    return mla_decode_fp8(
+        q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, num_splits, gluon=True
+    )
+
+
+def gluon_config(cfg: dict) -> dict:
+    """`cfg` (from `default_config`) for the Gluon kernel: its splits kept (it takes BLOCK_H 64,
+    as the Triton kernel at DeepSeek's 128 heads, so the same programs fill the SMs)."""
+    return dict(VARIANT="gluon", NUM_SPLITS=cfg["NUM_SPLITS"])
+
+
+def gluon_available(device: torch.device) -> tuple[bool, str]:
+    """Whether the Gluon FP8 kernel can run on `device` (a Hopper GPU, this Triton's Gluon), and why not."""
+    return bf16_gluon_available(device, "mla_decode_fp8_gluon")
+
+
+def _gluon_takes(kv_cache: torch.Tensor, L: int, R: int, P: int) -> bool:
+    """The Gluon kernel's dims (kernels/mla_decode_fp8_gluon.py `shapes_ok`) and TMA's alignment."""
+    from . import mla_decode_fp8_gluon
+
+    aligned = kv_cache.data_ptr() % 16 == 0 and kv_cache.shape[2] % 16 == 0
+    return aligned and mla_decode_fp8_gluon.shapes_ok(L, R, P)
 
 
 def variant_config(cfg: dict, name: str) -> dict:
@@ -329,10 +371,17 @@ def variant_config(cfg: dict, name: str) -> dict:
 def mla_decode_fp8_with_config(
     q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, cfg
 ) -> torch.Tensor:
-    """`mla_decode_fp8` on checked arguments with the tiles `cfg` (as `default_config` returns)."""
+    """`mla_decode_fp8` on checked arguments with the tiles `cfg` (as `default_config` returns;
+    cfg["VARIANT"] "gluon": kernels/mla_decode_fp8_gluon.py's kernel, cfg["NUM_SPLITS"] only)."""
     B, N, L = q_nope.shape
     R, P = q_pe.shape[2], kv_cache.shape[1]
-    if not _paged_shape_ok(L, R, P, cfg["BLOCK_N"]):
+    gluon = cfg.get("VARIANT") == "gluon"
+    if gluon and not _gluon_takes(kv_cache, L, R, P):
+        raise ValueError(
+            f"mla_decode_fp8: the Gluon kernel needs L / 2 in (64, 128, 256), R in (32, 64, 128), P a multiple "
+            f"of 64 and a 16-byte aligned cache, got L {L}, R {R}, P {P}; use the Triton kernel (gluon=False)"
+        )
+    if not gluon and not _paged_shape_ok(L, R, P, cfg["BLOCK_N"]):
         raise ValueError(
             f"mla_decode_fp8: needs L / 2 and R powers of two in [16, 256] and P a multiple of BLOCK_N, got "
             f"L {L}, R {R}, P {P}, BLOCK_N {cfg['BLOCK_N']}; use mla_decode_fp8_ref"
@@ -348,6 +397,43 @@ def mla_decode_fp8_with_config(
         o = torch.empty(B, N, S, L, dtype=torch.float32, device=q_nope.device)  # [B, N, Sp, L]
         lse = torch.empty(B, N, S, dtype=torch.float32, device=q_nope.device)  # [B, N, Sp]
         o_strides, lse_strides = (o.stride(0), o.stride(1), o.stride(2)), (lse.stride(0), lse.stride(1))
+    if gluon:
+        from . import mla_decode_fp8_gluon
+
+        scale_log2 = softmax_scale * math.log2(math.e)
+        mla_decode_fp8_gluon.launch(
+            q_nope, q_pe, kv_cache, page_table, context_lens, scale_log2, o, lse, o_strides, lse_strides, S
+        )
+    else:
+        _launch_triton(
+            q_nope,
+            q_pe,
+            kv_cache,
+            page_table,
+            context_lens,
+            softmax_scale,
+            cfg,
+            o,
+            lse,
+            o_strides,
+            lse_strides,
+        )
+    if S > 1:
+        mla_decode_merge_kernel[(B, N)](
+            o, lse, out, L, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+            out.stride(0), out.stride(1),
+            NUM_SPLITS=S, BLOCK_S=triton.next_power_of_2(S), BLOCK_L=max(16, triton.next_power_of_2(L)), num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def _launch_triton(
+    q_nope, q_pe, kv_cache, page_table, context_lens, softmax_scale, cfg, o, lse, o_strides, lse_strides
+):
+    """`mla_decode_fp8_kernel` over checked arguments into `o` and `lse` (as the Gluon launch)."""
+    B, N, L = q_nope.shape
+    R, P = q_pe.shape[2], kv_cache.shape[1]
+    S = cfg["NUM_SPLITS"]
     rows = kv_cache.view(-1, kv_cache.shape[2])  # [NP * P, C + 16]
     ckv_desc = kpe_desc = None
     if cfg["TMA"] and rows.data_ptr() % 16 == 0 and rows.shape[1] % 16 == 0:
@@ -362,13 +448,6 @@ def mla_decode_fp8_with_config(
         *o_strides, *lse_strides,
         HALF_L=L // 2, R=R, TAIL=KV_FP8_TAIL, **tiles,
     )  # fmt: skip
-    if S > 1:
-        mla_decode_merge_kernel[(B, N)](
-            o, lse, out, L, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-            out.stride(0), out.stride(1),
-            NUM_SPLITS=S, BLOCK_S=triton.next_power_of_2(S), BLOCK_L=max(16, triton.next_power_of_2(L)), num_warps=4,
-        )  # fmt: skip
-    return out
 
 
 def quantize_q_ref(q: torch.Tensor) -> torch.Tensor:
@@ -386,7 +465,7 @@ def mla_decode_fp8_ref(
     softmax_scale: float,
     emulate_q: bool = False,
 ) -> torch.Tensor:
-    """Torch reference of `mla_decode_fp8`: each sequence's pages gathered and dequantized, masked
+    """Torch reference of `mla_decode_fp8`: each sequence's context rows gathered and dequantized,
     softmax in float32 (emulate_q: q_nope and q_pe first rounded per head as the kernel does).
 
     Raises ValueError if a context length is < 1 or beyond the page table (one host sync)."""
@@ -404,13 +483,12 @@ def mla_decode_fp8_ref(
         )
     qn = quantize_q_ref(q_nope) if emulate_q else q_nope.float()  # [B, N, L]
     qp = quantize_q_ref(q_pe) if emulate_q else q_pe.float()  # [B, N, R]
-    pages_used = triton.cdiv(hi, P)
-    positions = torch.arange(pages_used * P, device=q_nope.device)  # [W * P]
-    for b in range(B):
-        rows = kv_cache[page_table[b, :pages_used].clamp(min=0).long()].reshape(-1, kv_cache.shape[2])
-        kv = dequantize_kv_rows_ref(rows, L, torch.float32)  # [W * P, C]
+    for b, n in enumerate(context_lens.tolist()):
+        # Only the context's rows: slots past it may hold any bits (NaN times a zero weight is NaN).
+        pages = page_table[b, : triton.cdiv(n, P)].long()
+        rows = kv_cache[pages].reshape(-1, kv_cache.shape[2])[:n]  # [n, C + 16]
+        kv = dequantize_kv_rows_ref(rows, L, torch.float32)  # [n, C]
         c_kv, k_pe = kv[:, :L], kv[:, L:]
-        scores = (qn[b] @ c_kv.T + qp[b] @ k_pe.T) * softmax_scale  # [N, W * P]
-        scores = scores.masked_fill(positions >= context_lens[b], float("-inf"))
+        scores = (qn[b] @ c_kv.T + qp[b] @ k_pe.T) * softmax_scale  # [N, n]
         out[b] = (torch.softmax(scores, dim=-1) @ c_kv).to(q_nope.dtype)
     return out

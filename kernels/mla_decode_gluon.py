@@ -58,11 +58,10 @@ _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrie
 
 
 @gluon.jit
-def _load_tile(ckv_desc, kpe_desc, c0_s, c1_s, kpe_s, ready, stage, page_row, tok, P: gl.constexpr):
-    """Start the copy of tokens [tok, tok + BN) (one page's rows) into `stage`: k_pe, then c_kv's
-    halves, each onto its own barrier (ready[3 stage + piece]) so the scores start on the first."""
-    page = gl.load(page_row + tok // P)
-    row = page * P + tok % P  # row of the cache viewed as [NP * P, L + R]
+def _load_rows(ckv_desc, kpe_desc, c0_s, c1_s, kpe_s, ready, stage, row):
+    """Start the copy of the cache's rows [row, row + BN) (viewed as [NP * P, L + R]) into
+    `stage`: k_pe, then c_kv's halves, each onto its own barrier (ready[3 stage + piece]) so the
+    scores start on the first."""
     bar = ready.index(3 * stage)
     mbarrier.expect(bar, kpe_desc.block_type.nbytes)
     _tma_load(kpe_desc, [row, 0], bar, kpe_s.index(stage))
@@ -72,6 +71,13 @@ def _load_tile(ckv_desc, kpe_desc, c0_s, c1_s, kpe_s, ready, stage, page_row, to
     bar = ready.index(3 * stage + 2)
     mbarrier.expect(bar, ckv_desc.block_type.nbytes)
     _tma_load(ckv_desc, [row, ckv_desc.block_type.shape[1]], bar, c1_s.index(stage))
+
+
+@gluon.jit
+def _load_tile(ckv_desc, kpe_desc, c0_s, c1_s, kpe_s, ready, stage, page_row, tok, P: gl.constexpr):
+    """Start the copy of tokens [tok, tok + BN) (one page's rows) into `stage` (`_load_rows`)."""
+    page = gl.load(page_row + tok // P)
+    _load_rows(ckv_desc, kpe_desc, c0_s, c1_s, kpe_s, ready, stage, page * P + tok % P)
 
 
 @gluon.jit

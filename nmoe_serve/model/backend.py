@@ -54,19 +54,30 @@ def fp8_kv_ops(ops: KernelOps, args: ModelArgs, page_size: int | None) -> Kernel
     """`ops` over the FP8 latent cache (kernels/kv_fp8.py): the FP8 cache write, the dequantizing
     read of prefill's context, and FP8 decode attention: the `mla_decode_fp8` kernel for Triton ops
     where it takes the model's dims (DeepSeek-V3's L 512, R 64, P 64), else its torch reference."""
+    from nmoe_serve.kernels import mla_decode_fp8 as fp8_decode
     from nmoe_serve.kernels.kv_fp8 import mla_kv_read_fp8
-    from nmoe_serve.kernels.mla_decode_fp8 import fp8_shape_ok, mla_decode_fp8, mla_decode_fp8_ref
     from nmoe_serve.kernels.mla_kv_write import mla_kv_write_fp8, mla_kv_write_fp8_ref
 
     triton = ops.name == "triton"
     decode_kernel = (
-        triton and page_size is not None and fp8_shape_ok(args.kv_lora_rank, args.qk_rope_head_dim, page_size)
+        triton
+        and page_size is not None
+        and fp8_decode.fp8_shape_ok(args.kv_lora_rank, args.qk_rope_head_dim, page_size)
     )
+    decode: Callable[..., torch.Tensor] = (
+        fp8_decode.mla_decode_fp8 if decode_kernel else fp8_decode.mla_decode_fp8_ref
+    )
+    if decode_kernel and torch.cuda.is_available():
+        # Both GEMMs on FP8 tensor cores (kernels/mla_decode_fp8_gluon.py) where Gluon runs.
+        gluon, why = fp8_decode.gluon_available(torch.device("cuda", torch.cuda.current_device()))
+        log.info("mla_decode_fp8: %s", f"the Gluon kernel ({why})" if gluon else f"the Triton kernel: {why}")
+        if gluon:
+            decode = fp8_decode.mla_decode_fp8_gluon
     return replace(
         ops,
         name=f"{ops.name}+fp8-kv",
         mla_kv_write=mla_kv_write_fp8 if triton else mla_kv_write_fp8_ref,
-        mla_decode=mla_decode_fp8 if decode_kernel else mla_decode_fp8_ref,
+        mla_decode=decode,
         mla_kv_read=mla_kv_read_fp8,
     )
 

@@ -122,6 +122,36 @@ def _cases() -> list:
         cases.append(
             (label, mla_decode_gluon.mla_decode_gluon_kernel, types, constexprs, "0x3", spill_allowed)
         )
+    from nmoe_serve.kernels import mla_decode_fp8_gluon
+
+    fp8 = gl.float8e4nv
+    for splits in (1, 4):
+        types = dict(q_nope_ptr="*bf16", q_pe_ptr="*bf16", scale_ptr=f32, page_table_ptr=i32)
+        types |= dict(ckv_desc=_desc([64, 256]), kpe_desc=_desc([64, 64]), context_lens_ptr=i32)
+        types |= dict(o_ptr="*bf16" if splits == 1 else f32, lse_ptr=f32, scale_log2="fp32")
+        constexprs = dict(P=64, HALF_L=256, R=64, ROW4=148, NUM_SPLITS=splits, BLOCK_H=64, BLOCK_N=64)
+        constexprs |= dict(
+            STAGES=mla_decode_fp8_gluon.STAGES,
+            q_layout=gl.NVMMASharedLayout.get_default_for([64, 256], fp8),
+            qpe_layout=gl.NVMMASharedLayout.get_default_for([64, 64], fp8),
+            p_layout=gl.NVMMASharedLayout.get_default_for([64, 64], fp8),
+            vt_layout=gl.NVMMASharedLayout.get_default_for([256, 64], fp8),
+            sc_layout=gl.SwizzledSharedLayout(1, 1, 1, [0]),
+            num_warps=mla_decode_fp8_gluon.NUM_WARPS,
+        )
+        # The weighted sum stays in flight while the next tile's softmax runs (0x2: the scores'
+        # groups waited, the sum's two left). At 255 registers ptxas spills a few loop-invariant
+        # wgmma descriptors (64-72 bytes on 3.6 and 3.9), reloaded once a step.
+        cases.append(
+            (
+                f"mla_decode_fp8_gluon DeepSeek-V3 dims, {splits} split(s)",
+                mla_decode_fp8_gluon.mla_decode_fp8_gluon_kernel,
+                types,
+                constexprs,
+                "0x2",
+                128,
+            )
+        )
     return cases
 
 

@@ -29,6 +29,7 @@ from nmoe_serve.kernels.mla_decode import mla_decode_ref
 from nmoe_serve.kernels.mla_decode_fp8 import (
     VARIANTS,
     default_config,
+    gluon_available,
     mla_decode_fp8,
     mla_decode_fp8_ref,
     mla_decode_fp8_with_config,
@@ -180,3 +181,81 @@ def test_mla_decode_fp8_takes_a_pass_of_no_rows(device) -> None:
     }
     out = mla_decode_fp8(**empty, softmax_scale=0.1)
     assert out.shape == (0, 128, 512)
+
+
+def _poison_past_contexts(inputs: dict, context_lens: list[int], P: int) -> None:
+    """NaN bytes (0xFF: NaN in e4m3 and in the float32 scales) in every slot of each sequence's
+    last page past its context: slots there may hold any bits, which no kernel may let through."""
+    raw = inputs["kv_cache"].view(torch.uint8)
+    for b, n in enumerate(context_lens):
+        raw[inputs["page_table"][b, (n - 1) // P].long(), (n - 1) % P + 1 :] = 0xFF
+
+
+def test_mla_decode_fp8_reference_never_reads_slots_past_the_context() -> None:
+    lens = [1, 70, 128]
+    inputs = _fp8_cache(lens, P=64, N=4, L=32, R=16, device="cpu")
+    clean = mla_decode_fp8_ref(**inputs, softmax_scale=0.1)
+    _poison_past_contexts(inputs, lens, 64)
+    assert torch.equal(mla_decode_fp8_ref(**inputs, softmax_scale=0.1), clean)
+
+
+def test_mla_decode_fp8_gluon_config_refuses_dims_it_does_not_take() -> None:
+    """L / 2 = 16 is no TMA box of the Gluon kernel: a clear error, before any launch."""
+    inputs = _fp8_cache([5], P=64, N=4, L=32, R=16, device="cpu")
+    with pytest.raises(ValueError, match="Gluon kernel needs L / 2 in"):
+        mla_decode_fp8_with_config(**inputs, softmax_scale=0.1, cfg=dict(VARIANT="gluon", NUM_SPLITS=1))
+
+
+def _gluon_or_skip() -> None:
+    ok, why = gluon_available(torch.device("cuda"))
+    if not ok:
+        pytest.skip(f"the Gluon FP8 MLA kernel cannot run here: {why}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "context_lens",
+    [[1], [64], [65, 3, 200], [2000] * 4 + [1, 17, 4097], list(range(1, 300, 37)), [16000, 129]],
+    ids=["one", "page", "mixed", "long", "ramp", "16k"],
+)
+@pytest.mark.parametrize("num_splits", [None, 1, 7])
+def test_mla_decode_fp8_gluon_matches_ref(context_lens, num_splits, device) -> None:
+    """kernels/mla_decode_fp8_gluon.py at DeepSeek-V3 dims (N 128, L 512, R 64, P 64), NaN bytes
+    past every context, against the reference (q rounded as the kernel rounds it)."""
+    _gluon_or_skip()
+    inputs = _fp8_cache(context_lens, P=64, N=128, L=512, R=64, device=device)
+    _poison_past_contexts(inputs, context_lens, 64)
+    scale = 192**-0.5
+    out = mla_decode_fp8(**inputs, softmax_scale=scale, num_splits=num_splits, gluon=True)
+    assert out.dtype == torch.bfloat16 and out.shape == (len(context_lens), 128, 512)
+    assert torch.isfinite(out).all()
+    _close(out, mla_decode_fp8_ref(**inputs, softmax_scale=scale, emulate_q=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("N", "L", "R"), [(16, 512, 64), (100, 512, 64), (128, 256, 32), (64, 128, 128)])
+def test_mla_decode_fp8_gluon_other_dims(N, L, R, device) -> None:
+    """Heads that are not a multiple of 64 (rows past N masked) and the other latent and rope widths
+    the kernel takes; empty splits (9 splits of 130 tokens)."""
+    _gluon_or_skip()
+    lens = [130, 1, 64, 700]
+    inputs = _fp8_cache(lens, P=64, N=N, L=L, R=R, device=device)
+    _poison_past_contexts(inputs, lens, 64)
+    out = mla_decode_fp8(**inputs, softmax_scale=0.07, num_splits=9, gluon=True)
+    _close(out, mla_decode_fp8_ref(**inputs, softmax_scale=0.07, emulate_q=True))
+
+
+@pytest.mark.gpu
+def test_mla_decode_fp8_gluon_takes_strided_queries_and_no_rows(device) -> None:
+    """q_nope and q_pe as views of one [B, N, L + R] tensor (as the model's absorbed product gives
+    them), and a T = 0 pass."""
+    _gluon_or_skip()
+    inputs = _fp8_cache([300, 2], P=64, N=128, L=512, R=64, device=device)
+    wide = torch.randn(2, 128, 576, device=device).to(torch.bfloat16)
+    args = inputs | dict(q_nope=wide[..., :512], q_pe=wide[..., 512:])
+    out = mla_decode_fp8(**args, softmax_scale=0.07, gluon=True)
+    _close(out, mla_decode_fp8_ref(**args, softmax_scale=0.07, emulate_q=True))
+    empty = {
+        k: v[:0] if k in ("q_nope", "q_pe", "page_table", "context_lens") else v for k, v in inputs.items()
+    }
+    assert mla_decode_fp8(**empty, softmax_scale=0.1, gluon=True).shape == (0, 128, 512)

@@ -162,7 +162,11 @@ def test_gpu_fp8_cache_runs_the_fp8_kernels_eager_and_in_graphs(tmp_path: Path) 
     eager, graphed, bf16 = (
         _gpu_worker(path, *case) for case in (("fp8", False), ("fp8", True), ("auto", False))
     )
-    assert eager.model.backend.decode_attention.name == "mla_decode_fp8"
+    from nmoe_serve.kernels.mla_decode_fp8 import gluon_available
+
+    gluon, _ = gluon_available(torch.device("cuda"))
+    expected = "mla_decode_fp8_gluon" if gluon else "mla_decode_fp8"
+    assert eager.model.backend.decode_attention.name == expected
     assert eager.kv_cache.storage.dtype == torch.float8_e4m3fn
     a, b, c = (torch.cat(run_steps(w, seqs, 6)).float().cpu() for w in (eager, graphed, bf16))
     decode_rows = slice(a.shape[0] - 6 * len(seqs), None)
