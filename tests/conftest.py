@@ -22,6 +22,34 @@ os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="nmoe-ray-"))
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _import_hub_kernels_first() -> None:
+    """The repository's top-level `kernels/` (on sys.path through pytest's pythonpath) shadows
+    Hugging Face's `kernels` package, which transformers >= 5.25 requires and imports: it then
+    imports ours and fails (PITFALLS.md). Import the installed one first, with the repository's
+    root off sys.path, so that `import kernels` finds it in sys.modules; ours is imported as
+    `nmoe_serve.kernels` only."""
+    import importlib
+    import sys
+
+    root = [p for p in sys.path if Path(p or ".").resolve() == REPO]
+    for p in root:
+        sys.path.remove(p)
+    try:
+        importlib.import_module("kernels")
+    except ImportError:  # transformers without the Hub's kernels: nothing to shadow
+        pass
+    finally:
+        sys.path[:0] = root
+    hub = sys.modules.get("kernels")
+    if hub is not None and Path(getattr(hub, "__file__", "") or "").resolve().is_relative_to(
+        REPO / "kernels"
+    ):
+        del sys.modules["kernels"]  # ours after all: leave it to the normal import
+
+
+_import_hub_kernels_first()
+
+
 @pytest.fixture(scope="session")
 def progress(request: pytest.FixtureRequest):
     """progress(line): a line on the terminal even under -q, for fixtures that take a while."""

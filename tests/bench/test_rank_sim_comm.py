@@ -7,9 +7,14 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-import rank_sim
+# bench/ on sys.path only while rank_sim imports: left there, bench/kernels.py shadows the Hub's
+# `kernels` package, which transformers (5.25) then imports in place of it and fails (the oracle tests).
+_BENCH = str(Path(__file__).resolve().parents[2] / "bench")
+sys.path.insert(0, _BENCH)
+try:
+    import rank_sim
+finally:
+    sys.path.remove(_BENCH)
 
 
 def test_bytes_are_fp8_rows_with_scales_out_and_bf16_rows_back_across_the_link():
