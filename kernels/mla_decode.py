@@ -422,12 +422,16 @@ def gluon_available(device: torch.device, module: str = "mla_decode_gluon") -> t
     return True, why
 
 
+def tma_rows_aligned(kv_cache: torch.Tensor) -> bool:
+    """Whether a cache [NP, P, row] can be TMA-tiled by rows: a 16-byte aligned base and row stride."""
+    return kv_cache.data_ptr() % 16 == 0 and kv_cache.shape[2] * kv_cache.element_size() % 16 == 0
+
+
 def _gluon_takes(kv_cache: torch.Tensor, L: int, R: int, P: int) -> bool:
     """The Gluon kernel's dims (kernels/mla_decode_gluon.py `shapes_ok`) and TMA's alignment."""
     from . import mla_decode_gluon
 
-    aligned = kv_cache.data_ptr() % 16 == 0 and (L + R) * kv_cache.element_size() % 16 == 0
-    return aligned and mla_decode_gluon.shapes_ok(L, R, P, kv_cache.dtype)
+    return tma_rows_aligned(kv_cache) and mla_decode_gluon.shapes_ok(L, R, P, kv_cache.dtype)
 
 
 def variant_config(cfg: dict, name: str) -> dict:

@@ -47,7 +47,9 @@ from .mla_decode import (
     SHARED_BYTES,
     _paged_shape_ok,
     check_decode_args,
+    gluon_config,
     mla_decode_merge_kernel,
+    tma_rows_aligned,
 )
 from .mla_decode import gluon_available as bf16_gluon_available
 
@@ -344,12 +346,6 @@ def mla_decode_fp8_gluon(
     )
 
 
-def gluon_config(cfg: dict) -> dict:
-    """`cfg` (from `default_config`) for the Gluon kernel: its splits kept (it takes BLOCK_H 64,
-    as the Triton kernel at DeepSeek's 128 heads, so the same programs fill the SMs)."""
-    return dict(VARIANT="gluon", NUM_SPLITS=cfg["NUM_SPLITS"])
-
-
 def gluon_available(device: torch.device) -> tuple[bool, str]:
     """Whether the Gluon FP8 kernel can run on `device` (a Hopper GPU, this Triton's Gluon), and why not."""
     return bf16_gluon_available(device, "mla_decode_fp8_gluon")
@@ -359,8 +355,7 @@ def _gluon_takes(kv_cache: torch.Tensor, L: int, R: int, P: int) -> bool:
     """The Gluon kernel's dims (kernels/mla_decode_fp8_gluon.py `shapes_ok`) and TMA's alignment."""
     from . import mla_decode_fp8_gluon
 
-    aligned = kv_cache.data_ptr() % 16 == 0 and kv_cache.shape[2] % 16 == 0
-    return aligned and mla_decode_fp8_gluon.shapes_ok(L, R, P)
+    return tma_rows_aligned(kv_cache) and mla_decode_fp8_gluon.shapes_ok(L, R, P)
 
 
 def variant_config(cfg: dict, name: str) -> dict:
